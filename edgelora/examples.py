@@ -1,0 +1,160 @@
+"""Examples: read and validate JSONL, render the prompt format, tokenise once.
+
+Every message names the file and the line, because the user wrote that file by hand.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UserError
+
+
+@dataclass(frozen=True)
+class Example:
+    input: str
+    output: str
+    options: tuple[str, ...] = ()
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def answers(self) -> tuple[str, ...]:
+        """Every accepted answer: exact-match scoring honours the aliases."""
+        return (self.output, *self.aliases)
+
+
+def _string_list(value, key: str, where: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+        raise UserError(f"{where}: '{key}' must be a list of non-empty strings")
+    return tuple(value)
+
+
+def parse_example(obj, where: str) -> Example:
+    if not isinstance(obj, dict):
+        raise UserError(f"{where}: expected a JSON object like {{\"input\": ..., \"output\": ...}}")
+    for key in ("input", "output"):
+        if key not in obj:
+            raise UserError(f"{where}: missing field '{key}'")
+        if not isinstance(obj[key], str):
+            raise UserError(f"{where}: field '{key}' must be a string, got {type(obj[key]).__name__}")
+        if not obj[key].strip():
+            raise UserError(f"{where}: field '{key}' is empty")
+    options = _string_list(obj["options"], "options", where) if "options" in obj else ()
+    aliases = _string_list(obj["aliases"], "aliases", where) if "aliases" in obj else ()
+    if options and obj["output"] not in options:
+        raise UserError(f"{where}: 'output' {obj['output']!r} is not one of its 'options'")
+    return Example(obj["input"], obj["output"], options, aliases)
+
+
+def load_examples(path: str | Path, warn=lambda msg: print(msg, file=sys.stderr)) -> list[Example]:
+    """Read a JSONL file of examples; duplicates are kept but warned about."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    examples: list[Example] = []
+    seen: dict[str, int] = {}
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+        ex = parse_example(obj, where)
+        key = json.dumps([ex.input, ex.output])
+        if key in seen:
+            warn(f"warning: {where}: duplicate of line {seen[key]}")
+        seen.setdefault(key, lineno)
+        examples.append(ex)
+    if not examples:
+        raise UserError(f"{path}: no examples (expected one JSON object per line)")
+    return examples
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """A chat template rendered once at export time into the pieces around the user's text.
+
+    Rendering it here, with plain string joins, keeps jinja out of the runtime and makes the
+    prompt the scorer sees identical to the one the decoder is given.
+    """
+
+    head: str            # everything before the first user text (system prompt, user tag)
+    mid: str             # between the user text and the assistant's answer
+    end: str             # after an answer: closes the assistant turn
+    next_user: str       # opens a later user turn (in-context examples)
+    stop: str = ""       # the text that ends an answer (also a target, so a model learns to stop)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PromptFormat":
+        return cls(**{k: d[k] for k in ("head", "mid", "end", "next_user", "stop")})
+
+    def prompt(self, text: str, shots: list[Example] = ()) -> str:
+        """The prompt up to where the assistant's answer starts; shots become earlier turns."""
+        parts = [self.head]
+        for ex in shots:
+            parts += [ex.input, self.mid, ex.output, self.end, self.next_user]
+        parts += [text, self.mid]
+        return "".join(parts)
+
+
+@dataclass
+class Batch:
+    """Token arrays for the scoring graph, built once and fed unchanged at every evaluation."""
+
+    input_ids: np.ndarray      # [n, T] int64, right-padded
+    attention_mask: np.ndarray  # [n, T] int64
+    target_pos: np.ndarray     # [n, K] int64: positions whose next-token prediction is a target
+    target_ids: np.ndarray     # [n, K] int64
+    target_mask: np.ndarray    # [n, K] float32
+    prompt_tokens: list[int] = field(default_factory=list)
+
+    def feeds(self) -> dict[str, np.ndarray]:
+        return {k: getattr(self, k) for k in ("input_ids", "attention_mask", "target_pos", "target_ids", "target_mask")}
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+
+def encode_pairs(tokenizer, pairs: list[tuple[str, str]], max_len: int, pad_id: int) -> tuple[Batch, list[int]]:
+    """Tokenise (prompt, target) pairs; prompt and target are encoded apart so the boundary
+    is the one generation sees. Returns the batch and the indices of truncated pairs: a long
+    prompt loses its start (its end is what the answer depends on)."""
+    rows, truncated = [], []
+    for i, (prompt, target) in enumerate(pairs):
+        p = tokenizer.encode(prompt, add_special_tokens=False).ids
+        t = tokenizer.encode(target, add_special_tokens=False).ids
+        if not t:
+            raise UserError(f"answer {target!r} has no tokens")
+        if len(p) + len(t) > max_len:
+            truncated.append(i)
+            t = t[: max_len // 2]
+            p = p[len(p) - (max_len - len(t)):]
+        rows.append((p, t))
+    n, T, K = len(rows), max(len(p) + len(t) for p, t in rows), max(len(t) for _, t in rows)
+    b = Batch(
+        input_ids=np.full((n, T), pad_id, np.int64),
+        attention_mask=np.zeros((n, T), np.int64),
+        target_pos=np.zeros((n, K), np.int64),
+        target_ids=np.zeros((n, K), np.int64),
+        target_mask=np.zeros((n, K), np.float32),
+        prompt_tokens=[len(p) for p, _ in rows],
+    )
+    for i, (p, t) in enumerate(rows):
+        ids = p + t
+        b.input_ids[i, : len(ids)] = ids
+        b.attention_mask[i, : len(ids)] = 1
+        b.target_pos[i, : len(t)] = np.arange(len(p) - 1, len(p) + len(t) - 1)
+        b.target_ids[i, : len(t)] = t
+        b.target_mask[i, : len(t)] = 1.0
+    return b, truncated

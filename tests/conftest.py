@@ -1,0 +1,31 @@
+"""Builds one tiny random Llama (HF folder) and its bundle per test session: real export,
+real onnxruntime, in well under a minute."""
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tiny import build_tiny_llama  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tmp_path_factory) -> Path:
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny") / "hf")
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle_ro(tiny_hf, tmp_path_factory) -> Path:
+    from edgelora_export.base import export_base
+    return export_base(tiny_hf, tmp_path_factory.mktemp("bundle") / "b", ["q_proj", "v_proj"], log=lambda *_: None)
+
+
+@pytest.fixture
+def tiny_bundle(tiny_bundle_ro, tmp_path) -> Path:
+    """A private copy, for tests that add LoRAs or break files."""
+    dst = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle_ro, dst)
+    return dst

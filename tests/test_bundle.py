@@ -1,0 +1,166 @@
+"""The bundle: scoring graph parity with torch + PEFT, decoder parity with transformers,
+PEFT round trip, and every refusal as one line with exit code 2."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from helpers import encode, make_peft_lora, torch_losses
+
+from edgelora.bundle import Bundle
+from edgelora.examples import Example
+from edgelora.generate import Decoder
+from edgelora.lora import LoraStack, load_lora, zero_slots
+from edgelora.scorer import Scorer
+
+EXAMPLES = [Example("What is 2 plus 3?", "5"), Example("Is the following sentence plausible?", "yes"),
+            Example("red green blue", "orange purple white black"), Example("Today is 01/02/1987.", "01/03/1987")]
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True)
+
+
+def test_zero_slots_equal_plain_model(tiny_bundle_ro, tiny_hf):
+    from transformers import AutoModelForCausalLM
+    bundle = Bundle.open(tiny_bundle_ro)
+    batch = encode(bundle, EXAMPLES)
+    scorer = Scorer(bundle)
+    scorer.bind(batch)
+    loss, lp = scorer.run(*zero_slots(bundle.targets, bundle.arch["layers"]))
+    ref_loss, ref_lp = torch_losses(AutoModelForCausalLM.from_pretrained(tiny_hf).eval(), batch)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-4)
+    np.testing.assert_allclose(lp, ref_lp, rtol=1e-4)
+
+
+def test_scoring_matches_peft(tiny_bundle, tiny_hf, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    peft_dir = make_peft_lora(tiny_hf, tmp_path / "peft", seed=1, r=4, alpha=8)
+    from edgelora_export.lora import add_lora
+    add_lora(peft_dir, tiny_bundle, "rand")
+    bundle = Bundle.open(tiny_bundle)
+    lora = load_lora(bundle.lora_paths()["rand"])
+    A, B = LoraStack([lora], list(bundle.targets)).compose(np.ones(1))
+    batch = encode(bundle, EXAMPLES)
+    scorer = Scorer(bundle)
+    scorer.bind(batch)
+    loss, lp = scorer.run(A, B)
+    ref = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_hf), peft_dir).eval()
+    ref_loss, ref_lp = torch_losses(ref, batch)
+    base_loss = scorer.losses(*zero_slots(bundle.targets, bundle.arch["layers"]))
+    assert np.abs(loss - base_loss).max() > 1e-2  # the LoRA really changes the model
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-4)
+    np.testing.assert_allclose(lp, ref_lp, rtol=1e-4)
+
+
+def test_decoder_greedy_matches_transformers(tiny_bundle_ro, tiny_hf):
+    import torch
+    from transformers import AutoModelForCausalLM
+    bundle = Bundle.open(tiny_bundle_ro)
+    ids = bundle.tokenizer().encode(bundle.prompt_format.prompt("The quick brown fox"), add_special_tokens=False).ids
+    dec = Decoder(bundle.decoder_dir / "model.onnx", eos_ids=[])
+    ours = list(dec.stream(ids, max_new_tokens=20))
+    model = AutoModelForCausalLM.from_pretrained(tiny_hf).eval()
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False, eos_token_id=None,
+                             pad_token_id=0)
+    assert ours == out[0, len(ids):].tolist()
+
+
+def test_peft_round_trip_is_bit_exact(tiny_bundle, tiny_hf, tmp_path):
+    from safetensors.numpy import load_file
+    peft_dir = make_peft_lora(tiny_hf, tmp_path / "peft", seed=2, r=3, alpha=5)
+    r = run_cli("edgelora_export.cli", "lora", str(peft_dir), "--bundle", str(tiny_bundle), "--name", "rt",
+                "--dtype", "fp32")
+    assert r.returncode == 0, r.stderr
+    bundle = Bundle.open(tiny_bundle)
+    assert bundle.verify() == []
+    lora = load_lora(bundle.lora_paths()["rt"])
+    assert (lora.rank, lora.alpha) == (3, 5.0)
+    src = load_file(peft_dir / "adapter_model.safetensors")
+    for m in ("q_proj", "v_proj"):
+        for i in range(2):
+            key = f"base_model.model.model.layers.{i}.self_attn.{m}.lora_%s.weight"
+            assert np.array_equal(lora.A[m][i], src[key % "A"])
+            assert np.array_equal(lora.B[m][i], src[key % "B"])
+
+
+def assert_refused(r, *words):
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+def test_refuses_lora_for_another_base(tiny_bundle, tmp_path):
+    from tiny import build_tiny_llama
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    other = tmp_path / "other"
+    cfg = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    LlamaForCausalLM(cfg).save_pretrained(other)
+    peft_dir = make_peft_lora(other, tmp_path / "peft", seed=0)
+    r = run_cli("edgelora_export.cli", "lora", str(peft_dir), "--bundle", str(tiny_bundle))
+    assert_refused(r, "q_proj", "(2, 4, 32)", "(2, 4, 64)")
+
+
+def test_refuses_lora_with_missing_target(tiny_bundle, tiny_hf, tmp_path):
+    peft_dir = make_peft_lora(tiny_hf, tmp_path / "peft", seed=0, targets=("k_proj",))
+    r = run_cli("edgelora_export.cli", "lora", str(peft_dir), "--bundle", str(tiny_bundle))
+    assert_refused(r, "k_proj", "not a LoRA target")
+
+
+def test_refuses_non_peft_folder(tiny_bundle, tmp_path):
+    r = run_cli("edgelora_export.cli", "lora", str(tmp_path), "--bundle", str(tiny_bundle))
+    assert_refused(r, "adapter_config.json")
+
+
+def test_refuses_non_llama_model(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    r = run_cli("edgelora_export.cli", "base", str(tmp_path / "m"), "-o", str(tmp_path / "b"))
+    assert_refused(r, "gpt2", "Llama-family")
+
+
+def test_refuses_unknown_target(tiny_hf, tmp_path):
+    r = run_cli("edgelora_export.cli", "base", str(tiny_hf), "-o", str(tmp_path / "b"), "--targets", "q_proj,lm_head")
+    assert_refused(r, "lm_head", "linear projection")
+
+
+def test_refuses_missing_source(tmp_path):
+    r = run_cli("edgelora_export.cli", "base", str(tmp_path / "nope.gguf"), "-o", str(tmp_path / "b"))
+    assert_refused(r, "nope.gguf", "no such file")
+
+
+def test_open_and_verify_detect_damage(tiny_bundle):
+    r = run_cli("edgelora.cli", "verify", "--bundle", str(tiny_bundle))
+    assert r.returncode == 0, r.stderr
+    data = bytearray((tiny_bundle / "tokenizer.json").read_bytes())
+    data[10] ^= 1
+    (tiny_bundle / "tokenizer.json").write_bytes(bytes(data))
+    r = run_cli("edgelora.cli", "verify", "--bundle", str(tiny_bundle))
+    assert_refused(r, "tokenizer.json")
+    (tiny_bundle / "scoring.onnx").write_bytes(b"short")
+    r = run_cli("edgelora.cli", "info", "--bundle", str(tiny_bundle))
+    assert_refused(r, "scoring.onnx", "bytes")
+
+
+def test_missing_bundle_says_how_to_build(tmp_path):
+    r = run_cli("edgelora.cli", "info", "--bundle", str(tmp_path / "none"))
+    assert_refused(r, "edgelora-export base")
+
+
+def test_info_lists_loras(tiny_bundle, tiny_hf, tmp_path):
+    from edgelora_export.lora import add_lora
+    add_lora(make_peft_lora(tiny_hf, tmp_path / "peft", seed=3), tiny_bundle, "task_a")
+    r = run_cli("edgelora.cli", "info", "--bundle", str(tiny_bundle), "--json")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["loras"] == [{"name": "task_a", "rank": 4, "alpha": 8.0, "source": info["loras"][0]["source"]}]
+    assert info["targets"]["v_proj"] == {"in": 64, "out": 32}
