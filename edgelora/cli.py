@@ -45,6 +45,45 @@ def cmd_verify(args) -> None:
     print(f"{bundle.path}: {len(bundle.manifest['files'])} files, all sha256 match")
 
 
+def cmd_adapt(args) -> int:
+    from tqdm import tqdm
+    from .outputs import summary_table, write_outputs
+    from .search import adapt
+    bundle = Bundle.open(args.bundle)
+    out = args.out or Path(f"{args.examples.name.removesuffix('.jsonl').removesuffix('.adapt')}-adapted")
+    bar = None  # opened at the first evaluation, so input errors stay one clean line
+
+    def on_eval(n, ev, best):
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=args.budget, desc="search", unit="eval", disable=args.json, dynamic_ncols=True)
+        bar.update(1)
+        bar.set_postfix_str(f"loss {ev.loss:.4f}  best {best.loss:.4f}")
+
+    loras = args.loras[0] if args.loras and len(args.loras) == 1 else args.loras
+    try:
+        result = adapt(args.examples, bundle, loras=loras, budget=args.budget, optimizer=args.optimizer,
+                       l1=args.l1, seed=args.seed, bounds=args.bounds, on_eval=on_eval,
+                       warn=lambda m: print(m, file=sys.stderr))
+    finally:
+        if bar is not None:
+            bar.close()
+    write_outputs(result, bundle, out)
+    if args.json:
+        print(json.dumps({"out": str(out), "loss": result.loss, "start_loss": result.start_loss,
+                          "objective": result.objective, "evaluations": len(result.history),
+                          "interrupted": result.interrupted, "seconds": round(result.seconds, 2),
+                          "weights": dict(zip(result.loras, result.weights.round(6).tolist()))}))
+    else:
+        print(summary_table(result))
+        print(f"\nloss {result.start_loss:.4f} (base) -> {result.loss:.4f} after {len(result.history)} evaluations "
+              f"in {result.seconds:.1f}s; written to {out}/")
+    if result.interrupted:
+        print(f"edgelora: interrupted; the best weights so far are in {out}/weights.json", file=sys.stderr)
+        return 130
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edgelora", description="Adapt a small language model from a few examples, on the CPU.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -56,20 +95,32 @@ def parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="check every file's sha256 against the manifest")
     v.add_argument("--bundle", type=Path, help=bundle_help)
     v.set_defaults(fn=cmd_verify)
+    a = sub.add_parser("adapt", help="find LoRA weights for a task from a few examples (LoraHub)")
+    a.add_argument("examples", type=Path, help='JSONL file: {"input": ..., "output": ...} per line')
+    a.add_argument("--bundle", type=Path, help=bundle_help)
+    a.add_argument("--out", type=Path, help="output folder (default: <examples>-adapted)")
+    a.add_argument("--loras", nargs="+", help="LoRA names in the bundle, .safetensors files, or one folder "
+                   "(default: 20 sampled from the bundle's library with --seed)")
+    a.add_argument("--budget", type=int, default=40, help="loss evaluations (default 40)")
+    a.add_argument("--optimizer", choices=["nelder-mead", "powell", "cma"], default="nelder-mead")
+    a.add_argument("--l1", type=float, default=0.05, help="weight of the mean |w| penalty (default 0.05)")
+    a.add_argument("--bounds", type=float, default=1.5, help="search box [-b, b] (default 1.5)")
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    a.set_defaults(fn=cmd_adapt)
     return p
 
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     try:
-        args.fn(args)
+        return args.fn(args) or 0
     except UserError as e:
         print(f"edgelora: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("edgelora: interrupted", file=sys.stderr)
         return 130
-    return 0
 
 
 if __name__ == "__main__":

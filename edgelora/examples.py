@@ -20,6 +20,7 @@ class Example:
     output: str
     options: tuple[str, ...] = ()
     aliases: tuple[str, ...] = ()
+    where: str = field(default="", compare=False)  # "file:line", for messages
 
     @property
     def answers(self) -> tuple[str, ...]:
@@ -47,7 +48,7 @@ def parse_example(obj, where: str) -> Example:
     aliases = _string_list(obj["aliases"], "aliases", where) if "aliases" in obj else ()
     if options and obj["output"] not in options:
         raise UserError(f"{where}: 'output' {obj['output']!r} is not one of its 'options'")
-    return Example(obj["input"], obj["output"], options, aliases)
+    return Example(obj["input"], obj["output"], options, aliases, where)
 
 
 def load_examples(path: str | Path, warn=lambda msg: print(msg, file=sys.stderr)) -> list[Example]:
@@ -134,8 +135,8 @@ def encode_pairs(tokenizer, pairs: list[tuple[str, str]], max_len: int, pad_id: 
     for i, (prompt, target) in enumerate(pairs):
         p = tokenizer.encode(prompt, add_special_tokens=False).ids
         t = tokenizer.encode(target, add_special_tokens=False).ids
-        if not t:
-            raise UserError(f"answer {target!r} has no tokens")
+        if not t or not p:
+            raise UserError(f"prompt or answer {target!r} has no tokens")
         if len(p) + len(t) > max_len:
             truncated.append(i)
             t = t[: max_len // 2]

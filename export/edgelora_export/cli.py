@@ -8,6 +8,8 @@ from pathlib import Path
 from edgelora.bundle import default_bundle_path
 from edgelora.errors import UserError
 
+from .train import TrainConfig
+
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edgelora-export", description=__doc__)
@@ -23,7 +25,31 @@ def parser() -> argparse.ArgumentParser:
     l.add_argument("--name")
     l.add_argument("--dtype", choices=["fp16", "fp32"], default="fp16")
     l.add_argument("--force", action="store_true", help="replace a LoRA of the same name")
+    for name, help_ in (("train", "train one LoRA with LoRA+ on a task file"),
+                        ("library", "train one LoRA per task file in a folder (resumable)")):
+        t = sub.add_parser(name, help=help_)
+        t.add_argument("task" if name == "train" else "tasks_dir", type=Path)
+        t.add_argument("-o", "--out", type=Path, required=True)
+        t.add_argument("--base", help="GGUF file or HF folder (default: SmolLM2-135M-Instruct)")
+        t.add_argument("--rank", type=int, default=TrainConfig.rank)
+        t.add_argument("--alpha", type=float, default=TrainConfig.alpha)
+        t.add_argument("--targets", default=",".join(TrainConfig.targets))
+        t.add_argument("--lr", type=float, default=TrainConfig.lr)
+        t.add_argument("--loraplus-ratio", type=float, default=TrainConfig.loraplus_ratio)
+        t.add_argument("--steps", type=int, default=TrainConfig.steps)
+        t.add_argument("--batch", type=int, default=TrainConfig.batch)
+        t.add_argument("--max-len", type=int, default=TrainConfig.max_len)
+        t.add_argument("--seed", type=int, default=TrainConfig.seed)
+        if name == "train":
+            t.add_argument("--bundle", type=Path, help="also add the LoRA to this bundle")
     return p
+
+
+def train_config(args):
+    from .train import TrainConfig
+    return TrainConfig(rank=args.rank, alpha=args.alpha, targets=tuple(args.targets.split(",")), lr=args.lr,
+                       loraplus_ratio=args.loraplus_ratio, steps=args.steps, batch=args.batch,
+                       max_len=args.max_len, seed=args.seed)
 
 
 def run(args) -> None:
@@ -34,6 +60,20 @@ def run(args) -> None:
     elif args.cmd == "lora":
         from .lora import add_lora
         print(add_lora(args.peft_dir, args.bundle, args.name, args.dtype, args.force))
+    elif args.cmd == "train":
+        from .library import check_trainable
+        from .train import load_for_training, train_lora
+        check_trainable(args.task)
+        base, tok, fmt, _ = load_for_training(args.base)
+        row = train_lora(base, tok, fmt, args.task, args.out, train_config(args))
+        print(f"{args.task.stem}: {row['steps']} steps, held-out loss {row['heldout_loss_start']:.3f} → "
+              f"{row['heldout_loss']:.3f}, {row['minutes']:.1f} min; PEFT folder {args.out}")
+        if args.bundle:
+            from .lora import add_lora
+            print(add_lora(args.out, args.bundle, args.task.stem, force=True))
+    elif args.cmd == "library":
+        from .library import train_library
+        train_library(args.tasks_dir, args.out, train_config(args), args.base)
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,77 @@
+"""What `adapt` leaves in its output folder, each file written atomically:
+weights.json, the merged adapter in PEFT's layout, and a loss-curve SVG."""
+from __future__ import annotations
+
+import platform
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from .bundle import Bundle
+from .io import atomic_write, atomic_write_json, sha256_file
+from .lora import to_peft
+from .search import AdaptResult
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version(), "machine": platform.machine(), "cpu": platform.processor()}
+    for pkg in ("edgelora", "onnxruntime", "numpy", "scipy", "tokenizers", "safetensors"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def weights_json(result: AdaptResult, bundle: Bundle) -> dict:
+    return {
+        "weights": dict(zip(result.loras, [round(float(w), 6) for w in result.weights])),
+        "loss": result.loss, "objective": result.objective, "start_loss": result.start_loss,
+        "evaluations": len(result.history), "interrupted": result.interrupted, "seconds": round(result.seconds, 2),
+        "settings": result.settings, "versions": versions(),
+        "bundle": {"path": str(bundle.path), "manifest_sha256": sha256_file(bundle.path / "manifest.json"),
+                   "base": bundle.manifest["base"]["name"]},
+        "history": [{"loss": e.loss, "objective": e.objective, "seconds": round(e.seconds, 4),
+                     "weights": [round(w, 6) for w in e.weights]} for e in result.history],
+    }
+
+
+def loss_curve_svg(result: AdaptResult, width: int = 640, height: int = 360) -> str:
+    """Each evaluation's objective (dots) and the best so far (line): a picture anyone can open."""
+    ys = [e.objective for e in result.history]
+    best, run = [], float("inf")
+    for y in ys:
+        run = min(run, y)
+        best.append(run)
+    lo, hi = min(ys), max(ys)
+    hi = hi if hi > lo else lo + 1e-6
+    pad = 50
+    X = lambda i: pad + (width - 2 * pad) * (i / max(len(ys) - 1, 1))
+    Y = lambda v: height - pad - (height - 2 * pad) * (v - lo) / (hi - lo)
+    dots = "".join(f'<circle cx="{X(i):.1f}" cy="{Y(v):.1f}" r="2.5" fill="#9db4d6"/>' for i, v in enumerate(ys))
+    line = " ".join(f"{X(i):.1f},{Y(v):.1f}" for i, v in enumerate(best))
+    ticks = "".join(f'<text x="{pad - 6}" y="{Y(v) + 4:.1f}" text-anchor="end" font-size="11">{v:.3f}</text>'
+                    for v in (lo, (lo + hi) / 2, hi))
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif">'
+            f'<rect width="100%" height="100%" fill="white"/>'
+            f'<text x="{width / 2}" y="22" text-anchor="middle" font-size="14">LoraHub search: loss + L1 '
+            f'({result.settings["optimizer"]}, {len(ys)} evaluations)</text>'
+            f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" stroke="#444"/>'
+            f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{height - pad}" stroke="#444"/>{ticks}'
+            f'<text x="{width / 2}" y="{height - 15}" text-anchor="middle" font-size="11">evaluation</text>'
+            f'{dots}<polyline points="{line}" fill="none" stroke="#c0392b" stroke-width="2"/></svg>\n')
+
+
+def write_outputs(result: AdaptResult, bundle: Bundle, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    A, B = result.merged()
+    to_peft(out / "adapter", A, B, bundle.targets, bundle.manifest["base"]["name"])
+    atomic_write(out / "loss_curve.svg", loss_curve_svg(result))
+    atomic_write_json(out / "weights.json", weights_json(result, bundle))
+
+
+def summary_table(result: AdaptResult, top: int = 10) -> str:
+    order = sorted(range(len(result.loras)), key=lambda i: -abs(result.weights[i]))[:top]
+    width = max(len(result.loras[i]) for i in order)
+    lines = [f"{'LoRA':<{width}}  weight", f"{'-' * width}  ------"]
+    lines += [f"{result.loras[i]:<{width}}  {result.weights[i]:+.3f}" for i in order]
+    return "\n".join(lines)

@@ -1,0 +1,184 @@
+"""ADAPT: LoraHub's gradient-free search for the weights of a LoRA composition.
+
+Objective (the reference's): the examples' mean token cross-entropy under the composed
+LoRA plus α·mean|w|, minimised from w = 0 in a box with a hard budget of evaluations.
+Every evaluation is one COMPOSE into reused buffers and one ORT forward; the best point so
+far is kept, so a budget stop or Ctrl-C still returns the best weights found.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from scipy.optimize import minimize
+
+from .bundle import Bundle
+from .errors import UserError
+from .examples import Example, encode_pairs, load_examples
+from .lora import LoraStack, load_lora
+from .scorer import Scorer
+
+OPTIMIZERS = ("nelder-mead", "powell", "cma")
+
+
+class _Stop(Exception):
+    """Raised inside the objective to end a search: budget spent or interrupted."""
+
+
+@dataclass
+class Evaluation:
+    loss: float
+    objective: float
+    weights: list[float]
+    seconds: float
+
+
+@dataclass
+class AdaptResult:
+    loras: list[str]
+    weights: np.ndarray
+    loss: float                 # the examples' loss at the best point (without the L1 term)
+    objective: float
+    start_loss: float           # loss with every weight 0: the base model
+    history: list[Evaluation]
+    settings: dict
+    interrupted: bool = False
+    seconds: float = 0.0
+    stack: LoraStack | None = field(default=None, repr=False)
+
+    def merged(self) -> tuple[dict, dict]:
+        """The composed A and B (scale folded into B) at the best weights."""
+        A, B = self.stack.compose(self.weights)
+        return {m: a.copy() for m, a in A.items()}, {m: b.copy() for m, b in B.items()}
+
+
+def choose_loras(bundle: Bundle, loras: list[str] | str | Path | None, n: int, seed: int) -> list[Path]:
+    """Named LoRAs, a folder of them, or `n` sampled from the bundle's library with the seed."""
+    library = bundle.lora_paths()
+    if loras is None:
+        names = sorted(library)
+        if not names:
+            raise UserError(f"{bundle.path}: the bundle has no LoRAs; add some with edgelora-export lora")
+        if len(names) > n:
+            names = sorted(np.random.default_rng(seed).choice(names, n, replace=False).tolist())
+        return [library[k] for k in names]
+    if isinstance(loras, (str, Path)) and Path(loras).is_dir():
+        paths = sorted(Path(loras).glob("*.safetensors"))
+        if not paths:
+            raise UserError(f"{loras}: no .safetensors LoRAs in this folder")
+        return paths
+    names = [loras] if isinstance(loras, (str, Path)) else list(loras)
+    out = []
+    for name in names:
+        p = Path(name)
+        if p.suffix == ".safetensors" and p.is_file():
+            out.append(p)
+        elif str(name) in library:
+            out.append(library[str(name)])
+        else:
+            raise UserError(f"--loras: no LoRA named {name} in {bundle.path} "
+                            f"(have: {', '.join(sorted(library)[:8])}{', ...' if len(library) > 8 else ''})")
+    return out
+
+
+class Objective:
+    """loss(w) + α·mean|w|, counting evaluations and keeping the best point."""
+
+    def __init__(self, scorer: Scorer, stack: LoraStack, n_tokens: float, l1: float, budget: int,
+                 bounds: float, on_eval: Callable[[int, Evaluation, Evaluation], None] | None = None):
+        self.scorer, self.stack, self.n_tokens, self.l1 = scorer, stack, n_tokens, l1
+        self.budget, self.bounds, self.on_eval = budget, bounds, on_eval
+        self.history: list[Evaluation] = []
+        self.best: Evaluation | None = None
+
+    def loss(self, w: np.ndarray) -> float:
+        """Token-pooled mean cross-entropy over the examples, as the reference's batch loss."""
+        _, logprob = self.scorer.run(*self.stack.compose(w))
+        return float(-logprob.sum() / self.n_tokens)
+
+    def __call__(self, w) -> float:
+        if len(self.history) >= self.budget:
+            raise _Stop
+        w = np.clip(np.asarray(w, np.float64), -self.bounds, self.bounds)
+        t0 = time.perf_counter()
+        loss = self.loss(w)
+        ev = Evaluation(loss, loss + self.l1 * float(np.abs(w).mean()), w.tolist(), time.perf_counter() - t0)
+        self.history.append(ev)
+        if self.best is None or ev.objective < self.best.objective:
+            self.best = ev
+        if self.on_eval:
+            self.on_eval(len(self.history), ev, self.best)
+        return ev.objective
+
+
+def run_optimizer(name: str, f: Objective, dim: int, seed: int) -> None:
+    x0 = np.zeros(dim)
+    box = [(-f.bounds, f.bounds)] * dim
+    if name == "nelder-mead":
+        # scipy's default simplex around 0 is 0.00025 wide: useless; step half a unit instead.
+        simplex = np.vstack([x0, x0 + 0.5 * np.eye(dim)])
+        minimize(f, x0, method="Nelder-Mead", bounds=box,
+                 options={"maxfev": f.budget, "initial_simplex": simplex, "xatol": 1e-4, "fatol": 1e-6})
+    elif name == "powell":
+        minimize(f, x0, method="Powell", bounds=box, options={"maxfev": f.budget, "xtol": 1e-3, "ftol": 1e-6})
+    elif name == "cma":
+        try:
+            import cma
+        except ImportError:
+            raise UserError("--optimizer cma needs the cma package: pip install 'edgelora[cma]'") from None
+        es = cma.CMAEvolutionStrategy(x0, 0.5, {"bounds": [-f.bounds, f.bounds], "seed": seed + 1,
+                                                "maxfevals": f.budget, "verbose": -9})
+        while not es.stop():
+            xs = es.ask()
+            es.tell(xs, [f(x) for x in xs])
+    else:
+        raise UserError(f"--optimizer {name}: choose one of {', '.join(OPTIMIZERS)}")
+
+
+def adapt(examples: str | Path | list[Example], bundle: Bundle | str | Path | None = None,
+          loras: list[str] | str | Path | None = None, budget: int = 40, optimizer: str = "nelder-mead",
+          l1: float = 0.05, seed: int = 0, bounds: float = 1.5, n_loras: int = 20,
+          on_eval=None, warn=print) -> AdaptResult:
+    """Find LoRA weights for `examples`. The defaults are LoraHub's (budget 40, α 0.05, box ±1.5,
+    start at 0, 20 LoRAs sampled with the seed), so results compare with the reference."""
+    t_start = time.time()
+    if optimizer not in OPTIMIZERS:
+        raise UserError(f"--optimizer {optimizer}: choose one of {', '.join(OPTIMIZERS)}")
+    if budget < 1:
+        raise UserError(f"--budget {budget}: must be at least 1")
+    if bounds <= 0:
+        raise UserError(f"--bounds {bounds}: must be positive")
+    bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
+    source = str(examples) if not isinstance(examples, list) else "<list>"
+    if not isinstance(examples, list):
+        examples = load_examples(examples, warn=warn)
+    fmt = bundle.prompt_format
+    pairs = [(fmt.prompt(e.input), e.output + fmt.stop) for e in examples]
+    batch, truncated = encode_pairs(bundle.tokenizer(), pairs, bundle.arch["max_len"], bundle.manifest["pad_id"])
+    for i in truncated:
+        warn(f"warning: {examples[i].where or f'example {i + 1}'}: longer than the bundle's "
+             f"{bundle.arch['max_len']} tokens; the start of its prompt was cut")
+    paths = choose_loras(bundle, loras, n_loras, seed)
+    stack = LoraStack([load_lora(p) for p in paths], list(bundle.targets))
+    scorer = Scorer(bundle)
+    scorer.bind(batch)
+    f = Objective(scorer, stack, float(batch.target_mask.sum()), l1, budget, bounds, on_eval)
+    interrupted = False
+    try:
+        f(np.zeros(len(paths)))  # the start point: the base model's loss, evaluation 1
+        run_optimizer(optimizer, f, len(paths), seed)
+    except _Stop:
+        pass
+    except KeyboardInterrupt:
+        interrupted = True
+    best = f.best
+    if best is None:
+        raise KeyboardInterrupt  # stopped before a single evaluation: nothing to keep
+    settings = {"examples": source, "n_examples": len(examples), "tokens": batch.n_tokens,
+                "target_tokens": int(batch.target_mask.sum()), "budget": budget, "optimizer": optimizer,
+                "l1": l1, "seed": seed, "bounds": bounds, "n_loras": len(paths)}
+    return AdaptResult([p.stem for p in paths], np.array(best.weights), best.loss, best.objective,
+                       f.history[0].loss, f.history, settings, interrupted, time.time() - t_start, stack)

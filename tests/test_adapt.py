@@ -1,0 +1,239 @@
+"""The LoraHub search on the tiny model: a planted problem, budget and bounds, determinism,
+interruption, PEFT-loadable output, and every bad input's message."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from edgelora.bundle import Bundle, write_manifest
+from edgelora.errors import UserError
+from edgelora.examples import Example, load_examples
+from edgelora.lora import Lora, LoraStack, save_lora
+from edgelora.outputs import write_outputs
+from edgelora.search import adapt
+
+PROMPTS = ["What is 2 plus 3?", "Is the following sentence plausible?", "red green blue", "Today is 01/02/1987.",
+           "The quick brown fox"]
+
+
+def random_lora(name, bundle, seed, rank=4, std=0.5) -> Lora:
+    rng = np.random.default_rng(seed)
+    L = bundle.arch["layers"]
+    A = {m: rng.normal(0, std, (L, rank, t["in"])).astype(np.float32) for m, t in bundle.targets.items()}
+    B = {m: rng.normal(0, std, (L, t["out"], rank)).astype(np.float32) for m, t in bundle.targets.items()}
+    return Lora(name, rank, 2.0 * rank, A, B, source=f"random seed {seed}")
+
+
+@pytest.fixture
+def library(tiny_bundle):
+    bundle = Bundle.open(tiny_bundle)
+    loras = [random_lora(f"lib{i}", bundle, seed=i, rank=4 if i % 2 else 2) for i in range(4)]
+    for l in loras:
+        save_lora(tiny_bundle / "loras" / f"{l.name}.safetensors", l, np.float32)
+    write_manifest(tiny_bundle, bundle.manifest)
+    return Bundle.open(tiny_bundle), loras
+
+
+def planted_examples(bundle, hf_dir, loras, w) -> list[Example]:
+    """Answers generated greedily by the base model plus the LoRA mix Σ w·A, Σ w·B."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from edgelora.lora import delta
+    model = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    A, B = LoraStack(loras, list(bundle.targets)).compose(np.asarray(w))
+    with torch.no_grad():
+        for m, t in bundle.targets.items():
+            d = delta(A[m], B[m])
+            for i, layer in enumerate(model.model.layers):
+                layer.get_submodule(t["path"]).weight += torch.from_numpy(d[i])
+    tok, fmt = bundle.tokenizer(), bundle.prompt_format
+    out = []
+    for p in PROMPTS:
+        ids = tok.encode(fmt.prompt(p), add_special_tokens=False).ids
+        gen = model.generate(torch.tensor([ids]), max_new_tokens=4, do_sample=False, eos_token_id=None, pad_token_id=0)
+        out.append(Example(p, tok.decode(gen[0, len(ids):].tolist()).replace(fmt.stop, "") or "x"))
+    return out
+
+
+def test_search_recovers_planted_mix(library, tiny_hf):
+    bundle, loras = library
+    planted = np.array([0.0, 1.0, 0.0, -0.8])
+    examples = planted_examples(bundle, tiny_hf, loras, planted)
+    res = adapt(examples, bundle, loras=[l.name for l in loras], budget=80, l1=0.0)
+    res_planted = adapt(examples, bundle, loras=[l.name for l in loras], budget=1, l1=0.0)
+    from edgelora.search import Objective
+    from edgelora.scorer import Scorer
+    assert res_planted.loss == pytest.approx(res.start_loss)
+    # the planted point's loss, through the same objective
+    f_loss = _loss_at(bundle, examples, loras, planted)
+    assert f_loss < res.start_loss - 0.3, "the planted LoRA mix must make a real difference"
+    assert res.loss <= f_loss + 0.2 * (res.start_loss - f_loss)
+
+
+def _loss_at(bundle, examples, loras, w) -> float:
+    from edgelora.examples import encode_pairs
+    from edgelora.scorer import Scorer
+    fmt = bundle.prompt_format
+    batch, _ = encode_pairs(bundle.tokenizer(), [(fmt.prompt(e.input), e.output + fmt.stop) for e in examples],
+                            bundle.arch["max_len"], bundle.manifest["pad_id"])
+    s = Scorer(bundle)
+    s.bind(batch)
+    _, lp = s.run(*LoraStack(loras, list(bundle.targets)).compose(np.asarray(w)))
+    return float(-lp.sum() / batch.target_mask.sum())
+
+
+@pytest.mark.parametrize("optimizer", ["nelder-mead", "powell"])
+def test_budget_and_bounds_respected(library, optimizer, monkeypatch):
+    from edgelora import scorer as scorer_mod
+    bundle, loras = library
+    calls = []
+    orig = scorer_mod.Scorer.run
+    monkeypatch.setattr(scorer_mod.Scorer, "run", lambda self, A, B: calls.append(1) or orig(self, A, B))
+    res = adapt([Example(p, "yes") for p in PROMPTS], bundle, budget=9, optimizer=optimizer, bounds=0.3)
+    assert len(calls) == 9 == len(res.history)
+    assert all(abs(w) <= 0.3 for e in res.history for w in e.weights)
+    assert res.history[0].weights == [0.0] * 4  # the search starts at 0: the base model
+
+
+def test_same_seed_same_weights(library):
+    bundle, _ = library
+    ex = [Example(p, "no") for p in PROMPTS]
+    a = adapt(ex, bundle, budget=12, n_loras=3, seed=7)
+    b = adapt(ex, bundle, budget=12, n_loras=3, seed=7)
+    assert a.loras == b.loras and len(a.loras) == 3
+    assert np.array_equal(a.weights, b.weights)
+
+
+def test_interrupt_keeps_best_and_writes(library, tmp_path):
+    bundle, _ = library
+
+    def stop_at_5(n, ev, best):
+        if n == 5:
+            raise KeyboardInterrupt
+
+    res = adapt([Example(p, "yes") for p in PROMPTS], bundle, budget=40, on_eval=stop_at_5)
+    assert res.interrupted and len(res.history) == 5
+    write_outputs(res, bundle, tmp_path / "out")
+    data = json.loads((tmp_path / "out" / "weights.json").read_text())
+    assert data["interrupted"] and data["evaluations"] == 5
+    assert data["objective"] == min(e["objective"] for e in data["history"])
+
+
+def test_cli_ctrl_c_exits_130_with_weights(library, tmp_path):
+    """SIGINT once the progress bar shows a few evaluations: the best weights are written."""
+    import threading
+    bundle, _ = library
+    f = tmp_path / "ex.jsonl"
+    f.write_text("".join(json.dumps({"input": f"{p} {i}", "output": "yes"}) + "\n" for i in range(40) for p in PROMPTS))
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "edgelora.cli", "adapt", str(f), "--bundle", str(bundle.path),
+                             "--out", str(out), "--budget", "1000000", "--l1", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen = threading.Event()
+    err: list[str] = []
+
+    def read():
+        buf = ""
+        while ch := proc.stderr.read(1):
+            buf += ch
+            if "3/1000000" in buf:
+                seen.set()
+        err.append(buf)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    assert seen.wait(120), "the search never showed progress"
+    proc.send_signal(signal.SIGINT)
+    stdout = proc.stdout.read()
+    proc.wait(60)
+    reader.join(10)
+    assert proc.returncode == 130, err
+    data = json.loads((out / "weights.json").read_text())
+    assert data["interrupted"] and data["evaluations"] >= 3
+    assert "interrupted" in err[0] and "weights.json" in err[0]
+    assert "LoRA" in stdout  # the summary table is still printed
+
+
+def test_outputs_load_in_peft(library, tiny_hf, tmp_path):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    from helpers import encode, torch_losses
+    bundle, _ = library
+    ex = [Example(p, "yes") for p in PROMPTS]
+    res = adapt(ex, bundle, budget=15)
+    write_outputs(res, bundle, tmp_path / "out")
+    assert (tmp_path / "out" / "loss_curve.svg").read_text().startswith("<svg")
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_hf), tmp_path / "out" / "adapter").eval()
+    batch = encode(bundle, ex)
+    _, lp = torch_losses(model, batch)
+    assert float(-lp.sum() / batch.target_mask.sum()) == pytest.approx(res.loss, rel=1e-4)
+
+
+def test_cli_adapt_json(library, tmp_path):
+    bundle, _ = library
+    f = tmp_path / "task.jsonl"
+    f.write_text("".join(json.dumps({"input": p, "output": "yes"}) + "\n" for p in PROMPTS))
+    r = subprocess.run([sys.executable, "-m", "edgelora.cli", "adapt", str(f), "--bundle", str(bundle.path),
+                        "--budget", "6", "--json"], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["evaluations"] == 6 and set(out["weights"]) == {"lib0", "lib1", "lib2", "lib3"}
+    assert (tmp_path / "task-adapted" / "weights.json").exists()
+
+
+BAD = [
+    ("not json\n", "ex.jsonl:1: not valid JSON"),
+    ('{"input": "a"}\n', "ex.jsonl:1: missing field 'output'"),
+    ('{"input": "a", "output": "b"}\n{"input": "", "output": "b"}\n', "ex.jsonl:2: field 'input' is empty"),
+    ('{"input": "a", "output": 3}\n', "ex.jsonl:1: field 'output' must be a string"),
+    ("\n\n", "ex.jsonl: no examples"),
+    ('["a", "b"]\n', "ex.jsonl:1: expected a JSON object"),
+    ('{"input": "a", "output": "b", "options": ["c", "d"]}\n', "ex.jsonl:1: 'output' 'b' is not one of its 'options'"),
+    ('{"input": "a", "output": "b", "aliases": "b"}\n', "ex.jsonl:1: 'aliases' must be a list"),
+]
+
+
+@pytest.mark.parametrize("text,message", BAD)
+def test_bad_examples_are_refused(tmp_path, text, message, library):
+    f = tmp_path / "ex.jsonl"
+    f.write_text(text)
+    with pytest.raises(UserError, match=None) as e:
+        load_examples(f)
+    assert message in str(e.value)
+    r = subprocess.run([sys.executable, "-m", "edgelora.cli", "adapt", str(f), "--bundle", str(library[0].path)],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and message in r.stderr, r.stderr
+
+
+def test_duplicates_and_long_examples_warn(library, tmp_path):
+    bundle, _ = library
+    f = tmp_path / "ex.jsonl"
+    long = "the quick brown fox " * 200
+    f.write_text(json.dumps({"input": "a", "output": "b"}) + "\n" + json.dumps({"input": "a", "output": "b"}) + "\n"
+                 + json.dumps({"input": long, "output": "yes"}) + "\n")
+    warnings = []
+    res = adapt(f, bundle, budget=2, warn=warnings.append)
+    assert any("ex.jsonl:2: duplicate of line 1" in w for w in warnings)
+    assert any("ex.jsonl:3: longer than the bundle's 256 tokens" in w for w in warnings)
+    assert res.settings["n_examples"] == 3
+
+
+def test_bad_flags_are_refused(library, tmp_path):
+    bundle, _ = library
+    f = tmp_path / "ex.jsonl"
+    f.write_text(json.dumps({"input": "a", "output": "b"}) + "\n")
+    for args, message in ((["--loras", "nope"], "no LoRA named nope"), (["--budget", "0"], "--budget 0"),
+                          (["--bounds", "-1"], "--bounds -1"), (["--optimizer", "cma"], None)):
+        r = subprocess.run([sys.executable, "-m", "edgelora.cli", "adapt", str(f), "--bundle", str(bundle.path),
+                            "--budget", "2", *args], capture_output=True, text=True, cwd=tmp_path)
+        if message is None:  # cma: works where installed, otherwise says how to install it
+            assert r.returncode == 0 or "pip install 'edgelora[cma]'" in r.stderr
+            continue
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and message in r.stderr, r.stderr
