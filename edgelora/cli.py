@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .bundle import Bundle, default_bundle_path
 from .errors import UserError
+from .writeback import DEFAULT_QUANT
 
 
 def cmd_info(args) -> None:
@@ -67,8 +68,13 @@ def cmd_adapt(args) -> int:
                        warn=lambda m: print(m, file=sys.stderr))
     finally:
         if bar is not None:
-            bar.close()
-    write_outputs(result, bundle, out)
+            write_outputs(result, bundle, out)
+    if args.quant and not result.interrupted:
+        from .writeback import write_model
+        if not args.json:
+            print(f"writing the adapted model ({args.quant}, {'unmerged' if args.unmerged else 'merged'}) ...",
+                  file=sys.stderr)
+        write_model(bundle, *result.merged(), out, args.quant, merged=not args.unmerged)
     if args.json:
         print(json.dumps({"out": str(out), "loss": result.loss, "start_loss": result.start_loss,
                           "objective": result.objective, "evaluations": len(result.history),
@@ -82,6 +88,51 @@ def cmd_adapt(args) -> int:
         print(f"edgelora: interrupted; the best weights so far are in {out}/weights.json", file=sys.stderr)
         return 130
     return 0
+
+
+def cmd_generate(args) -> None:
+    from .generate import Model
+    model = Model.load(args.model)
+    prompts = [args.prompt] if args.prompt not in (None, "-") else [l for l in sys.stdin.read().splitlines() if l.strip()]
+    if not prompts:
+        raise UserError("no prompt: give one as an argument or on standard input")
+    for prompt in prompts:
+        for piece in model.stream_text(prompt, raw=args.raw, max_new_tokens=args.max_new_tokens,
+                                       temperature=args.temperature, top_p=args.top_p, seed=args.seed):
+            print(piece, end="", flush=True)
+        print()
+
+
+def cmd_eval(args) -> None:
+    from .evaluate import evaluate
+    from .examples import load_examples
+    from .generate import Model
+    from .io import atomic_write_json
+    model = Model.load(args.model)
+    adapted = (Path(args.model) / "edgelora.json").is_file()
+    mode = args.mode or ("adapted" if adapted else "icl" if args.shots else "zero-shot")
+    if mode == "adapted" and not adapted:
+        raise UserError(f"--mode adapted: {args.model} is a bundle, not an `edgelora adapt` output")
+    if mode == "icl" and not args.shots:
+        raise UserError("--mode icl needs --shots FILE (e.g. the task's adapt examples)")
+    shots = load_examples(args.shots)[: args.k] if mode == "icl" else []
+    examples = load_examples(args.task)[: args.limit]
+    from tqdm import tqdm
+    bar = tqdm(total=len(examples), desc=f"eval {mode}", unit="ex", disable=args.json)
+    res = evaluate(model, examples, shots, args.max_new_tokens, on_example=lambda i, r: bar.update(1))
+    bar.close()
+    res = {"task": str(args.task), "model": str(args.model), "mode": mode, "shots": len(shots),
+           "quant": model.meta.get("quant"), **res}
+    out = args.out or Path(f"{args.task.name.removesuffix('.jsonl')}.eval-{mode}.json")
+    atomic_write_json(out, res)
+    if args.json:
+        print(json.dumps({k: v for k, v in res.items() if k != "examples"}))
+        return
+    opt = "-" if res["option_accuracy"] is None else f"{100 * res['option_accuracy']:.1f}%"
+    print(f"{'task':<40} {'mode':<10} {'n':>4} {'exact':>7} {'options':>8} {'prompt tok':>10}")
+    print(f"{args.task.name:<40} {mode:<10} {res['n']:>4} {100 * res['exact_match']:>6.1f}% {opt:>8} "
+          f"{res['prompt_tokens_mean']:>10.0f}")
+    print(f"per-example results: {out}")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -106,8 +157,33 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--l1", type=float, default=0.05, help="weight of the mean |w| penalty (default 0.05)")
     a.add_argument("--bounds", type=float, default=1.5, help="search box [-b, b] (default 1.5)")
     a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--quant", choices=["int4", "int8", "none"], default=DEFAULT_QUANT,
+                   help=f"write the adapted model quantized (default {DEFAULT_QUANT}, chosen in bench/quant_accuracy.py)")
+    a.add_argument("--unmerged", action="store_true", help="keep the LoRA in fp32 beside the quantized base")
+    a.add_argument("--no-model", dest="quant", action="store_const", const=None,
+                   help="write only the weights and the adapter, not the ONNX model")
     a.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     a.set_defaults(fn=cmd_adapt)
+    g = sub.add_parser("generate", help="generate text with an adapt output or a bundle's base")
+    g.add_argument("model", type=Path, help="an `edgelora adapt` output folder or a bundle")
+    g.add_argument("prompt", nargs="?", help="the prompt (default: one prompt per line on stdin)")
+    g.add_argument("--raw", action="store_true", help="no chat template: the prompt as it is")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.set_defaults(fn=cmd_generate)
+    e = sub.add_parser("eval", help="score a model on a task file: exact match and option ranking")
+    e.add_argument("task", type=Path)
+    e.add_argument("--model", type=Path, required=True, help="an `edgelora adapt` output folder or a bundle")
+    e.add_argument("--mode", choices=["zero-shot", "icl", "adapted"])
+    e.add_argument("--shots", type=Path, help="examples to put in the prompt (icl)")
+    e.add_argument("-k", type=int, default=5, help="how many shots (default 5)")
+    e.add_argument("--limit", type=int, help="score only the first N examples")
+    e.add_argument("--max-new-tokens", type=int, default=32)
+    e.add_argument("--out", type=Path, help="JSON with per-example results (default: <task>.eval-<mode>.json)")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(fn=cmd_eval)
     return p
 
 

@@ -2,13 +2,18 @@
 streamed token by token."""
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import onnxruntime as ort
 
+from .errors import UserError
+from .examples import PromptFormat
 from .scorer import session_options
+from .writeback import MODEL_META
 
 
 class Decoder:
@@ -26,7 +31,7 @@ class Decoder:
         self.lora_feeds: dict[str, np.ndarray] = {}
 
     def forward(self, ids: list[int], past: dict[str, np.ndarray] | None, start: int):
-        """Logits of the last position and the new cache, for `ids` following `start` cached tokens."""
+        """Logits of every position of `ids` and the new cache, for `ids` after `start` cached tokens."""
         if past is None:
             past = {n: np.zeros((1, self.kv_heads, 0, self.head_dim), np.float32) for n in self.past_names}
         feeds = {"input_ids": np.array([ids], np.int64),
@@ -34,7 +39,7 @@ class Decoder:
         if self.use_positions:
             feeds["position_ids"] = np.arange(start, start + len(ids), dtype=np.int64)[None]
         out = self.session.run(["logits", *self.present_names], feeds)
-        return out[0][0, -1], dict(zip(self.past_names, out[1:]))
+        return out[0][0], dict(zip(self.past_names, out[1:]))
 
     def stream(self, prompt_ids: list[int], max_new_tokens: int = 128, temperature: float = 0.0,
                top_p: float = 1.0, seed: int = 0) -> Iterator[int]:
@@ -42,12 +47,87 @@ class Decoder:
         logits, past = self.forward(prompt_ids, None, 0)
         n = len(prompt_ids)
         for _ in range(max_new_tokens):
-            tok = pick(logits, temperature, top_p, rng)
+            tok = pick(logits[-1], temperature, top_p, rng)
             if tok in self.eos:
                 return
             yield tok
             logits, past = self.forward([tok], past, n)
             n += 1
+
+    def option_logprobs(self, prompt_ids: list[int], options: list[list[int]]) -> list[float]:
+        """Summed log-prob of each option's tokens after the prompt; the prompt is run once."""
+        logits, past = self.forward(prompt_ids, None, 0)
+        first = log_softmax(logits[-1])
+        n = len(prompt_ids)
+        out = []
+        for opt in options:
+            lp = float(first[opt[0]])
+            if len(opt) > 1:
+                more, _ = self.forward(opt[:-1], past, n)
+                lps = log_softmax(more)
+                lp += float(sum(lps[j, t] for j, t in enumerate(opt[1:])))
+            out.append(lp)
+        return out
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    m = x.max(axis=-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+
+
+@dataclass
+class Model:
+    """A decoder graph with what is needed to prompt it: a bundle's base or an adapt output."""
+
+    path: Path
+    decoder: Decoder
+    tokenizer: object
+    fmt: PromptFormat
+    max_len: int
+    meta: dict
+
+    @classmethod
+    def load(cls, path: str | Path, threads: int | None = None) -> "Model":
+        from tokenizers import Tokenizer
+        from .bundle import Bundle
+        path = Path(path)
+        if (path / MODEL_META).is_file():
+            meta = json.loads((path / MODEL_META).read_text())
+            onnx_path, tok_path = path / "model.onnx", path / meta["tokenizer"]
+        elif (path / "manifest.json").is_file():
+            bundle = Bundle.open(path)
+            meta = {**{k: bundle.manifest[k] for k in ("prompt", "eos_ids", "pad_id")},
+                    "max_len": bundle.arch["max_len"], "quant": "none", "merged": None}
+            onnx_path, tok_path = bundle.decoder_dir / bundle.manifest["decoder"]["file"], bundle.path / bundle.manifest["tokenizer"]
+        else:
+            raise UserError(f"{path}: not a model (expected an `edgelora adapt` output folder or a bundle)")
+        if not onnx_path.is_file():
+            raise UserError(f"{onnx_path}: missing; this adapt output has no model (re-run adapt with --quant)")
+        return cls(path, Decoder(onnx_path, meta["eos_ids"], threads), Tokenizer.from_file(str(tok_path)),
+                   PromptFormat.from_dict(meta["prompt"]), meta["max_len"], meta)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def stream_text(self, prompt: str, raw: bool = False, **kw) -> Iterator[str]:
+        """Text pieces as tokens come; a piece is held back while it ends inside a UTF-8 character."""
+        ids = self.encode(prompt if raw else self.fmt.prompt(prompt))[-self.max_len:]
+        out: list[int] = []
+        shown = ""
+        for tok in self.decoder.stream(ids, **kw):
+            out.append(tok)
+            text = self.tokenizer.decode(out)
+            if text.endswith("\ufffd"):
+                continue
+            yield text[len(shown):]
+            shown = text
+
+    def answer(self, prompt_ids: list[int], max_new_tokens: int = 32) -> str:
+        return self.tokenizer.decode(list(self.decoder.stream(prompt_ids, max_new_tokens=max_new_tokens)))
+
+    def option_logprobs(self, prompt_ids: list[int], options: list[list[int]]) -> list[float]:
+        return self.decoder.option_logprobs(prompt_ids, options)
 
 
 def pick(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:

@@ -61,7 +61,7 @@ def export_scoring(model, shapes: dict, path: Path) -> list[str]:
         slots += [{1: rank}, {2: rank}]
     with torch.no_grad():
         torch.onnx.export(wrapper, tuple(args), str(path), input_names=names, output_names=["loss", "logprob"],
-                          dynamic_shapes=(*dyn, tuple(slots)), dynamo=True, external_data=False, optimize=True)
+                          dynamic_shapes=(*dyn, tuple(slots)) if slots else tuple(dyn), dynamo=True, external_data=False, optimize=True)
     return names
 
 

@@ -50,14 +50,16 @@ def train_library(tasks_dir: Path, out: Path, cfg: TrainConfig, source=None, log
     for t in tasks:
         check_trainable(t)
     out.mkdir(parents=True, exist_ok=True)
+    # Resume task by task: a task is done when its LoRA file and its report row both exist.
+    report = out / "report.json"
+    done = {r["task"]: r for r in json.loads(report.read_text())["tasks"]} if report.exists() else {}
     base, tok, fmt, _ = load_for_training(source)
     shapes = target_shapes(base, list(cfg.targets))
     layers = len(base.model.layers)
     rows = []
     for i, task in enumerate(tasks, 1):
-        done = out / "peft" / task.stem / "train_report.json"
-        if done.exists() and (out / f"{task.stem}.safetensors").exists():
-            rows.append({k: v for k, v in json.loads(done.read_text()).items() if k != "config"})
+        if task.stem in done and (out / f"{task.stem}.safetensors").exists():
+            rows.append(done[task.stem])
             continue
         t0 = time.time()
         row = train_lora(base, tok, fmt, task, out / "peft" / task.stem, cfg, log=log)

@@ -1,0 +1,221 @@
+"""ADAPT end to end, edgelora vs the reference LoraHub loop, in one run on the real SmolLM2 bundle:
+20 LoRAs, 5 examples, budget 40. Each method runs in its own process so its wall time counts its
+own imports and setup and its peak RSS is its own; the parent only orchestrates and compares.
+
+Targets: total time reference / edgelora >= 10; edgelora per evaluation / plain base forward <= 1.15.
+    pip install nevergrad        # bench-only: the reference's optimizer
+    python bench/adapt.py [--task date_understanding] [--budget 40] [--powell]
+If the bundle has fewer LoRAs than --n-loras, seeded random rank-8 LoRAs are made once in
+$EDGELORA_HOME/bench/random_loras (bundle format, plus the same LoRAs as PEFT folders).
+"""
+from __future__ import annotations
+
+import time
+
+T0 = time.perf_counter()  # before the heavy imports: a worker's total time counts them
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+from common import DATA, alternate, base_source, median, peak_rss_mb, save  # noqa: E402
+
+from edgelora.bundle import Bundle, default_bundle_path, home  # noqa: E402
+from edgelora.examples import encode_pairs, load_examples  # noqa: E402
+from edgelora.lora import Lora, load_lora, save_lora, to_peft, zero_slots  # noqa: E402
+from edgelora.search import choose_loras  # noqa: E402
+
+MARK = "RESULT "
+RANK = 8
+
+
+def task_file(task: str) -> Path:
+    p = Path(task)
+    return p if p.suffix == ".jsonl" and p.is_file() else DATA / "bbh" / f"{task}.adapt.jsonl"
+
+
+def lora_files(bundle: Bundle, n: int, seed: int, create: bool = False) -> tuple[list[Path], list[Path]]:
+    """(bundle-format LoRA files, the same LoRAs as PEFT folders). The bundle's own LoRAs when it
+    has n of them, else seeded random ones: A ~ N(0, 1/sqrt(in)) keeps x·Aᵀ at the scale of x and
+    B ~ N(0, 0.01) makes one LoRA at weight 1 move the loss noticeably without wrecking the model."""
+    if len(bundle.lora_paths()) >= n:
+        paths, cache = choose_loras(bundle, None, n, seed), home() / "bench" / "peft_loras"
+    else:
+        cache = home() / "bench" / "random_loras"
+        paths = [cache / f"random_{i:02d}.safetensors" for i in range(n)]
+        L = bundle.arch["layers"]
+        for i, p in enumerate(paths):
+            if not p.exists() and create:
+                rng = np.random.default_rng(1000 + i)
+                A = {m: rng.normal(0, t["in"] ** -0.5, (L, RANK, t["in"])) for m, t in bundle.targets.items()}
+                B = {m: rng.normal(0, 0.01, (L, t["out"], RANK)) for m, t in bundle.targets.items()}
+                save_lora(p, Lora(p.stem, RANK, float(RANK), A, B, source="bench/adapt.py random"))
+    folders = [cache / "peft" / p.stem for p in paths]
+    for p, f in zip(paths, folders):
+        if not (f / "adapter_model.safetensors").exists() and create:
+            lora = load_lora(p)  # the fp16-rounded values edgelora reads, so both compose the same numbers
+            to_peft(f, lora.A, {m: b * lora.scale for m, b in lora.B.items()}, bundle.targets, bundle.manifest["base"]["name"])
+    return paths, folders
+
+
+def worker_reference(args, bundle: Bundle) -> dict:
+    """The reference loop, timed from process start to its recommendation."""
+    import torch
+    from edgelora_export.model import load_base
+    from reference_lorahub import encode, get_loss, load_base_model_and_lora_modules, lorahub_learning
+    fmt = bundle.prompt_format
+    examples = load_examples(task_file(args.task))
+    prompts, targets = [fmt.prompt(e.input) for e in examples], [e.output + fmt.stop for e in examples]
+    _, folders = lora_files(bundle, args.n_loras, args.seed)
+    model, tok, _ = load_base(base_source(bundle))
+    peft_model, cache = load_base_model_and_lora_modules(model, folders)
+    batch = encode(tok, prompts, targets, bundle.manifest["pad_id"])
+    w, history, name = lorahub_learning(peft_model, cache, batch, args.budget, divide_by_examples=args.upstream_loss)
+    total_s = time.perf_counter() - T0
+    rss = peak_rss_mb()
+    # after the clock: the losses that compare (no L1, not divided), and the token parity
+    loss_rec = get_loss(batch, peft_model)
+    from peft.utils.save_and_load import set_peft_model_state_dict
+    from reference_lorahub import get_final_weights
+    set_peft_model_state_dict(peft_model, get_final_weights(np.zeros(len(cache)), list(cache), cache))
+    loss_zero = get_loss(batch, peft_model)
+    ours, _ = encode_pairs(bundle.tokenizer(), list(zip(prompts, targets)), bundle.arch["max_len"], bundle.manifest["pad_id"])
+    same_tokens = bool(np.array_equal(ours.input_ids[:, : batch["input_ids"].shape[1]], batch["input_ids"].numpy())
+                       and ours.input_ids.shape[1] == batch["input_ids"].shape[1])
+    best = min(history, key=lambda h: h[1])
+    return {"method": f"reference NGOpt({name})", "total_s": total_s,
+            "outside_evals_s": total_s - sum(h[3] for h in history), "evals": len(history),
+            "eval_s": [h[3] for h in history], "loss": loss_rec, "loss_best_evaluated": best[0],
+            "objective_best_evaluated": best[1], "loss_zero": loss_zero, "weights": w.tolist(),
+            "peak_rss_mb": rss, "torch_threads": torch.get_num_threads(), "same_tokens_as_edgelora": same_tokens,
+            "history_loss_range": [min(h[0] for h in history), max(h[0] for h in history)]}
+
+
+def worker_edgelora(args, bundle: Bundle) -> dict:
+    """edgelora.search.adapt timed from process start; then, off the clock, the plain forward
+    (zero slots, and the no-slot graph if cached) alternated with one evaluation at the best
+    weights, and the reference's weights scored by this scorer."""
+    import onnxruntime as ort
+    from edgelora.scorer import Scorer, session_options
+    from edgelora.search import adapt
+    paths, _ = lora_files(bundle, args.n_loras, args.seed)
+    res = adapt(task_file(args.task), bundle, loras=paths, budget=args.budget, optimizer=args.optimizer,
+                warn=lambda m: print(m, file=sys.stderr))
+    total_s = time.perf_counter() - T0
+    rss = peak_rss_mb()
+
+    fmt = bundle.prompt_format
+    examples = load_examples(task_file(args.task))
+    batch, _ = encode_pairs(bundle.tokenizer(), [(fmt.prompt(e.input), e.output + fmt.stop) for e in examples],
+                            bundle.arch["max_len"], bundle.manifest["pad_id"])
+    scorer = Scorer(bundle)
+    scorer.bind(batch)
+    n_tok = float(batch.target_mask.sum())
+    zero = zero_slots(bundle.targets, bundle.arch["layers"])
+
+    def loss_at(w) -> float:
+        return float(-scorer.run(*res.stack.compose(w))[1].sum() / n_tok)
+
+    fns = {"eval": lambda: loss_at(res.weights), "plain_zero_slots": lambda: scorer.run(*zero)}
+    noslots = home() / "bench" / "scoring-noslots.onnx"
+    if noslots.exists():
+        sess = ort.InferenceSession(str(noslots), session_options(), providers=["CPUExecutionProvider"])
+        feeds = batch.feeds()
+        fns["plain_noslots"] = lambda: sess.run(["loss"], feeds)
+    for fn in fns.values():
+        fn()  # warm-up
+    times = {k: median(v) for k, v in alternate(fns, args.rounds).items()}
+    out = {"method": f"edgelora {args.optimizer}", "total_s": total_s,
+           "outside_evals_s": total_s - sum(h.seconds for h in res.history),
+           "adapt_s": res.seconds, "evals": len(res.history),
+           "eval_s": [h.seconds for h in res.history], "loss": res.loss, "objective": res.objective,
+           "loss_zero": res.start_loss, "weights": res.weights.tolist(), "peak_rss_mb": rss,
+           "threads": scorer.session.get_session_options().intra_op_num_threads,
+           "tokens": batch.n_tokens, "target_tokens": int(n_tok), "padded_shape": list(batch.input_ids.shape),
+           "alternated_median_s": times, "loss_at_best_recheck": loss_at(res.weights),
+           "history_loss_range": [min(h.loss for h in res.history), max(h.loss for h in res.history)]}
+    if args.ref_weights:
+        out["loss_of_reference_weights"] = loss_at(np.array(json.loads(args.ref_weights)))
+    return out
+
+
+def run_worker(kind: str, args, extra: list[str]) -> dict:
+    cmd = [sys.executable, __file__, "--worker", kind, "--bundle", str(args.bundle), "--task", args.task,
+           "--budget", str(args.budget), "--n-loras", str(args.n_loras), "--seed", str(args.seed),
+           "--rounds", str(args.rounds), *(["--upstream-loss"] if args.upstream_loss else []), *extra]
+    print(f"-- {kind} {' '.join(extra)}", file=sys.stderr, flush=True)
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    wall = time.perf_counter() - t
+    lines = [l for l in proc.stdout.splitlines() if l.startswith(MARK)]
+    if proc.returncode or not lines:
+        sys.exit(f"worker {kind} failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}")
+    return {**json.loads(lines[-1][len(MARK):]), "process_s": wall}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bundle", type=Path, default=default_bundle_path())
+    ap.add_argument("--task", default="date_understanding", help="a BBH task name or an examples .jsonl file")
+    ap.add_argument("--budget", type=int, default=40)
+    ap.add_argument("--n-loras", type=int, default=20)
+    ap.add_argument("--seed", type=int, default=0, help="picks the bundle's LoRAs when it has enough")
+    ap.add_argument("--rounds", type=int, default=7, help="alternated timings of one eval vs the plain forward")
+    ap.add_argument("--powell", action="store_true", help="also run edgelora with Powell")
+    ap.add_argument("--upstream-loss", action="store_true",
+                    help="reference objective divides the batch loss by the number of examples, as upstream does")
+    ap.add_argument("--worker", choices=["edgelora", "reference"], help=argparse.SUPPRESS)
+    ap.add_argument("--optimizer", default="nelder-mead", help=argparse.SUPPRESS)
+    ap.add_argument("--ref-weights", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    bundle = Bundle.open(args.bundle)
+    if args.worker:
+        out = (worker_edgelora if args.worker == "edgelora" else worker_reference)(args, bundle)
+        print(MARK + json.dumps(out), flush=True)
+        return
+
+    paths, _ = lora_files(bundle, args.n_loras, args.seed, create=True)
+    print(f"{len(paths)} LoRAs from {paths[0].parent}, task {task_file(args.task)}, budget {args.budget}", file=sys.stderr)
+    ref = run_worker("reference", args, [])
+    runs = [run_worker("edgelora", args, ["--ref-weights", json.dumps(ref["weights"])])]
+    if args.powell:
+        runs.append(run_worker("edgelora", args, ["--optimizer", "powell"]))
+    runs.append(ref)
+    ours = runs[0]
+
+    plain = ours["alternated_median_s"]
+    print(f"\n{ours['evals']} evals budget {args.budget}, {len(paths)} LoRAs, {ours['tokens']} tokens "
+          f"({ours['target_tokens']} target), padded {ours['padded_shape']}")
+    print(f"{'method':<24}{'total s':>9}{'process s':>10}{'non-eval s':>11}{'evals':>6}{'ms/eval':>9}"
+          f"{'loss':>9}{'loss w=0':>10}{'RSS MB':>8}")
+    for r in runs:
+        print(f"{r['method']:<24}{r['total_s']:>9.1f}{r['process_s']:>10.1f}{r['outside_evals_s']:>11.1f}{r['evals']:>6}"
+              f"{median(r['eval_s']) * 1000:>9.0f}{r['loss']:>9.4f}{r['loss_zero']:>10.4f}{r['peak_rss_mb']:>8.0f}")
+    ratios = {"total_reference_over_edgelora": ref["total_s"] / ours["total_s"],
+              "per_eval_reference_over_edgelora": median(ref["eval_s"]) / median(ours["eval_s"]),
+              "per_eval_over_plain_zero_slots": median(ours["eval_s"]) / plain["plain_zero_slots"],
+              "alternated_eval_over_plain_zero_slots": plain["eval"] / plain["plain_zero_slots"]}
+    if "plain_noslots" in plain:
+        ratios["per_eval_over_plain_noslots"] = median(ours["eval_s"]) / plain["plain_noslots"]
+        ratios["alternated_eval_over_plain_noslots"] = plain["eval"] / plain["plain_noslots"]
+    print(f"plain forward (median of {args.rounds} alternated): "
+          + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in plain.items()))
+    print(f"reference best weights scored by edgelora: {ours['loss_of_reference_weights']:.4f} "
+          f"(torch {ref['loss']:.4f}); loss at w=0: edgelora {ours['loss_zero']:.5f}, torch {ref['loss_zero']:.5f}, "
+          f"|diff| {abs(ours['loss_zero'] - ref['loss_zero']):.1e}; same tokens: {ref['same_tokens_as_edgelora']}")
+    for k, v in ratios.items():
+        print(f"{k:<40}{v:8.3f}")
+    print("targets: total_reference_over_edgelora >= 10, per_eval_over_plain <= 1.15")
+    save(f"adapt_{task_file(args.task).name.split('.')[0]}", {
+        "task": str(task_file(args.task)), "budget": args.budget, "n_loras": len(paths), "loras": [str(p) for p in paths],
+        "upstream_loss": args.upstream_loss, "runs": runs, "ratios": ratios,
+        "parity": {"loss_zero_abs_diff": abs(ours["loss_zero"] - ref["loss_zero"]),
+                   "reference_weights_loss_torch_vs_edgelora": [ref["loss"], ours["loss_of_reference_weights"]]},
+        "target": "total_reference_over_edgelora >= 10, per_eval_over_plain <= 1.15"})
+
+
+if __name__ == "__main__":
+    main()

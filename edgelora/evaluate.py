@@ -1,0 +1,47 @@
+"""Scoring a model on a task: exact match on generated answers, and option ranking by summed
+log-probability where the task has options. Modes differ only in the prompt: zero-shot, ICL
+(k examples as earlier chat turns), adapted (an adapt output, prompted zero-shot)."""
+from __future__ import annotations
+
+import re
+import time
+from typing import Callable
+
+from .examples import Example
+from .generate import Model
+
+MODES = ("zero-shot", "icl", "adapted")
+
+
+def normalize(text: str) -> str:
+    """First line, case, outer spaces and a final period ignored (the data README's rule)."""
+    line = text.strip().split("\n", 1)[0].strip()
+    return re.sub(r"\.$", "", line).strip().lower()
+
+
+def exact_match(generated: str, ex: Example) -> bool:
+    return normalize(generated) in {normalize(a) for a in ex.answers}
+
+
+def evaluate(model: Model, examples: list[Example], shots: list[Example] = (), max_new_tokens: int = 32,
+             on_example: Callable[[int, dict], None] | None = None) -> dict:
+    rows = []
+    t0 = time.time()
+    for i, ex in enumerate(examples):
+        ids = model.encode(model.fmt.prompt(ex.input, list(shots)))[-model.max_len:]
+        gen = model.answer(ids, max_new_tokens)
+        row = {"input": ex.input, "output": ex.output, "generated": gen, "exact": exact_match(gen, ex),
+               "prompt_tokens": len(ids)}
+        if ex.options:
+            lps = model.option_logprobs(ids, [model.encode(o) for o in ex.options])
+            row["option_pred"] = ex.options[max(range(len(lps)), key=lps.__getitem__)]
+            row["option_correct"] = row["option_pred"] == ex.output
+        rows.append(row)
+        if on_example:
+            on_example(i, row)
+    n = len(rows)
+    with_opts = [r for r in rows if "option_correct" in r]
+    return {"n": n, "exact_match": sum(r["exact"] for r in rows) / n,
+            "option_accuracy": sum(r["option_correct"] for r in with_opts) / len(with_opts) if with_opts else None,
+            "prompt_tokens_mean": sum(r["prompt_tokens"] for r in rows) / n,
+            "seconds": round(time.time() - t0, 2), "examples": rows}

@@ -1,0 +1,142 @@
+"""Write-back and quantized inference on the tiny model: the merged decoder equals the scoring
+graph fed the same A/B; int8/int4 stay within stated tolerances; unmerged equals merged;
+optimum loads the output; generation stops at EOS; eval's numbers are exact."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from helpers import encode
+
+from edgelora.bundle import Bundle
+from edgelora.evaluate import evaluate, normalize
+from edgelora.examples import Example
+from edgelora.generate import Decoder, Model, log_softmax
+from edgelora.lora import LoraStack
+from edgelora.scorer import Scorer
+from edgelora.writeback import write_model
+from test_adapt import PROMPTS, random_lora
+
+EXAMPLES = [Example(p, "yes it is") for p in PROMPTS]
+# Stated tolerances, mean |Δ loss| in nats against the fp32 merge, on the tiny random model.
+TOL = {"int8": 0.05, "int4": 0.25}
+
+
+@pytest.fixture(scope="module")
+def merged(tiny_bundle_ro):
+    bundle = Bundle.open(tiny_bundle_ro)
+    loras = [random_lora(f"l{i}", bundle, seed=10 + i, std=0.3) for i in range(3)]
+    A, B = LoraStack(loras, list(bundle.targets)).compose(np.array([0.7, -0.4, 0.5]))
+    return bundle, {m: a.copy() for m, a in A.items()}, {m: b.copy() for m, b in B.items()}
+
+
+def decoder_logprob(model_path, bundle, batch) -> np.ndarray:
+    """Summed target log-probs from the decoder graph's full logits (no cache)."""
+    dec = Decoder(model_path, bundle.manifest["eos_ids"])
+    out = []
+    for i in range(len(batch.input_ids)):
+        n = int(batch.attention_mask[i].sum())
+        logits, _ = dec.forward(batch.input_ids[i, :n].tolist(), None, 0)
+        lp = log_softmax(logits)
+        k = int(batch.target_mask[i].sum())
+        out.append(sum(lp[batch.target_pos[i, j], batch.target_ids[i, j]] for j in range(k)))
+    return np.array(out)
+
+
+@pytest.fixture(scope="module")
+def written(merged, tmp_path_factory):
+    bundle, A, B = merged
+    root = tmp_path_factory.mktemp("written")
+    paths = {q: write_model(bundle, A, B, root / q, q) for q in ("none", "int8", "int4")}
+    paths["unmerged-int8"] = write_model(bundle, A, B, root / "unmerged-int8", "int8", merged=False)
+    paths["unmerged-none"] = write_model(bundle, A, B, root / "unmerged-none", "none", merged=False)
+    return paths
+
+
+def test_merged_fp32_equals_scoring_graph(merged, written):
+    bundle, A, B = merged
+    batch = encode(bundle, EXAMPLES)
+    s = Scorer(bundle)
+    s.bind(batch)
+    _, ref = s.run(A, B)
+    np.testing.assert_allclose(decoder_logprob(written["none"], bundle, batch), ref, rtol=1e-4)
+    np.testing.assert_allclose(decoder_logprob(written["unmerged-none"], bundle, batch), ref, rtol=1e-4)
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4", "unmerged-int8"])
+def test_quantized_within_tolerance(merged, written, quant):
+    bundle, _, _ = merged
+    batch = encode(bundle, EXAMPLES)
+    tokens = batch.target_mask.sum(1)
+    ref = decoder_logprob(written["none"], bundle, batch) / tokens
+    got = decoder_logprob(written[quant], bundle, batch) / tokens
+    assert np.abs(got - ref).mean() < TOL[quant.removeprefix("unmerged-")]
+
+
+def test_optimum_loads_output_and_agrees(written, merged):
+    import torch
+    from optimum.onnxruntime import ORTModelForCausalLM
+    bundle, _, _ = merged
+    folder = written["none"].parent
+    model = ORTModelForCausalLM.from_pretrained(folder, use_cache=True, use_io_binding=False)
+    ids = Model.load(folder).encode(bundle.prompt_format.prompt("The quick brown fox"))
+    out = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
+    ours = list(Decoder(written["none"], []).stream(ids, max_new_tokens=8))
+    assert out[0, len(ids):].tolist() == ours
+
+
+def test_generation_stops_at_eos_and_budget(written):
+    ids = [5, 6, 7]
+    free = list(Decoder(written["none"], []).stream(ids, max_new_tokens=6))
+    assert len(free) == 6
+    stopped = list(Decoder(written["none"], [free[3]]).stream(ids, max_new_tokens=6))
+    assert stopped == free[: free.index(free[3])]
+
+
+def test_eval_numbers_are_exact(written, merged, tmp_path):
+    """Answers set from what the model says (2 right, 2 wrong) and option sets whose winner
+    is known from the scoring graph (an independent path): exact 50%, options 75%."""
+    bundle, A, B = merged
+    model = Model.load(written["none"].parent)
+    said = [model.answer(model.encode(model.fmt.prompt(p)), 8) for p in PROMPTS[:4]]
+    from edgelora.examples import encode_pairs
+    s, fmt, opts = Scorer(bundle), bundle.prompt_format, (" red", " blue")
+    examples = []
+    for i, (p, g) in enumerate(zip(PROMPTS[:4], said)):
+        batch, _ = encode_pairs(bundle.tokenizer(), [(fmt.prompt(p), o) for o in opts], 256, bundle.manifest["pad_id"])
+        s.bind(batch)  # options are scored bare, without the stop token, as eval does
+        best = opts[int(np.argmax(s.run(A, B)[1]))]
+        right = best if i < 3 else next(o for o in opts if o != best)
+        # what the model said, in other case and with a period, as an alias: exact match must honour it
+        examples.append(Example(p, right, options=opts, aliases=(g.upper() + ".",) if i < 2 else ()))
+    res = evaluate(model, examples, max_new_tokens=8)
+    assert res["exact_match"] == 0.5
+    assert res["option_accuracy"] == 0.75
+    assert res["prompt_tokens_mean"] == np.mean([len(model.encode(model.fmt.prompt(p))) for p in PROMPTS[:4]])
+
+
+def test_normalize():
+    assert normalize("  Yes.\nmore text") == "yes"
+    assert normalize("01/03/1987") == "01/03/1987"
+
+
+def test_cli_generate_and_eval(written, tmp_path):
+    folder = written["int8"].parent
+    r = subprocess.run([sys.executable, "-m", "edgelora.cli", "generate", str(folder), "--max-new-tokens", "5"],
+                       input="hello\nred green\n", capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout.splitlines()) == 2
+    task = tmp_path / "task.jsonl"
+    task.write_text("".join(json.dumps({"input": p, "output": "yes", "options": ["yes", "no"]}) + "\n" for p in PROMPTS))
+    r = subprocess.run([sys.executable, "-m", "edgelora.cli", "eval", str(task), "--model", str(folder), "--json",
+                        "--out", str(tmp_path / "res.json")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["mode"] == "adapted" and out["n"] == 5 and out["quant"] == "int8"
+    assert len(json.loads((tmp_path / "res.json").read_text())["examples"]) == 5
+    r = subprocess.run([sys.executable, "-m", "edgelora.cli", "eval", str(task), "--model", str(folder),
+                        "--mode", "icl"], capture_output=True, text=True)
+    assert r.returncode == 2 and "--shots" in r.stderr
