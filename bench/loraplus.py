@@ -1,0 +1,55 @@
+"""LoRA+ (B's learning rate 16x A's) vs plain LoRA (same rate), same steps, seed and data, on
+3 upstream tasks: held-out loss curves side by side, and the steps LoRA+ needs to reach the
+plain run's final held-out loss.
+
+    python bench/loraplus.py [--tasks a,b,c] [--steps 30]
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+from common import DATA, save
+
+from edgelora_export.train import TrainConfig, load_for_training, train_lora
+
+
+def steps_to_reach(curve: list[list[float]], target: float) -> int | None:
+    return next((s for s, loss in curve if loss <= target), None)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tasks", default="color_rgb,social_iqa,linguistic_mappings_plural_json")
+    ap.add_argument("--steps", type=int, default=TrainConfig.steps)
+    ap.add_argument("--eval-every", type=int, default=5)
+    args = ap.parse_args()
+    base, tok, fmt, _ = load_for_training(None)
+    cfg = TrainConfig(steps=args.steps, eval_every=args.eval_every, patience=10 ** 6)
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for task in args.tasks.split(","):
+            path = DATA / "upstream" / f"{task}.jsonl"
+            runs = {}
+            for name, ratio in (("lora", 1.0), ("loraplus", 16.0)):
+                runs[name] = train_lora(base, tok, fmt, path, Path(tmp) / f"{task}-{name}", replace(cfg, loraplus_ratio=ratio),
+                                        log=lambda *a: None)
+            plain_final = runs["lora"]["heldout_curve"][-1][1]
+            reach = steps_to_reach(runs["loraplus"]["heldout_curve"], plain_final)
+            rows[task] = {"plain_final_heldout": plain_final, "loraplus_final_heldout": runs["loraplus"]["heldout_curve"][-1][1],
+                          "loraplus_steps_to_plain_final": reach, "steps": args.steps,
+                          "curves": {k: v["heldout_curve"] for k, v in runs.items()},
+                          "train_curves": {k: v["curve"] for k, v in runs.items()},
+                          "minutes": {k: v["minutes"] for k, v in runs.items()}}
+            print(f"\n{task}: held-out loss by step")
+            print(f"{'step':>5} {'LoRA (λ=1)':>11} {'LoRA+ (λ=16)':>13}")
+            for (s, a), (_, b) in zip(runs["lora"]["heldout_curve"], runs["loraplus"]["heldout_curve"]):
+                print(f"{s:>5} {a:>11.4f} {b:>13.4f}")
+            print(f"LoRA+ reaches plain LoRA's final held-out loss ({plain_final:.4f}) at step {reach} of {args.steps}")
+    save("loraplus", {"config": {"lr": cfg.lr, "batch": cfg.batch, "rank": cfg.rank, "seed": cfg.seed}, "tasks": rows})
+
+
+if __name__ == "__main__":
+    main()
