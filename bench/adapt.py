@@ -16,6 +16,7 @@ T0 = time.perf_counter()  # before the heavy imports: a worker's total time coun
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import os  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -31,6 +32,13 @@ from edgelora.search import choose_loras  # noqa: E402
 MARK = "RESULT "
 RANK = 8
 B_STD = 0.1
+
+
+def cpu_s() -> float:
+    """This process's CPU seconds: less swayed than wall time by other jobs on a shared machine."""
+    import resource
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 def task_file(task: str) -> Path:
@@ -76,8 +84,7 @@ def worker_reference(args, bundle: Bundle) -> dict:
     peft_model, cache = load_base_model_and_lora_modules(model, folders)
     batch = encode(tok, prompts, targets, bundle.manifest["pad_id"])
     w, history, name = lorahub_learning(peft_model, cache, batch, args.budget, divide_by_examples=args.upstream_loss)
-    total_s = time.perf_counter() - T0
-    rss = peak_rss_mb()
+    total_s, cpu, rss = time.perf_counter() - T0, cpu_s(), peak_rss_mb()
     # after the clock: the losses that compare (no L1, not divided), and the token parity
     loss_rec = get_loss(batch, peft_model)
     from peft.utils.save_and_load import set_peft_model_state_dict
@@ -88,7 +95,7 @@ def worker_reference(args, bundle: Bundle) -> dict:
     same_tokens = bool(np.array_equal(ours.input_ids[:, : batch["input_ids"].shape[1]], batch["input_ids"].numpy())
                        and ours.input_ids.shape[1] == batch["input_ids"].shape[1])
     best = min(history, key=lambda h: h[1])
-    return {"method": f"reference NGOpt({name})", "total_s": total_s,
+    return {"method": f"reference NGOpt({name})", "total_s": total_s, "cpu_s": cpu,
             "outside_evals_s": total_s - sum(h[3] for h in history), "evals": len(history),
             "eval_s": [h[3] for h in history], "loss": loss_rec, "loss_best_evaluated": best[0],
             "objective_best_evaluated": best[1], "loss_zero": loss_zero, "weights": w.tolist(),
@@ -106,8 +113,7 @@ def worker_edgelora(args, bundle: Bundle) -> dict:
     paths, _ = lora_files(bundle, args.n_loras, args.seed)
     res = adapt(task_file(args.task), bundle, loras=paths, budget=args.budget, optimizer=args.optimizer,
                 warn=lambda m: print(m, file=sys.stderr))
-    total_s = time.perf_counter() - T0
-    rss = peak_rss_mb()
+    total_s, cpu, rss = time.perf_counter() - T0, cpu_s(), peak_rss_mb()
 
     fmt = bundle.prompt_format
     examples = load_examples(task_file(args.task))
@@ -130,7 +136,7 @@ def worker_edgelora(args, bundle: Bundle) -> dict:
     for fn in fns.values():
         fn()  # warm-up
     times = {k: median(v) for k, v in alternate(fns, args.rounds).items()}
-    out = {"method": f"edgelora {args.optimizer}", "total_s": total_s,
+    out = {"method": f"edgelora {args.optimizer}", "total_s": total_s, "cpu_s": cpu,
            "outside_evals_s": total_s - sum(h.seconds for h in res.history),
            "adapt_s": res.seconds, "evals": len(res.history),
            "eval_s": [h.seconds for h in res.history], "loss": res.loss, "objective": res.objective,
@@ -155,7 +161,7 @@ def run_worker(kind: str, args, extra: list[str]) -> dict:
     lines = [l for l in proc.stdout.splitlines() if l.startswith(MARK)]
     if proc.returncode or not lines:
         sys.exit(f"worker {kind} failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}")
-    return {**json.loads(lines[-1][len(MARK):]), "process_s": wall}
+    return {**json.loads(lines[-1][len(MARK):]), "process_s": wall, "load_avg_after": os.getloadavg()}
 
 
 def main() -> None:
@@ -191,13 +197,14 @@ def main() -> None:
     plain = ours["alternated_median_s"]
     print(f"\n{ours['evals']} evals budget {args.budget}, {len(paths)} LoRAs, {ours['tokens']} tokens "
           f"({ours['target_tokens']} target), padded {ours['padded_shape']}")
-    print(f"{'method':<24}{'total s':>9}{'non-eval s':>11}{'evals':>6}{'ms/eval':>9}"
+    print(f"{'method':<24}{'total s':>9}{'CPU s':>8}{'non-eval s':>11}{'evals':>6}{'ms/eval':>9}"
           f"{'loss':>9}{'objective':>10}{'loss w=0':>10}{'RSS MB':>8}")
     for r in runs:
-        print(f"{r['method']:<24}{r['total_s']:>9.1f}{r['outside_evals_s']:>11.1f}{r['evals']:>6}"
+        print(f"{r['method']:<24}{r['total_s']:>9.1f}{r['cpu_s']:>8.1f}{r['outside_evals_s']:>11.1f}{r['evals']:>6}"
               f"{median(r['eval_s']) * 1000:>9.0f}{r['loss']:>9.4f}{r['loss'] + 0.05 * np.abs(r['weights']).mean():>10.4f}"
               f"{r['loss_zero']:>10.4f}{r['peak_rss_mb']:>8.0f}")
     ratios = {"total_reference_over_edgelora": ref["total_s"] / ours["total_s"],
+              "cpu_reference_over_edgelora": ref["cpu_s"] / ours["cpu_s"],
               "per_eval_reference_over_edgelora": median(ref["eval_s"]) / median(ours["eval_s"]),
               "per_eval_over_plain_zero_slots": median(ours["eval_s"]) / plain["plain_zero_slots"],
               "alternated_eval_over_plain_zero_slots": plain["eval"] / plain["plain_zero_slots"]}

@@ -18,12 +18,36 @@ from edgelora.lora import zero_slots
 from edgelora.scorer import Scorer
 
 
+def session_sweep(bundle, batch, A, B, rounds) -> dict:
+    """The scorer's session options, chosen by this measurement: threads, graph level, arena."""
+    import onnxruntime as ort
+    from edgelora.scorer import session_options
+    variants = {}
+    for threads in (1, 2):
+        for level in ("ORT_ENABLE_BASIC", "ORT_ENABLE_EXTENDED", "ORT_ENABLE_ALL"):
+            so = session_options(threads)
+            so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+            variants[f"threads={threads} {level}"] = so
+    so = session_options(2)
+    so.enable_cpu_mem_arena = False
+    variants["threads=2 ORT_ENABLE_ALL no-arena"] = so
+    scorers = {k: Scorer(bundle, options=so) for k, so in variants.items()}
+    for s in scorers.values():
+        s.bind(batch)
+    times = alternate({k: (lambda s=s: s.losses(A, B)) for k, s in scorers.items()}, rounds)
+    med = {k: median(v) for k, v in times.items()}
+    for k, v in med.items():
+        print(f"  {k:<40} {v * 1000:8.1f} ms")
+    return {"median_s": med, "seconds": times}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bundle", type=Path, default=default_bundle_path())
     ap.add_argument("--task", default="date_understanding")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--sweep", action="store_true", help="also time session options (threads, graph level, arena)")
     args = ap.parse_args()
     import torch
     from edgelora_export.base import export_scoring
@@ -80,7 +104,8 @@ def main():
         print(f"{k:<20} median {v * 1000:8.1f} ms   (min {min(times[k]) * 1000:.1f}, max {max(times[k]) * 1000:.1f})")
     print(f"slots / no slots: {ratios['slots_over_noslots']:.3f}  (target <= 1.15)")
     print(f"torch eager / ORT slots: {ratios['torch_over_ort_slots']:.3f}")
-    save(f"forward_{args.task}", {
+    sweep = session_sweep(bundle, batch, A, B, args.rounds) if args.sweep else None
+    save(f"forward_{args.task}", {"session_sweep": sweep,
         "task": args.task, "examples": len(examples), "tokens": batch.n_tokens, "padded_shape": list(batch.input_ids.shape),
         "rank": args.rank, "rounds": args.rounds, "seconds": times, "median_s": med, "ratios": ratios,
         "parity": {"max_abs_slots_vs_eager": float(np.abs(l_slots - l_eager).max()),

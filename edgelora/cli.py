@@ -93,14 +93,13 @@ def cmd_adapt(args) -> int:
 def cmd_generate(args) -> None:
     from .generate import Model
     model = Model.load(args.model)
-    prompts = [args.prompt] if args.prompt not in (None, "-") else [l for l in sys.stdin.read().splitlines() if l.strip()]
-    if not prompts:
+    prompt = args.prompt if args.prompt not in (None, "-") else sys.stdin.read().strip()
+    if not prompt:
         raise UserError("no prompt: give one as an argument or on standard input")
-    for prompt in prompts:
-        for piece in model.stream_text(prompt, raw=args.raw, max_new_tokens=args.max_new_tokens,
-                                       temperature=args.temperature, top_p=args.top_p, seed=args.seed):
-            print(piece, end="", flush=True)
-        print()
+    for piece in model.stream_text(prompt, raw=args.raw, max_new_tokens=args.max_new_tokens,
+                                   temperature=args.temperature, top_p=args.top_p, seed=args.seed):
+        print(piece, end="", flush=True)
+    print()
 
 
 def cmd_eval(args) -> None:
@@ -166,7 +165,7 @@ def parser() -> argparse.ArgumentParser:
     a.set_defaults(fn=cmd_adapt)
     g = sub.add_parser("generate", help="generate text with an adapt output or a bundle's base")
     g.add_argument("model", type=Path, help="an `edgelora adapt` output folder or a bundle")
-    g.add_argument("prompt", nargs="?", help="the prompt (default: one prompt per line on stdin)")
+    g.add_argument("prompt", nargs="?", help="the prompt (default: all of standard input)")
     g.add_argument("--raw", action="store_true", help="no chat template: the prompt as it is")
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")

@@ -26,9 +26,9 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
 
 
 class Scorer:
-    def __init__(self, bundle: Bundle, threads: int | None = None):
+    def __init__(self, bundle: Bundle, threads: int | None = None, options: ort.SessionOptions | None = None):
         self.bundle = bundle
-        self.session = ort.InferenceSession(str(bundle.scoring_path), session_options(threads),
+        self.session = ort.InferenceSession(str(bundle.scoring_path), options or session_options(threads),
                                             providers=["CPUExecutionProvider"])
         self.modules = list(bundle.targets)
         self.feeds: dict[str, np.ndarray] = {}

@@ -75,7 +75,7 @@ def add_lora_path(model: onnx.ModelProto, weights: dict, A: dict, B: dict) -> li
     return names
 
 
-def quantize(src: Path, dst: Path, quant: str, exclude: list[str]) -> None:
+def quantize(src: Path, dst: Path, quant: str, exclude: list[str], block_size: int = INT4_BLOCK) -> None:
     """onnxruntime's own tools: dynamic int8 (MatMul), or int4 MatMulNBits with
     accuracy_level 4 (int8 activations: MLAS's fast path on x86)."""
     if quant == "none":
@@ -86,7 +86,7 @@ def quantize(src: Path, dst: Path, quant: str, exclude: list[str]) -> None:
                          nodes_to_exclude=exclude, per_channel=False)
     elif quant == "int4":
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-        q = MatMulNBitsQuantizer(str(src), bits=4, block_size=INT4_BLOCK, is_symmetric=True, accuracy_level=4,
+        q = MatMulNBitsQuantizer(str(src), bits=4, block_size=block_size, is_symmetric=True, accuracy_level=4,
                                  nodes_to_exclude=exclude)
         q.process()
         q.model.save_model_to_file(str(dst), use_external_data_format=False)
@@ -94,8 +94,8 @@ def quantize(src: Path, dst: Path, quant: str, exclude: list[str]) -> None:
         raise UserError(f"--quant {quant}: choose one of {', '.join(QUANTS)}")
 
 
-def write_model(bundle: Bundle, A: dict | None, B: dict | None, out: Path, quant: str = "int8",
-                merged: bool = True) -> Path:
+def write_model(bundle: Bundle, A: dict | None, B: dict | None, out: Path, quant: str = DEFAULT_QUANT,
+                merged: bool = True, block_size: int = INT4_BLOCK) -> Path:
     """A standard ONNX causal-LM folder (optimum's ORTModelForCausalLM loads it) plus
     `edgelora.json` (prompt format, stop ids) so `edgelora generate/eval` can use it."""
     if quant not in QUANTS:
@@ -115,7 +115,7 @@ def write_model(bundle: Bundle, A: dict | None, B: dict | None, out: Path, quant
         onnx.save(model, str(fp32))
         del model
         final = Path(tmp) / "model.onnx"
-        quantize(fp32, final, quant, exclude)
+        quantize(fp32, final, quant, exclude, block_size)
         final.replace(out / "model.onnx")
     for f in src_dir.iterdir():
         if f.is_file() and f.suffix not in (".onnx", ".onnx_data") and not f.name.endswith(".onnx.data"):
@@ -123,6 +123,6 @@ def write_model(bundle: Bundle, A: dict | None, B: dict | None, out: Path, quant
     m = bundle.manifest
     atomic_write_json(out / MODEL_META, {
         "base": m["base"]["name"], "bundle_manifest_sha256": sha256_file(bundle.path / "manifest.json"),
-        "quant": quant, "merged": merged if A is not None else None, "prompt": m["prompt"], "eos_ids": m["eos_ids"],
+        "quant": quant, "int4_block_size": block_size if quant == "int4" else None, "merged": merged if A is not None else None, "prompt": m["prompt"], "eos_ids": m["eos_ids"],
         "pad_id": m["pad_id"], "max_len": m["arch"]["max_len"], "tokenizer": "tokenizer.json"})
     return out / "model.onnx"

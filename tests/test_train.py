@@ -82,7 +82,7 @@ def test_interrupted_training_resumes_to_same_weights(base, task, tmp_path, monk
             raise KeyboardInterrupt
 
     monkeypatch.setattr(train_mod, "save_checkpoint", save_then_die)
-    part = tmp_path / "part"
+    part = tmp_path / "new" / "part"  # a folder that does not exist yet
     with pytest.raises(KeyboardInterrupt):
         train_lora(*base[:3], task, part, CFG, log=lambda *a: None)
     assert part.with_name("part.ckpt.safetensors").exists()

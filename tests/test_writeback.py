@@ -128,7 +128,10 @@ def test_cli_generate_and_eval(written, tmp_path):
     r = subprocess.run([sys.executable, "-m", "edgelora.cli", "generate", str(folder), "--max-new-tokens", "5"],
                        input="hello\nred green\n", capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    assert len(r.stdout.splitlines()) == 2
+    assert r.stdout.endswith("\n")
+    r = subprocess.run([sys.executable, "-m", "edgelora.cli", "generate", str(folder)], input="  ", capture_output=True,
+                       text=True)
+    assert r.returncode == 2 and "no prompt" in r.stderr
     task = tmp_path / "task.jsonl"
     task.write_text("".join(json.dumps({"input": p, "output": "yes", "options": ["yes", "no"]}) + "\n" for p in PROMPTS))
     r = subprocess.run([sys.executable, "-m", "edgelora.cli", "eval", str(task), "--model", str(folder), "--json",

@@ -91,6 +91,7 @@ def save_checkpoint(path: Path, model, opt, meta: dict) -> None:
         for k in ("exp_avg", "exp_avg_sq"):
             tensors[f"{k}/{names[id(p)]}"] = st[k].contiguous()
         meta.setdefault("opt_step", {})[names[id(p)]] = float(st["step"])
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     save_file(tensors, str(tmp))
     os.replace(tmp, path)
