@@ -8,9 +8,10 @@ and runs the model on the whole batch with labels; objective = loss + 0.05·mean
 by nevergrad's NGOpt in [-1.5, 1.5]^n from 0 with `optimizer.minimize`. What changed, and why:
 - causal LM: input = prompt + target tokens, labels -100 on the prompt and the padding (the
   seq2seq version puts the target in the decoder instead);
-- the per-LoRA cache is read with `load_peft_weights`, the file content that upstream's
-  `get_peft_model_state_dict(PeftModel.from_pretrained(base, id))` returns, because re-wrapping
-  one base model 20 times nests LoRA layers in current peft;
+- the per-LoRA cache is read with `load_peft_weights`: the same tensors that upstream gets from
+  `get_peft_model_state_dict(PeftModel.from_pretrained(base, id))`, without injecting LoRA layers
+  into the one base model 20 more times (upstream does that only to read the weights back);
+- upstream's last step, `merge_and_unload` (write-back), is left out: edgelora's adapt has none;
 - no `datasets`/DataLoader: one batch of tensors is what upstream's loader yields for 5 examples
   with batch_size=None;
 - upstream's `default_get_loss` divides the batch's mean token loss by the number of examples

@@ -68,7 +68,8 @@ def cmd_adapt(args) -> int:
                        warn=lambda m: print(m, file=sys.stderr))
     finally:
         if bar is not None:
-            write_outputs(result, bundle, out)
+            bar.close()
+    write_outputs(result, bundle, out)
     if args.quant and not result.interrupted:
         from .writeback import write_model
         if not args.json:
