@@ -153,7 +153,8 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--loras", nargs="+", help="LoRA names in the bundle, .safetensors files, or one folder "
                    "(default: 20 sampled from the bundle's library with --seed)")
     a.add_argument("--budget", type=int, default=40, help="loss evaluations (default 40)")
-    a.add_argument("--optimizer", choices=["nelder-mead", "powell", "cma"], default="nelder-mead")
+    a.add_argument("--optimizer", choices=["cobyla", "nelder-mead", "powell", "cma"], default="cobyla",
+                   help="gradient-free optimizer (default cobyla: what the reference's NGOpt picks here)")
     a.add_argument("--l1", type=float, default=0.05, help="weight of the mean |w| penalty (default 0.05)")
     a.add_argument("--bounds", type=float, default=1.5, help="search box [-b, b] (default 1.5)")
     a.add_argument("--seed", type=int, default=0)

@@ -88,7 +88,7 @@ def _loss_at(bundle, examples, loras, w) -> float:
     return float(-lp.sum() / batch.target_mask.sum())
 
 
-@pytest.mark.parametrize("optimizer", ["nelder-mead", "powell"])
+@pytest.mark.parametrize("optimizer", ["cobyla", "nelder-mead", "powell"])
 def test_budget_and_bounds_respected(library, optimizer, monkeypatch):
     from edgelora import scorer as scorer_mod
     bundle, loras = library
