@@ -27,7 +27,7 @@ from common import DATA, alternate, base_source, median, peak_rss_mb, save  # no
 from edgelora.bundle import Bundle, default_bundle_path, home  # noqa: E402
 from edgelora.examples import encode_pairs, load_examples  # noqa: E402
 from edgelora.lora import Lora, load_lora, save_lora, to_peft, zero_slots  # noqa: E402
-from edgelora.search import choose_loras  # noqa: E402
+from edgelora.search import DEFAULT_OPTIMIZER, choose_loras  # noqa: E402
 
 MARK = "RESULT "
 RANK = 8
@@ -172,11 +172,11 @@ def main() -> None:
     ap.add_argument("--n-loras", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0, help="picks the bundle's LoRAs when it has enough")
     ap.add_argument("--rounds", type=int, default=7, help="alternated timings of one eval vs the plain forward")
-    ap.add_argument("--powell", action="store_true", help="also run edgelora with Powell")
+    ap.add_argument("--also", default="nelder-mead", help="other optimizers to run edgelora with (comma-separated)")
     ap.add_argument("--upstream-loss", action="store_true",
                     help="reference objective divides the batch loss by the number of examples, as upstream does")
     ap.add_argument("--worker", choices=["edgelora", "reference"], help=argparse.SUPPRESS)
-    ap.add_argument("--optimizer", default="nelder-mead", help=argparse.SUPPRESS)
+    ap.add_argument("--optimizer", default=DEFAULT_OPTIMIZER, help=argparse.SUPPRESS)
     ap.add_argument("--ref-weights", help=argparse.SUPPRESS)
     args = ap.parse_args()
     bundle = Bundle.open(args.bundle)
@@ -189,8 +189,8 @@ def main() -> None:
     print(f"{len(paths)} LoRAs from {paths[0].parent}, task {task_file(args.task)}, budget {args.budget}", file=sys.stderr)
     ref = run_worker("reference", args, [])
     runs = [run_worker("edgelora", args, ["--ref-weights", json.dumps(ref["weights"])])]
-    if args.powell:
-        runs.append(run_worker("edgelora", args, ["--optimizer", "powell"]))
+    for opt in filter(None, args.also.split(",")):
+        runs.append(run_worker("edgelora", args, ["--optimizer", opt]))
     runs.append(ref)
     ours = runs[0]
 
