@@ -58,6 +58,10 @@ class Bundle:
             raise UserError(f"{mpath}:{e.lineno}: not valid JSON ({e.msg})") from None
         if manifest.get("format") != FORMAT:
             raise UserError(f"{mpath}: not an edgelora bundle manifest")
+        missing = [k for k in ("files", "arch", "targets", "scoring", "decoder", "tokenizer", "prompt", "eos_ids", "pad_id")
+                   if k not in manifest]
+        if missing:
+            raise UserError(f"{mpath}: manifest lacks {', '.join(missing)}; rebuild the bundle with edgelora-export base")
         if manifest.get("format_version") != FORMAT_VERSION:
             raise UserError(f"{mpath}: bundle format {manifest.get('format_version')} is not supported "
                             f"(this edgelora reads {FORMAT_VERSION}); rebuild it with edgelora-export")

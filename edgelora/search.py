@@ -18,7 +18,7 @@ from scipy.optimize import minimize
 from .bundle import Bundle
 from .errors import UserError
 from .examples import Example, encode_pairs, load_examples
-from .lora import LoraStack, load_lora
+from .lora import LoraStack, check_compatible, load_lora
 from .scorer import Scorer
 
 OPTIMIZERS = ("cobyla", "nelder-mead", "powell", "cma")
@@ -167,7 +167,10 @@ def adapt(examples: str | Path | list[Example], bundle: Bundle | str | Path | No
         warn(f"warning: {examples[i].where or f'example {i + 1}'}: longer than the bundle's "
              f"{bundle.arch['max_len']} tokens; the start of its prompt was cut")
     paths = choose_loras(bundle, loras, n_loras, seed)
-    stack = LoraStack([load_lora(p) for p in paths], list(bundle.targets))
+    loras = [load_lora(p) for p in paths]
+    for lora, p in zip(loras, paths):
+        check_compatible(lora, bundle.targets, bundle.arch["layers"], str(p))
+    stack = LoraStack(loras, list(bundle.targets))
     scorer = Scorer(bundle)
     scorer.bind(batch)
     f = Objective(scorer, stack, float(batch.target_mask.sum()), l1, budget, bounds, on_eval)

@@ -237,3 +237,17 @@ def test_bad_flags_are_refused(library, tmp_path):
             assert r.returncode == 0 or "pip install 'edgelora[cma]'" in r.stderr
             continue
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and message in r.stderr, r.stderr
+
+
+def test_lora_for_another_base_is_refused(library, tmp_path):
+    bundle, loras = library
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    bad = random_lora("bad", bundle, seed=99)
+    bad.A["q_proj"] = bad.A["q_proj"][:, :, :32]
+    save_lora(folder / "bad.safetensors", bad)
+    f = tmp_path / "ex.jsonl"
+    f.write_text(json.dumps({"input": "a", "output": "b"}) + "\n")
+    r = subprocess.run([sys.executable, "-m", "edgelora.cli", "adapt", str(f), "--bundle", str(bundle.path),
+                        "--loras", str(folder)], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 2 and "bad.safetensors: q_proj has A (2, 4, 32)" in r.stderr, r.stderr
