@@ -121,7 +121,9 @@ def run_optimizer(name: str, f: Objective, dim: int, seed: int) -> None:
     if name == "cobyla":
         # Linear models from n+1 points, then trust-region steps: a 40-evaluation budget in
         # 20 dimensions is spent descending, where Nelder-Mead spends half of it on its simplex.
-        minimize(f, x0, method="COBYLA", bounds=box, options={"maxiter": f.budget, "rhobeg": 0.5, "tol": 1e-4})
+        # (COBYLA wants at least n+2 evaluations; the objective's own budget stops it sooner.)
+        minimize(f, x0, method="COBYLA", bounds=box, options={"maxiter": max(f.budget, dim + 2), "rhobeg": 0.5,
+                                                              "tol": 1e-4})
     elif name == "nelder-mead":
         # scipy's default simplex around 0 is 0.00025 wide: useless; step half a unit instead.
         simplex = np.vstack([x0, x0 + 0.5 * np.eye(dim)])
