@@ -1,5 +1,6 @@
-"""Which block size for int4 MatMulNBits? For each size: the base decoder quantized, the mean
-|Δ log-prob| per target token against fp32 on 5 BBH examples per task, and decode tok/s.
+"""Which block size for int4 MatMulNBits (and how int4 compares with int8)? For each: the base
+decoder quantized, the mean |Δ log-prob| per target token against fp32 on the 5 adapt
+examples of 4 BBH tasks, and decode tok/s.
 
     python bench/int4_block.py [--sizes 16,32,64,128]
 """
@@ -45,7 +46,8 @@ def main():
     bundle = Bundle.open()
     examples = [e for t in TASKS for e in load_examples(DATA / "bbh" / f"{t}.adapt.jsonl")]
     ids = bundle.tokenizer().encode(bundle.prompt_format.prompt(examples[0].input), add_special_tokens=False).ids
-    variants = {"fp32": ("none", 32), **{f"int4-b{b}": ("int4", int(b)) for b in args.sizes.split(",")}}
+    variants = {"fp32": ("none", 32), "int8": ("int8", 32),
+                **{f"int4-b{b}": ("int4", int(b)) for b in args.sizes.split(",")}}
     ref, rows = None, {}
     for name, (quant, block) in variants.items():
         out = home() / "bench" / "int4_block" / name
