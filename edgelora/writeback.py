@@ -88,7 +88,9 @@ def quantize(src: Path, dst: Path, quant: str, exclude: list[str], block_size: i
         quantize_dynamic(src, dst, op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8,
                          nodes_to_exclude=exclude, per_channel=False)
     elif quant == "int4":
+        import logging
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+        logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
         q = MatMulNBitsQuantizer(str(src), bits=4, block_size=block_size, is_symmetric=True, accuracy_level=4,
                                  nodes_to_exclude=exclude)
         q.process()
