@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .bundle import Bundle, default_bundle_path
 from .errors import UserError
+from .evaluate import MODES
 from .writeback import DEFAULT_QUANT
 
 
@@ -177,7 +178,7 @@ def parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="score a model on a task file: exact match and option ranking")
     e.add_argument("task", type=Path)
     e.add_argument("--model", type=Path, required=True, help="an `edgelora adapt` output folder or a bundle")
-    e.add_argument("--mode", choices=["zero-shot", "icl", "adapted"])
+    e.add_argument("--mode", choices=MODES)
     e.add_argument("--shots", type=Path, help="examples to put in the prompt (icl)")
     e.add_argument("-k", type=int, default=5, help="how many shots (default 5)")
     e.add_argument("--limit", type=int, help="score only the first N examples")

@@ -117,7 +117,6 @@ class Batch:
     target_pos: np.ndarray     # [n, K] int64: positions whose next-token prediction is a target
     target_ids: np.ndarray     # [n, K] int64
     target_mask: np.ndarray    # [n, K] float32
-    prompt_tokens: list[int] = field(default_factory=list)
 
     def feeds(self) -> dict[str, np.ndarray]:
         return {k: getattr(self, k) for k in ("input_ids", "attention_mask", "target_pos", "target_ids", "target_mask")}
@@ -149,7 +148,6 @@ def encode_pairs(tokenizer, pairs: list[tuple[str, str]], max_len: int, pad_id: 
         target_pos=np.zeros((n, K), np.int64),
         target_ids=np.zeros((n, K), np.int64),
         target_mask=np.zeros((n, K), np.float32),
-        prompt_tokens=[len(p) for p, _ in rows],
     )
     for i, (p, t) in enumerate(rows):
         ids = p + t

@@ -32,7 +32,6 @@ class Scorer:
                                             providers=["CPUExecutionProvider"])
         self.modules = list(bundle.targets)
         self.feeds: dict[str, np.ndarray] = {}
-        self.calls = 0
 
     def bind(self, batch: Batch) -> None:
         self.batch = batch
@@ -43,7 +42,6 @@ class Scorer:
         for m in self.modules:
             self.feeds[f"lora_A_{m}"] = A[m]
             self.feeds[f"lora_B_{m}"] = B[m]
-        self.calls += 1
         loss, logprob = self.session.run(["loss", "logprob"], self.feeds)
         return loss, logprob
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from edgelora.bundle import default_bundle_path
 from edgelora.errors import UserError
 
+from .model import DEFAULT_TARGETS
 from .train import TrainConfig
 
 
@@ -17,7 +18,7 @@ def parser() -> argparse.ArgumentParser:
     b = sub.add_parser("base", help="export a base model (GGUF file or HF folder) into a bundle")
     b.add_argument("source", nargs="?", help="GGUF file or Hugging Face model folder (default: SmolLM2-135M-Instruct)")
     b.add_argument("-o", "--out", type=Path, help=f"bundle folder (default: {default_bundle_path()})")
-    b.add_argument("--targets", default="q_proj,v_proj", help="LoRA target modules, comma-separated")
+    b.add_argument("--targets", default=",".join(DEFAULT_TARGETS), help="LoRA target modules, comma-separated")
     b.add_argument("--force", action="store_true", help="rebuild an existing bundle")
     l = sub.add_parser("lora", help="add a PEFT LoRA folder to a bundle")
     l.add_argument("peft_dir", type=Path)

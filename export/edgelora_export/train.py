@@ -21,13 +21,14 @@ from tqdm import tqdm
 from edgelora.errors import UserError
 from edgelora.examples import PromptFormat, load_examples
 from edgelora.io import atomic_write_json
+from .model import DEFAULT_TARGETS
 
 
 @dataclass
 class TrainConfig:
     rank: int = 8
     alpha: float = 16.0
-    targets: tuple[str, ...] = ("q_proj", "v_proj")
+    targets: tuple[str, ...] = DEFAULT_TARGETS
     lr: float = 3e-4              # A's learning rate; B's is lr * loraplus_ratio
     loraplus_ratio: float = 16.0
     batch: int = 8
