@@ -47,7 +47,8 @@ def add_lora_path(model: onnx.ModelProto, weights: dict, A: dict, B: dict) -> li
     """y = x·Wᵀ + (x·Aᵀ)·Bᵀ as extra nodes beside each target MatMul; returns their names
     (kept out of quantization)."""
     consumers = {n.input[1]: n for n in model.graph.node if n.op_type == "MatMul" and len(n.input) == 2}
-    new_nodes, names = [], []
+    after: dict[str, list] = {}  # base MatMul's (new) output -> the LoRA nodes that follow it
+    names = []
     for m, layers in weights.items():
         for i, info in enumerate(layers):
             node = consumers.get(info["name"])
@@ -58,21 +59,15 @@ def add_lora_path(model: onnx.ModelProto, weights: dict, A: dict, B: dict) -> li
             a, b = f"lora/{m}/{i}/A", f"lora/{m}/{i}/B"
             model.graph.initializer.extend([numpy_helper.from_array(np.ascontiguousarray(A[m][i].T), a),
                                             numpy_helper.from_array(np.ascontiguousarray(B[m][i].T), b)])
-            new_nodes += [helper.make_node("MatMul", [x, a], [f"{a}/out"], name=f"{a}/MatMul"),
-                          helper.make_node("MatMul", [f"{a}/out", b], [f"{b}/out"], name=f"{b}/MatMul"),
-                          helper.make_node("Add", [f"{base_out}/base", f"{b}/out"], [base_out], name=f"lora/{m}/{i}/Add")]
+            after[node.output[0]] = [
+                helper.make_node("MatMul", [x, a], [f"{a}/out"], name=f"{a}/MatMul"),
+                helper.make_node("MatMul", [f"{a}/out", b], [f"{b}/out"], name=f"{b}/MatMul"),
+                helper.make_node("Add", [node.output[0], f"{b}/out"], [base_out], name=f"lora/{m}/{i}/Add")]
             names += [f"{a}/MatMul", f"{b}/MatMul"]
-    # ONNX wants nodes in topological order: place each LoRA triple right after its base MatMul.
+    # ONNX wants nodes in topological order: each LoRA triple right after its base MatMul.
     order = []
-    pending = {n.output[0].removesuffix("/base"): n for n in new_nodes if n.op_type == "Add"}
-    by_a = {n.input[0]: n for n in new_nodes if n.name.endswith("/B/MatMul")}
     for node in model.graph.node:
-        order.append(node)
-        key = node.output[0].removesuffix("/base") if node.output and node.output[0].endswith("/base") else None
-        if key in pending:
-            add = pending[key]
-            la = next(n for n in new_nodes if n.op_type == "MatMul" and n.output[0] == add.input[1].replace("/B/out", "/A/out"))
-            order += [la, by_a[la.output[0]], add]
+        order += [node, *after.get(node.output[0] if node.output else "", [])]
     del model.graph.node[:]
     model.graph.node.extend(order)
     return names
