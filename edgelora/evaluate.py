@@ -29,11 +29,10 @@ def evaluate(model: Model, examples: list[Example], shots: list[Example] = (), m
     t0 = time.time()
     for i, ex in enumerate(examples):
         ids = model.encode(model.fmt.prompt(ex.input, list(shots)))[-model.max_len:]
-        gen = model.answer(ids, max_new_tokens)
+        gen, lps = model.answer(ids, max_new_tokens, ex.options)
         row = {"input": ex.input, "output": ex.output, "generated": gen, "exact": exact_match(gen, ex),
                "prompt_tokens": len(ids)}
         if ex.options:
-            lps = model.option_logprobs(ids, [model.encode(o) for o in ex.options])
             row["option_pred"] = ex.options[max(range(len(lps)), key=lps.__getitem__)]
             row["option_correct"] = row["option_pred"] == ex.output
         rows.append(row)

@@ -1,5 +1,6 @@
-"""KV-cache decoding on an ONNX causal-LM graph (optimum's layout): greedy or top-p sampling,
-streamed token by token."""
+"""KV-cache decoding on an ONNX causal-LM graph (the input_ids / attention_mask /
+past_key_values.N → logits / present.N layout that onnxruntime-genai's builder and optimum
+share): greedy or top-p sampling, streamed token by token."""
 from __future__ import annotations
 
 import json
@@ -42,9 +43,10 @@ class Decoder:
         return out[0][0], dict(zip(self.past_names, out[1:]))
 
     def stream(self, prompt_ids: list[int], max_new_tokens: int = 128, temperature: float = 0.0,
-               top_p: float = 1.0, seed: int = 0) -> Iterator[int]:
+               top_p: float = 1.0, seed: int = 0, prefill=None) -> Iterator[int]:
+        """`prefill`: this prompt's `forward` output, when the caller already has it."""
         rng = np.random.default_rng(seed)
-        logits, past = self.forward(prompt_ids, None, 0)
+        logits, past = prefill or self.forward(prompt_ids, None, 0)
         n = len(prompt_ids)
         for _ in range(max_new_tokens):
             tok = pick(logits[-1], temperature, top_p, rng)
@@ -54,9 +56,9 @@ class Decoder:
             logits, past = self.forward([tok], past, n)
             n += 1
 
-    def option_logprobs(self, prompt_ids: list[int], options: list[list[int]]) -> list[float]:
+    def option_logprobs(self, prompt_ids: list[int], options: list[list[int]], prefill=None) -> list[float]:
         """Summed log-prob of each option's tokens after the prompt; the prompt is run once."""
-        logits, past = self.forward(prompt_ids, None, 0)
+        logits, past = prefill or self.forward(prompt_ids, None, 0)
         first = log_softmax(logits[-1])
         n = len(prompt_ids)
         out = []
@@ -123,11 +125,19 @@ class Model:
             yield text[len(shown):]
             shown = text
 
-    def answer(self, prompt_ids: list[int], max_new_tokens: int = 32) -> str:
-        return self.tokenizer.decode(list(self.decoder.stream(prompt_ids, max_new_tokens=max_new_tokens)))
-
-    def option_logprobs(self, prompt_ids: list[int], options: list[list[int]]) -> list[float]:
-        return self.decoder.option_logprobs(prompt_ids, options)
+    def answer(self, prompt_ids: list[int], max_new_tokens: int = 32, options: list[str] = ()) -> tuple[str, list[float]]:
+        """The generated answer, cut at its first line (all that exact match reads, so decoding
+        stops there), and each option's log-prob, both from one prefill of the prompt."""
+        prefill = self.decoder.forward(prompt_ids, None, 0)
+        out: list[int] = []
+        text = ""
+        for tok in self.decoder.stream(prompt_ids, max_new_tokens=max_new_tokens, prefill=prefill):
+            out.append(tok)
+            text = self.tokenizer.decode(out)
+            if "\n" in text.lstrip():
+                break
+        lps = self.decoder.option_logprobs(prompt_ids, [self.encode(o) for o in options], prefill) if options else []
+        return text, lps
 
 
 def pick(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:

@@ -1,4 +1,4 @@
-"""Write-back: W' = W + B·A into the decoder graph (optimum's causal-LM layout), then quantize.
+"""Write-back: W' = W + B·A into the bundle's decoder graph, then quantize.
 
 Quantizing after the merge can swamp a small delta, so there is also an unmerged mode: the
 base weights quantized, the LoRA kept beside them in fp32 as two small MatMuls per target.
