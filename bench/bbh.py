@@ -2,10 +2,14 @@
 
 Per task (5 `adapt` examples, the `test` file): zero-shot, 5-shot ICL (the same 5 examples as
 earlier chat turns), LoraHub (20 LoRAs, budget 40, --seeds seeds: mean ± std), the best single
-LoRA (oracle: picked on the test set by option accuracy, or by target likelihood where a task
-has no options — an upper reference), and the uniform average of all LoRAs. Exact match on
+LoRA (oracle: the LoRA under which the first --oracle-n test answers are likeliest — picked
+on the test set, an upper reference), and the uniform average of all LoRAs. Exact match on
 generated answers and option-ranking accuracy, with prompt tokens per example. Writes
-bench/results/bbh.md and bbh.json.
+bench/results/bbh.md and bbh.json after every task.
+
+Resumable: each finished task is kept under ~/.cache/edgelora/bench/bbh/rows/, keyed by the
+settings and the bundle's manifest hash, and a re-run with the same settings skips it, so
+the run can go on in the background and across sessions.
 
     python bench/bbh.py [--suites bbh,near] [--tasks a,b] [--limit N] [--seeds 5] [--quant int8]
 """
@@ -20,6 +24,7 @@ import numpy as np
 from common import DATA, RESULTS, save
 
 from edgelora.bundle import Bundle, home
+from edgelora.io import atomic_write_json, sha256_file
 from edgelora.evaluate import evaluate
 from edgelora.examples import encode_pairs, load_examples
 from edgelora.generate import Model
@@ -35,31 +40,20 @@ def score(model_dir: Path, test, shots=()) -> dict:
 
 
 def oracle_lora(bundle: Bundle, loras, test) -> str:
-    """The single LoRA that does best on the test set, judged through the scoring graph."""
+    """The single LoRA under which the test answers are likeliest (summed log-prob through the
+    scoring graph): one sequence per example instead of one per option, so 39 LoRAs stay cheap."""
     fmt, tok, pad = bundle.prompt_format, bundle.tokenizer(), bundle.manifest["pad_id"]
     scorer = Scorer(bundle)
-    with_opts = all(e.options for e in test)
-    pairs = ([(fmt.prompt(e.input), o) for e in test for o in e.options] if with_opts
-             else [(fmt.prompt(e.input), e.output + fmt.stop) for e in test])
-    best, best_val = None, -np.inf
+    pairs = [(fmt.prompt(e.input), e.output + fmt.stop) for e in test]
+    batches = [encode_pairs(tok, pairs[i: i + 16], bundle.arch["max_len"], pad)[0] for i in range(0, len(pairs), 16)]
+    totals = {}
     for lora in loras:
         A, B = LoraStack([lora], list(bundle.targets)).compose(np.ones(1))
-        lps = []
-        for i in range(0, len(pairs), 16):
-            batch, _ = encode_pairs(tok, pairs[i: i + 16], bundle.arch["max_len"], pad)
+        totals[lora.name] = 0.0
+        for batch in batches:
             scorer.bind(batch)
-            lps += scorer.run(A, B)[1].tolist()
-        if with_opts:
-            k, val = 0, 0
-            for e in test:
-                n = len(e.options)
-                val += e.options[int(np.argmax(lps[k: k + n]))] == e.output
-                k += n
-        else:
-            val = sum(lps)
-        if val > best_val:
-            best, best_val = lora.name, val
-    return best
+            totals[lora.name] += float(scorer.run(A, B)[1].sum())
+    return max(totals, key=totals.get)
 
 
 def run_task(bundle: Bundle, suite: str, task: str, args) -> dict:
@@ -81,7 +75,7 @@ def run_task(bundle: Bundle, suite: str, task: str, args) -> dict:
                       **{f"{k}_std": statistics.pstdev(agg(k)) if agg(k) else None for k in ("exact", "options")},
                       "prompt_tokens": runs[0]["prompt_tokens"]}
     library = [load_lora(p) for p in bundle.lora_paths().values()]
-    name = oracle_lora(bundle, library, test)
+    name = oracle_lora(bundle, library, test[: args.oracle_n])
     lora = next(l for l in library if l.name == name)
     write_model(bundle, *LoraStack([lora], list(bundle.targets)).compose(np.ones(1)), work / "oracle", args.quant)
     row["oracle"] = {"lora": name, **score(work / "oracle", test)}
@@ -122,22 +116,30 @@ def main():
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--budget", type=int, default=40)
     ap.add_argument("--quant", default=DEFAULT_QUANT)
+    ap.add_argument("--oracle-n", type=int, default=50, help="test examples the oracle LoRA is picked on")
     args = ap.parse_args()
     bundle = Bundle.open()
+    settings = {"limit": args.limit, "oracle_n": args.oracle_n, "seeds": args.seeds, "budget": args.budget, "quant": args.quant,
+                "bundle_manifest_sha256": sha256_file(bundle.path / "manifest.json")}
+    todo = [(suite, f.name.removesuffix(".adapt.jsonl")) for suite in args.suites.split(",")
+            for f in sorted((DATA / suite).glob("*.adapt.jsonl"))]
+    todo = [(s, t) for s, t in todo if not args.tasks or t in args.tasks.split(",")]
     rows = []
-    for suite in args.suites.split(","):
-        for f in sorted((DATA / suite).glob("*.adapt.jsonl")):
-            task = f.name.removesuffix(".adapt.jsonl")
-            if args.tasks and task not in args.tasks.split(","):
-                continue
-            rows.append(run_task(bundle, suite, task, args))
-            print(table(rows[-1:]).splitlines()[-1], flush=True)
-    md = table(rows)
-    print(md)
-    note = (f"LoraHub: {args.seeds} seeds, budget {args.budget}, 20 of {len(bundle.lora_paths())} LoRAs; "
-            f"models written back as {args.quant}; test examples per task: {args.limit or 'all'}.\n\n")
-    (RESULTS / "bbh.md").write_text(note + md + "\n")
-    save("bbh", {"seeds": args.seeds, "budget": args.budget, "quant": args.quant, "limit": args.limit, "tasks": rows})
+    for suite, task in todo:
+        cached = home() / "bench" / "bbh" / "rows" / f"{suite}.{task}.json"
+        if cached.exists() and json.loads(cached.read_text())["settings"] == settings:
+            row = json.loads(cached.read_text())["row"]
+        else:
+            row = run_task(bundle, suite, task, args)
+            atomic_write_json(cached, {"settings": settings, "row": row})
+        rows.append(row)
+        print(table(rows[-1:]).splitlines()[-1], flush=True)
+        note = (f"LoraHub: {args.seeds} seeds, budget {args.budget}, 20 of {len(bundle.lora_paths())} LoRAs; "
+                f"models written back as {args.quant}; test examples per task: {args.limit or 'all'}; "
+                f"tasks done: {len(rows)} of {len(todo)}.\n\n")
+        (RESULTS / "bbh.md").write_text(note + table(rows) + "\n")
+        save("bbh", {**settings, "tasks_total": len(todo), "tasks": rows})
+    print(table(rows))
 
 
 if __name__ == "__main__":

@@ -22,12 +22,14 @@ PROMPT = ("Write a short story about a robot who learns to paint. Describe the c
 
 
 def edgelora_model(quant: str) -> Path:
-    """The base decoder written back with no LoRA and quantized (cached)."""
+    """The base decoder written back with no LoRA and quantized (cached per bundle build)."""
     from edgelora.bundle import Bundle, home
+    from edgelora.io import sha256_file
     from edgelora.writeback import write_model
-    out = home() / "bench" / "models" / quant
+    bundle = Bundle.open()
+    out = home() / "bench" / "models" / sha256_file(bundle.path / "manifest.json")[:12] / quant
     if not (out / "model.onnx").exists():
-        write_model(Bundle.open(), None, None, out, quant)
+        write_model(bundle, None, None, out, quant)
     return out / "model.onnx"
 
 

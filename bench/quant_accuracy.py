@@ -30,7 +30,7 @@ def main():
     args = ap.parse_args()
     bundle = Bundle.open()
     work = home() / "bench" / "quant_accuracy"
-    table, results = {}, {}
+    table = {}
     for task in args.tasks.split(","):
         adapt_file, test = DATA / "bbh" / f"{task}.adapt.jsonl", load_examples(DATA / "bbh" / f"{task}.test.jsonl")
         test = test[: args.limit]
@@ -48,8 +48,8 @@ def main():
             row[name] = {"exact": r["exact_match"], "options": r["option_accuracy"], "eval_s": r["seconds"],
                          "write_s": round(time.time() - t - r["seconds"], 1),
                          "size_mb": round((out / "model.onnx").stat().st_size / 1e6, 1)}
-            print(f"{task:<24} {name:<10} exact {100 * r['exact_match']:5.1f}%  options "
-                  f"{'-' if r['option_accuracy'] is None else f'{100 * r['option_accuracy']:.1f}%'}  "
+            opts = "-" if r["option_accuracy"] is None else f"{100 * r['option_accuracy']:.1f}%"
+            print(f"{task:<24} {name:<10} exact {100 * r['exact_match']:5.1f}%  options {opts}  "
                   f"({row[name]['size_mb']} MB, {r['seconds']:.0f}s)", flush=True)
         table[task] = row
     names = ["base-fp32", *VARIANTS]

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from .bundle import Bundle, default_bundle_path
-from .errors import UserError
+from .errors import UserError, run_command
 from .evaluate import MODES
 from .writeback import DEFAULT_QUANT
 
@@ -191,14 +191,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    try:
-        return args.fn(args) or 0
-    except UserError as e:
-        print(f"edgelora: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("edgelora: interrupted", file=sys.stderr)
-        return 130
+    return run_command("edgelora", lambda: args.fn(args))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@ import json
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -67,8 +66,6 @@ def test_search_recovers_planted_mix(library, tiny_hf):
     examples = planted_examples(bundle, tiny_hf, loras, planted)
     res = adapt(examples, bundle, loras=[l.name for l in loras], budget=80, l1=0.0)
     res_planted = adapt(examples, bundle, loras=[l.name for l in loras], budget=1, l1=0.0)
-    from edgelora.search import Objective
-    from edgelora.scorer import Scorer
     assert res_planted.loss == pytest.approx(res.start_loss)
     # the planted point's loss, through the same objective
     f_loss = _loss_at(bundle, examples, loras, planted)
@@ -161,7 +158,6 @@ def test_cli_ctrl_c_exits_130_with_weights(library, tmp_path):
 
 
 def test_outputs_load_in_peft(library, tiny_hf, tmp_path):
-    import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
     from helpers import encode, torch_losses

@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 from helpers import encode, make_peft_lora, torch_losses
 
 from edgelora.bundle import Bundle
@@ -98,8 +97,6 @@ def assert_refused(r, *words):
 
 
 def test_refuses_lora_for_another_base(tiny_bundle, tmp_path):
-    from tiny import build_tiny_llama
-    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
     other = tmp_path / "other"
     cfg = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from edgelora.bundle import default_bundle_path
-from edgelora.errors import UserError
+from edgelora.errors import run_command
 
 from .model import DEFAULT_TARGETS
 from .train import TrainConfig
@@ -79,15 +79,7 @@ def run(args) -> None:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    try:
-        run(args)
-    except UserError as e:
-        print(f"edgelora-export: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("edgelora-export: interrupted", file=sys.stderr)
-        return 130
-    return 0
+    return run_command("edgelora-export", lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ The loss covers the answer tokens only, and the LM head runs only where they are
 from __future__ import annotations
 
 import json
-import math
 import os
 import resource
 import time
