@@ -1,4 +1,5 @@
-"""Atomic writes and hashes: an output is either the old file or the whole new one."""
+"""Atomic writes and hashes (an output is either the old file or the whole new one), and the
+peak memory a report quotes."""
 from __future__ import annotations
 
 import hashlib
@@ -34,3 +35,21 @@ def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def peak_rss_mb(reset: bool = False) -> float:
+    """This process's peak RSS (VmHWM; ru_maxrss carries a parent's peak across exec).
+    `reset` starts a new peak (Linux clear_refs), so one long process can report per task."""
+    if reset:
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            pass
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

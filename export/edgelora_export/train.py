@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,7 +18,7 @@ from tqdm import tqdm
 
 from edgelora.errors import UserError
 from edgelora.examples import PromptFormat, load_examples
-from edgelora.io import atomic_write_json
+from edgelora.io import atomic_write_json, peak_rss_mb
 from .model import DEFAULT_TARGETS
 
 
@@ -118,6 +117,7 @@ def train_lora(base, tok, fmt: PromptFormat, task: Path, out: Path, cfg: TrainCo
     from peft import LoraConfig, get_peft_model
     from peft.optimizers import create_loraplus_optimizer
     t0 = time.time()
+    peak_rss_mb(reset=True)
     examples = load_examples(task)
     if len(examples) < 8:
         raise UserError(f"{task}: {len(examples)} examples are too few to train a LoRA (need at least 8)")
@@ -179,7 +179,7 @@ def train_lora(base, tok, fmt: PromptFormat, task: Path, out: Path, cfg: TrainCo
                "train_loss": meta["curve"][-1][1] if meta["curve"] else None,
                "heldout_loss_start": meta["held"][0][1], "heldout_loss": round(meta["best"]["loss"], 5),
                "minutes": round((time.time() - t0) / 60, 2),
-               "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+               "peak_rss_mb": round(peak_rss_mb()),
                "curve": meta["curve"], "heldout_curve": meta["held"]}
         atomic_write_json(out / "train_report.json", {**row, "config": asdict(cfg)})
         ckpt.unlink(missing_ok=True)
