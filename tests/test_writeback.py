@@ -96,6 +96,20 @@ def test_generation_stops_at_eos_and_budget(written):
     assert stopped == free[: free.index(free[3])]
 
 
+def test_answer_stops_decoding_at_its_first_line(written):
+    """Exact match reads the first line only, so `answer` stops pulling tokens once a line ends."""
+    model = Model.load(written["none"].parent)
+    said, pulled = model.encode("yes\nno no no no"), []
+
+    def stream(prompt_ids, max_new_tokens, prefill):
+        for t in said:
+            pulled.append(t)
+            yield t
+    model.decoder.stream = stream
+    text, _ = model.answer(model.encode(model.fmt.prompt(PROMPTS[0])), 32)
+    assert normalize(text) == "yes" and len(pulled) < len(said)
+
+
 def test_eval_numbers_are_exact(written, merged, tmp_path):
     """Answers set from what the model says (2 right, 2 wrong) and option sets whose winner
     is known from the scoring graph (an independent path): exact 50%, options 75%."""
