@@ -135,7 +135,7 @@ def main():
         rows.append(row)
         print(table(rows[-1:]).splitlines()[-1], flush=True)
         note = (f"LoraHub: {args.seeds} seeds, budget {args.budget}, 20 of {len(bundle.lora_paths())} LoRAs; "
-                f"models written back as {args.quant}; test examples per task: {args.limit or 'all'}; "
+                f"models written back as {args.quant} (LoRA unmerged: the default); test examples per task: {args.limit or 'all'}; "
                 f"tasks done: {len(rows)} of {len(todo)}.\n\n")
         (RESULTS / "bbh.md").write_text(note + table(rows) + "\n")
         save("bbh", {**settings, "tasks_total": len(todo), "tasks": rows})

@@ -22,6 +22,19 @@ from edgelora.writeback import write_model
 VARIANTS = {"fp32": ("none", True), "int8": ("int8", True), "int4": ("int4", True), "int4+lora": ("int4", False)}
 
 
+def markdown(table: dict, limit: int) -> str:
+    names = ["base-fp32", *VARIANTS]
+    pct = lambda v: "–" if v is None else f"{100 * v:.1f}"
+    lines = [f"Exact match / option-ranking accuracy (%), first {limit} test examples, adapted with the default "
+             "search (budget 40); base-fp32 is the unadapted model.", "",
+             "| task | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    for task, row in table.items():
+        lines.append(f"| {task} | " + " | ".join(f"{pct(row[n]['exact'])} / {pct(row[n]['options'])}" for n in names) + " |")
+    mean = lambda n, k: sum(r[n][k] for r in table.values()) / len(table)
+    lines.append("| **mean** | " + " | ".join(f"{pct(mean(n, 'exact'))} / {pct(mean(n, 'options'))}" for n in names) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tasks", default="sports_understanding,date_understanding,navigate")
@@ -52,14 +65,8 @@ def main():
             print(f"{task:<24} {name:<10} exact {100 * r['exact_match']:5.1f}%  options {opts}  "
                   f"({row[name]['size_mb']} MB, {r['seconds']:.0f}s)", flush=True)
         table[task] = row
-    names = ["base-fp32", *VARIANTS]
-    lines = ["| task | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
-    for task, row in table.items():
-        cell = lambda v: f"{100 * (v['options'] if v['options'] is not None else v['exact']):.1f}"
-        lines.append(f"| {task} | " + " | ".join(cell(row[n]) for n in names) + " |")
-    print("\n".join(lines))
-    (RESULTS / "quant_accuracy.md").write_text("Option-ranking accuracy (exact match where a task has no options), "
-                                               f"first {args.limit} test examples.\n\n" + "\n".join(lines) + "\n")
+    (RESULTS / "quant_accuracy.md").write_text(markdown(table, args.limit))
+    print(markdown(table, args.limit))
     save("quant_accuracy", {"limit": args.limit, "budget": args.budget, "tasks": table})
 
 

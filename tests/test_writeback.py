@@ -50,7 +50,7 @@ def decoder_logprob(model_path, bundle, batch) -> np.ndarray:
 def written(merged, tmp_path_factory):
     bundle, A, B = merged
     root = tmp_path_factory.mktemp("written")
-    paths = {q: write_model(bundle, A, B, root / q, q) for q in ("none", "int8", "int4")}
+    paths = {q: write_model(bundle, A, B, root / q, q, merged=True) for q in ("none", "int8", "int4")}
     paths["unmerged-int8"] = write_model(bundle, A, B, root / "unmerged-int8", "int8", merged=False)
     paths["unmerged-none"] = write_model(bundle, A, B, root / "unmerged-none", "none", merged=False)
     return paths
