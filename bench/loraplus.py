@@ -11,13 +11,24 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-from common import DATA, save
+from common import DATA, RESULTS, save
 
 from edgelora_export.train import TrainConfig, load_for_training, train_lora
 
 
 def steps_to_reach(curve: list[list[float]], target: float) -> int | None:
     return next((s for s, loss in curve if loss <= target), None)
+
+
+def markdown(rows: dict) -> str:
+    """Held-out loss curves side by side, per task."""
+    out = []
+    for task, r in rows.items():
+        out += [f"### {task}", "", "| step | LoRA (λ=1) | LoRA+ (λ=16) |", "|---:|---:|---:|"]
+        out += [f"| {s} | {a:.4f} | {b:.4f} |" for (s, a), (_, b) in zip(r["curves"]["lora"], r["curves"]["loraplus"])]
+        out += ["", f"LoRA+ reaches plain LoRA's final held-out loss ({r['plain_final_heldout']:.4f}) at step "
+                    f"{r['loraplus_steps_to_plain_final']} of {r['steps']}.", ""]
+    return "\n".join(out)
 
 
 def main():
@@ -43,11 +54,8 @@ def main():
                           "curves": {k: v["heldout_curve"] for k, v in runs.items()},
                           "train_curves": {k: v["curve"] for k, v in runs.items()},
                           "minutes": {k: v["minutes"] for k, v in runs.items()}}
-            print(f"\n{task}: held-out loss by step")
-            print(f"{'step':>5} {'LoRA (λ=1)':>11} {'LoRA+ (λ=16)':>13}")
-            for (s, a), (_, b) in zip(runs["lora"]["heldout_curve"], runs["loraplus"]["heldout_curve"]):
-                print(f"{s:>5} {a:>11.4f} {b:>13.4f}")
-            print(f"LoRA+ reaches plain LoRA's final held-out loss ({plain_final:.4f}) at step {reach} of {args.steps}")
+            print(markdown({task: rows[task]}), flush=True)
+    (RESULTS / "loraplus.md").write_text(markdown(rows))
     save("loraplus", {"config": {"lr": cfg.lr, "batch": cfg.batch, "rank": cfg.rank, "seed": cfg.seed}, "tasks": rows})
 
 
