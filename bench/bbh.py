@@ -90,22 +90,29 @@ def pct(v):
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| suite | task | n | zero-shot | ICL | LoraHub (mean ± std) | oracle LoRA | uniform | prompt tokens (0-shot / ICL) |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        k = "options" if r["zero-shot"]["options"] is not None else "exact"
-        lh = r["lorahub"]
-        lines.append(f"| {r['suite']} | {r['task']} ({k}) | {r['n_test']} | {pct(r['zero-shot'][k])} | {pct(r['icl'][k])} | "
-                     f"{pct(lh[k + '_mean'])} ± {pct(lh[k + '_std'])} | {pct(r['oracle'][k])} | {pct(r['uniform'][k])} | "
-                     f"{r['zero-shot']['prompt_tokens']:.0f} / {r['icl']['prompt_tokens']:.0f} |")
-    for suite in sorted({r["suite"] for r in rows}):
-        rs = [r for r in rows if r["suite"] == suite]
-        m = lambda f: statistics.mean(f(r) for r in rs)
-        key = lambda r: "options" if r["zero-shot"]["options"] is not None else "exact"
-        lines.append(f"| {suite} | **mean** | | {pct(m(lambda r: r['zero-shot'][key(r)]))} | {pct(m(lambda r: r['icl'][key(r)]))} | "
-                     f"{pct(m(lambda r: r['lorahub'][key(r) + '_mean']))} | {pct(m(lambda r: r['oracle'][key(r)]))} | "
-                     f"{pct(m(lambda r: r['uniform'][key(r)]))} | |")
-    return "\n".join(lines)
+    """One table per metric (exact match on every task, option ranking where a task has
+    options), LoraHub as mean ± std over seeds, and each suite's mean."""
+    out = []
+    for k, title in (("exact", "Exact match on the generated answer (%)"), ("options", "Option-ranking accuracy (%)")):
+        rs = [r for r in rows if r["zero-shot"][k] is not None]
+        if not rs:
+            continue
+        out += [f"**{title}**", "",
+                "| suite | task | n | zero-shot | ICL | LoraHub (mean ± std) | oracle LoRA | uniform | prompt tokens (0-shot / ICL) |",
+                "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in rs:
+            lh = r["lorahub"]
+            out.append(f"| {r['suite']} | {r['task']} | {r['n_test']} | {pct(r['zero-shot'][k])} | {pct(r['icl'][k])} | "
+                       f"{pct(lh[k + '_mean'])} ± {pct(lh[k + '_std'])} | {pct(r['oracle'][k])} ({r['oracle']['lora']}) | "
+                       f"{pct(r['uniform'][k])} | {r['zero-shot']['prompt_tokens']:.0f} / {r['icl']['prompt_tokens']:.0f} |")
+        for suite in sorted({r["suite"] for r in rs}):
+            ss = [r for r in rs if r["suite"] == suite]
+            m = lambda f: pct(statistics.mean(f(r) for r in ss))
+            out.append(f"| {suite} | **mean of {len(ss)}** | | {m(lambda r: r['zero-shot'][k])} | {m(lambda r: r['icl'][k])} | "
+                       f"{m(lambda r: r['lorahub'][k + '_mean'])} | {m(lambda r: r['oracle'][k])} | "
+                       f"{m(lambda r: r['uniform'][k])} | |")
+        out.append("")
+    return "\n".join(out)
 
 
 def main():
@@ -133,7 +140,7 @@ def main():
             row = run_task(bundle, suite, task, args)
             atomic_write_json(cached, {"settings": settings, "row": row})
         rows.append(row)
-        print(table(rows[-1:]).splitlines()[-1], flush=True)
+        print(table(rows[-1:]), flush=True)
         note = (f"LoraHub: {args.seeds} seeds, budget {args.budget}, 20 of {len(bundle.lora_paths())} LoRAs; "
                 f"models written back as {args.quant} (LoRA unmerged: the default); test examples per task: {args.limit or 'all'}; "
                 f"tasks done: {len(rows)} of {len(todo)}.\n\n")

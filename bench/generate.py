@@ -5,7 +5,7 @@ each in its own process, alternating, in one run.
 
 Target (issue 5): int4 decode >= llama.cpp at the same bit width.
     pip install llama-cpp-python==0.3.36     # bench only: builds llama.cpp from source
-    python bench/generate.py [--new-tokens 128] [--rounds 2]
+    python bench/generate.py [--new-tokens 128] [--rounds 2] [--kinds edgelora-int4,llamacpp --name NAME]
 """
 from __future__ import annotations
 
@@ -115,6 +115,7 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--worker")
+    ap.add_argument("--name", default="generate", help="results file name (bench/results/NAME.json)")
     ap.add_argument("--kinds", default="edgelora-none,edgelora-int8,edgelora-int4,edgelora-int4+lora,torch,llamacpp")
     args = ap.parse_args()
     if args.worker:
@@ -150,7 +151,7 @@ def main():
         ratios["int4_lora_decode_over_llamacpp_q4_1"] = table["edgelora-int4+lora"]["decode_tok_s"] / table["llamacpp"]["decode_tok_s"]
         print(f"edgelora int4 + fp32 LoRA (the adapt default) decode / llama.cpp Q4_1: "
               f"{ratios['int4_lora_decode_over_llamacpp_q4_1']:.2f}")
-    save("generate", {"prompt_tokens": next(iter(results.values()))[0]["prompt_tokens"] if results else None,
+    save(args.name, {"prompt_tokens": next(iter(results.values()))[0]["prompt_tokens"] if results else None,
                       "new_tokens": args.new_tokens, "rounds": args.rounds, "runs": results, "median": table,
                       "ratios": ratios, "target": "int4 decode >= llama.cpp at the same bit width"})
 
