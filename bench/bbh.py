@@ -7,9 +7,9 @@ on the test set, an upper reference), and the uniform average of all LoRAs. Exac
 generated answers and option-ranking accuracy, with prompt tokens per example. Writes
 bench/results/bbh.md and bbh.json after every task.
 
-Resumable: each finished task is kept under ~/.cache/edgelora/bench/bbh/rows/, keyed by the
-settings and the bundle's manifest hash, and a re-run with the same settings skips it, so
-the run can go on in the background and across sessions.
+Resumable: a re-run with the same settings (and the same base and LoRA library) keeps the
+tasks already in bench/results/bbh.json and runs the rest, so the run can go on in the
+background, across sessions and machines.
 
     python bench/bbh.py [--suites bbh,near] [--tasks a,b] [--limit N] [--seeds 5] [--quant int8]
 """
@@ -24,7 +24,7 @@ import numpy as np
 from common import DATA, RESULTS, save
 
 from edgelora.bundle import Bundle, home
-from edgelora.io import atomic_write_json, sha256_file
+from edgelora.io import atomic_write
 from edgelora.evaluate import evaluate
 from edgelora.examples import encode_pairs, load_examples
 from edgelora.generate import Model
@@ -115,6 +115,17 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def resume(settings: dict) -> dict[tuple[str, str], dict]:
+    """The rows of the last run (bench/results/bbh.json, committed) when it used these settings."""
+    path = RESULTS / "bbh.json"
+    if not path.exists():
+        return {}
+    last = json.loads(path.read_text())
+    if any(last.get(k) != v for k, v in settings.items()):
+        return {}
+    return {(r["suite"], r["task"]): r for r in last["tasks"]}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--suites", default="bbh,near")
@@ -126,27 +137,23 @@ def main():
     ap.add_argument("--oracle-n", type=int, default=50, help="test examples the oracle LoRA is picked on")
     args = ap.parse_args()
     bundle = Bundle.open()
-    settings = {"limit": args.limit, "oracle_n": args.oracle_n, "seeds": args.seeds, "budget": args.budget, "quant": args.quant,
-                "bundle_manifest_sha256": sha256_file(bundle.path / "manifest.json")}
+    settings = {"limit": args.limit, "oracle_n": args.oracle_n, "seeds": args.seeds, "budget": args.budget,
+                "quant": args.quant, "base": bundle.manifest["base"]["name"], "loras": sorted(bundle.lora_paths())}
     todo = [(suite, f.name.removesuffix(".adapt.jsonl")) for suite in args.suites.split(",")
             for f in sorted((DATA / suite).glob("*.adapt.jsonl"))]
     todo = [(s, t) for s, t in todo if not args.tasks or t in args.tasks.split(",")]
-    rows = []
+    done = resume(settings)
     for suite, task in todo:
-        cached = home() / "bench" / "bbh" / "rows" / f"{suite}.{task}.json"
-        if cached.exists() and json.loads(cached.read_text())["settings"] == settings:
-            row = json.loads(cached.read_text())["row"]
-        else:
-            row = run_task(bundle, suite, task, args)
-            atomic_write_json(cached, {"settings": settings, "row": row})
-        rows.append(row)
-        print(table(rows[-1:]), flush=True)
+        if (suite, task) not in done:
+            done[suite, task] = run_task(bundle, suite, task, args)
+        rows = list(done.values())
+        print(table([done[suite, task]]), flush=True)
         note = (f"LoraHub: {args.seeds} seeds, budget {args.budget}, 20 of {len(bundle.lora_paths())} LoRAs; "
-                f"models written back as {args.quant} (LoRA unmerged: the default); test examples per task: {args.limit or 'all'}; "
-                f"tasks done: {len(rows)} of {len(todo)}.\n\n")
-        (RESULTS / "bbh.md").write_text(note + table(rows) + "\n")
-        save("bbh", {**settings, "tasks_total": len(todo), "tasks": rows})
-    print(table(rows))
+                f"models written back as {args.quant} (LoRA unmerged: the default); test examples per task: "
+                f"{args.limit or 'all'}; tasks done: {len(rows)}.\n\n")
+        atomic_write(RESULTS / "bbh.md", note + table(rows) + "\n")
+        save("bbh", {**settings, "tasks": rows})
+    print(table(list(done.values())))
 
 
 if __name__ == "__main__":
