@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from edgelora.io import peak_rss_mb  # noqa: F401  (re-exported for the bench scripts)
+from edgelora.io import atomic_write, peak_rss_mb  # noqa: F401  (peak_rss_mb: re-exported for the bench scripts)
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data" / "bigbench"
@@ -60,7 +60,7 @@ def median(xs):
 def save(name: str, result: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
-    path.write_text(json.dumps({"machine": machine(), **result}, indent=2) + "\n")
+    atomic_write(path, json.dumps({"machine": machine(), **result}, indent=2) + "\n")
     print(f"saved {path}")
     return path
 
