@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from common import DATA, RESULTS, save
+from common import DATA, RESULTS, atomic_write, save
 
 from edgelora.bundle import Bundle, home
 from edgelora.evaluate import evaluate
@@ -65,8 +65,9 @@ def main():
             print(f"{task:<24} {name:<10} exact {100 * r['exact_match']:5.1f}%  options {opts}  "
                   f"({row[name]['size_mb']} MB, {r['seconds']:.0f}s)", flush=True)
         table[task] = row
-    (RESULTS / "quant_accuracy.md").write_text(markdown(table, args.limit))
-    print(markdown(table, args.limit))
+    md = markdown(table, args.limit)
+    atomic_write(RESULTS / "quant_accuracy.md", md)
+    print(md)
     save("quant_accuracy", {"limit": args.limit, "budget": args.budget, "tasks": table})
 
 
