@@ -121,6 +121,9 @@ def cmd_eval(args) -> None:
     bar = tqdm(total=len(examples), desc=f"eval {mode}", unit="ex", disable=args.json)
     res = evaluate(model, examples, shots, args.max_new_tokens, on_example=lambda i, r: bar.update(1))
     bar.close()
+    if res["shots_mean"] < len(shots):
+        print(f"note: some prompts were longer than the model's {model.max_len} tokens with all {len(shots)} shots; "
+              f"their oldest shots were dropped (mean {res['shots_mean']:.1f} shots)", file=sys.stderr)
     res = {"task": str(args.task), "model": str(args.model), "mode": mode, "shots": len(shots),
            "quant": model.meta.get("quant"), **res}
     out = args.out or Path(f"{args.task.name.removesuffix('.jsonl')}.eval-{mode}.json")

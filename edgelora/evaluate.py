@@ -23,15 +23,25 @@ def exact_match(generated: str, ex: Example) -> bool:
     return normalize(generated) in {normalize(a) for a in ex.answers}
 
 
+def prompt_ids(model: Model, ex: Example, shots: list[Example]) -> tuple[list[int], int]:
+    """The prompt's tokens and how many shots it holds: the oldest shots are dropped whole while
+    it is longer than the model takes, rather than cutting the system turn and a shot in half."""
+    for k in range(len(shots), 0, -1):
+        ids = model.encode(model.fmt.prompt(ex.input, list(shots[len(shots) - k:])))
+        if len(ids) <= model.max_len:
+            return ids, k
+    return model.encode(model.fmt.prompt(ex.input))[-model.max_len:], 0
+
+
 def evaluate(model: Model, examples: list[Example], shots: list[Example] = (), max_new_tokens: int = 32,
              on_example: Callable[[int, dict], None] | None = None) -> dict:
     rows = []
     t0 = time.time()
     for i, ex in enumerate(examples):
-        ids = model.encode(model.fmt.prompt(ex.input, list(shots)))[-model.max_len:]
+        ids, k = prompt_ids(model, ex, shots)
         gen, lps = model.answer(ids, max_new_tokens, ex.options)
         row = {"input": ex.input, "output": ex.output, "generated": gen, "exact": exact_match(gen, ex),
-               "prompt_tokens": len(ids)}
+               "prompt_tokens": len(ids), "shots": k}
         if ex.options:
             row["option_pred"] = ex.options[max(range(len(lps)), key=lps.__getitem__)]
             row["option_correct"] = row["option_pred"] == ex.output
@@ -42,5 +52,5 @@ def evaluate(model: Model, examples: list[Example], shots: list[Example] = (), m
     with_opts = [r for r in rows if "option_correct" in r]
     return {"n": n, "exact_match": sum(r["exact"] for r in rows) / n,
             "option_accuracy": sum(r["option_correct"] for r in with_opts) / len(with_opts) if with_opts else None,
-            "prompt_tokens_mean": sum(r["prompt_tokens"] for r in rows) / n,
+            "prompt_tokens_mean": sum(r["prompt_tokens"] for r in rows) / n, "shots_mean": sum(r["shots"] for r in rows) / n,
             "seconds": round(time.time() - t0, 2), "examples": rows}

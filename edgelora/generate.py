@@ -30,9 +30,11 @@ class Decoder:
         self.kv_heads, self.head_dim = int(shape[1]), int(shape[3])
         self.use_positions = "position_ids" in inputs
         self.lora_feeds: dict[str, np.ndarray] = {}
+        self._last: tuple[list[int], dict[str, np.ndarray]] | None = None  # see `prefill`
 
     def forward(self, ids: list[int], past: dict[str, np.ndarray] | None, start: int):
-        """Logits of every position of `ids` and the new cache, for `ids` after `start` cached tokens."""
+        """Logits of every position of `ids` and the new cache, for `ids` after `start` cached tokens.
+        One sequence: GroupQueryAttention takes a batch only for single-token steps on a cache."""
         if past is None:
             past = {n: np.zeros((1, self.kv_heads, 0, self.head_dim), np.float32) for n in self.past_names}
         feeds = {"input_ids": np.array([ids], np.int64),
@@ -42,11 +44,24 @@ class Decoder:
         out = self.session.run(["logits", *self.present_names], feeds)
         return out[0][0], dict(zip(self.past_names, out[1:]))
 
+    def prefill(self, ids: list[int]):
+        """`forward` of a prompt from scratch, except the longest prefix it shares with the last
+        prompt, whose cache is reused: eval's prompts share the system turn, and ICL prompts
+        share every shot, so only the new tail is computed. The logits cover that tail."""
+        n = 0
+        if self._last is not None:
+            last_ids, last_past = self._last
+            n = min(common_prefix(last_ids, ids), len(ids) - 1)
+        past = {k: np.ascontiguousarray(v[:, :, :n]) for k, v in last_past.items()} if n else None
+        logits, past = self.forward(ids[n:], past, n)
+        self._last = (list(ids), past)
+        return logits, past
+
     def stream(self, prompt_ids: list[int], max_new_tokens: int = 128, temperature: float = 0.0,
                top_p: float = 1.0, seed: int = 0, prefill=None) -> Iterator[int]:
-        """`prefill`: this prompt's `forward` output, when the caller already has it."""
+        """`prefill`: this prompt's `prefill` output, when the caller already has it."""
         rng = np.random.default_rng(seed)
-        logits, past = prefill or self.forward(prompt_ids, None, 0)
+        logits, past = prefill or self.prefill(prompt_ids)
         n = len(prompt_ids)
         for _ in range(max_new_tokens):
             tok = pick(logits[-1], temperature, top_p, rng)
@@ -58,7 +73,7 @@ class Decoder:
 
     def option_logprobs(self, prompt_ids: list[int], options: list[list[int]], prefill=None) -> list[float]:
         """Summed log-prob of each option's tokens after the prompt; the prompt is run once."""
-        logits, past = prefill or self.forward(prompt_ids, None, 0)
+        logits, past = prefill or self.prefill(prompt_ids)
         first = log_softmax(logits[-1])
         n = len(prompt_ids)
         out = []
@@ -70,6 +85,15 @@ class Decoder:
                 lp += float(sum(lps[j, t] for j, t in enumerate(opt[1:])))
             out.append(lp)
         return out
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
@@ -128,7 +152,7 @@ class Model:
     def answer(self, prompt_ids: list[int], max_new_tokens: int = 32, options: list[str] = ()) -> tuple[str, list[float]]:
         """The generated answer, cut at its first line (all that exact match reads, so decoding
         stops there), and each option's log-prob, both from one prefill of the prompt."""
-        prefill = self.decoder.forward(prompt_ids, None, 0)
+        prefill = self.decoder.prefill(prompt_ids)
         out: list[int] = []
         text = ""
         for tok in self.decoder.stream(prompt_ids, max_new_tokens=max_new_tokens, prefill=prefill):

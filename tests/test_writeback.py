@@ -96,6 +96,33 @@ def test_generation_stops_at_eos_and_budget(written):
     assert stopped == free[: free.index(free[3])]
 
 
+def test_prefill_reuses_the_shared_prefix_and_agrees(written):
+    """A prompt sharing its first tokens with the last one (the system turn, ICL shots) runs only
+    its tail, and gets the logits and cache a full forward gives."""
+    dec = Decoder(written["unmerged-none"], [])
+    shared, a, b = list(range(5, 25)), [30, 31, 32], [40, 41, 42, 43]
+    dec.prefill(shared + a)
+    logits, past = dec.prefill(shared + b)
+    ref_logits, ref_past = dec.forward(shared + b, None, 0)
+    assert len(logits) == len(b)
+    np.testing.assert_allclose(logits, ref_logits[-len(b):], atol=1e-4)
+    for k in ref_past:
+        np.testing.assert_allclose(past[k], ref_past[k], atol=1e-4)
+
+
+def test_option_logprobs_match_one_forward_per_option(written):
+    """Options of different lengths, scored on the (reused) prompt cache, score as prompt +
+    option run from scratch does."""
+    dec = Decoder(written["none"], [])
+    prompt, options = [5, 6, 7, 8], [[9], [10, 11], [12, 13, 14, 15], [16, 17, 18]]
+    ref = []
+    for opt in options:
+        lp = log_softmax(dec.forward(prompt + opt, None, 0)[0])
+        ref.append(sum(lp[len(prompt) - 1 + j, t] for j, t in enumerate(opt)))
+    dec.prefill(prompt[:2] + [99])  # a cached neighbour, as in eval
+    np.testing.assert_allclose(dec.option_logprobs(prompt, options), ref, atol=1e-4)
+
+
 def test_answer_stops_decoding_at_its_first_line(written):
     """Exact match reads the first line only, so `answer` stops pulling tokens once a line ends."""
     model = Model.load(written["none"].parent)
@@ -130,6 +157,18 @@ def test_eval_numbers_are_exact(written, merged, tmp_path):
     assert res["exact_match"] == 0.5
     assert res["option_accuracy"] == 0.75
     assert res["prompt_tokens_mean"] == np.mean([len(model.encode(model.fmt.prompt(p))) for p in PROMPTS[:4]])
+
+
+def test_icl_prompt_drops_the_oldest_shots_whole_when_too_long(written):
+    import dataclasses
+    from edgelora.evaluate import prompt_ids
+    model = dataclasses.replace(Model.load(written["none"].parent), max_len=4096)
+    shots = [Example(f"shot {i} " + "word " * 20, f"answer {i}") for i in range(3)]
+    full, k = prompt_ids(model, EXAMPLES[0], shots)
+    assert k == 3
+    short = dataclasses.replace(model, max_len=len(full) - 1)
+    ids, k = prompt_ids(short, EXAMPLES[0], shots)
+    assert k == 2 and ids == model.encode(model.fmt.prompt(EXAMPLES[0].input, shots[1:]))
 
 
 def test_normalize():
