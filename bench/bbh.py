@@ -11,7 +11,7 @@ Resumable: a re-run with the same settings (and the same base and LoRA library) 
 tasks already in bench/results/bbh.json and runs the rest, so the run can go on in the
 background, across sessions and machines.
 
-    python bench/bbh.py [--suites bbh,near] [--tasks a,b] [--limit N] [--seeds 5] [--quant int8]
+    python bench/bbh.py [--suites bbh,near] [--tasks a,b] [--limit N] [--seeds 5] [--quant int8] [--name bbh]
 """
 from __future__ import annotations
 
@@ -36,7 +36,8 @@ from edgelora.writeback import DEFAULT_QUANT, write_model
 
 def score(model_dir: Path, test, shots=()) -> dict:
     r = evaluate(Model.load(model_dir), test, shots)
-    return {"exact": r["exact_match"], "options": r["option_accuracy"], "prompt_tokens": r["prompt_tokens_mean"]}
+    return {"exact": r["exact_match"], "options": r["option_accuracy"], "prompt_tokens": r["prompt_tokens_mean"],
+            "shots": r["shots_mean"]}
 
 
 def oracle_lora(bundle: Bundle, loras, test) -> str:
@@ -89,6 +90,12 @@ def pct(v):
     return "–" if v is None else f"{100 * v:.1f}"
 
 
+def shots(row) -> str:
+    """ICL's mean shot count, where some prompts had to drop shots to fit the model."""
+    k = row["icl"].get("shots", 5)
+    return f" ({k:.1f} shots)" if k < 5 else ""
+
+
 def table(rows: list[dict]) -> str:
     """One table per metric (exact match on every task, option ranking where a task has
     options), LoraHub as mean ± std over seeds, and each suite's mean."""
@@ -104,7 +111,7 @@ def table(rows: list[dict]) -> str:
             lh = r["lorahub"]
             out.append(f"| {r['suite']} | {r['task']} | {r['n_test']} | {pct(r['zero-shot'][k])} | {pct(r['icl'][k])} | "
                        f"{pct(lh[k + '_mean'])} ± {pct(lh[k + '_std'])} | {pct(r['oracle'][k])} ({r['oracle']['lora']}) | "
-                       f"{pct(r['uniform'][k])} | {r['zero-shot']['prompt_tokens']:.0f} / {r['icl']['prompt_tokens']:.0f} |")
+                       f"{pct(r['uniform'][k])} | {r['zero-shot']['prompt_tokens']:.0f} / {r['icl']['prompt_tokens']:.0f}{shots(r)} |")
         for suite in sorted({r["suite"] for r in rs}):
             ss = [r for r in rs if r["suite"] == suite]
             m = lambda f: pct(statistics.mean(f(r) for r in ss))
@@ -115,9 +122,9 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def resume(settings: dict) -> dict[tuple[str, str], dict]:
-    """The rows of the last run (bench/results/bbh.json, committed) when it used these settings."""
-    path = RESULTS / "bbh.json"
+def resume(name: str, settings: dict) -> dict[tuple[str, str], dict]:
+    """The rows of the last run (bench/results/NAME.json, committed) when it used these settings."""
+    path = RESULTS / f"{name}.json"
     if not path.exists():
         return {}
     last = json.loads(path.read_text())
@@ -134,6 +141,7 @@ def main():
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--budget", type=int, default=40)
     ap.add_argument("--quant", default=DEFAULT_QUANT)
+    ap.add_argument("--name", default="bbh", help="results file name (bench/results/NAME.md/.json)")
     ap.add_argument("--oracle-n", type=int, default=50, help="test examples the oracle LoRA is picked on")
     args = ap.parse_args()
     bundle = Bundle.open()
@@ -142,17 +150,18 @@ def main():
     todo = [(suite, f.name.removesuffix(".adapt.jsonl")) for suite in args.suites.split(",")
             for f in sorted((DATA / suite).glob("*.adapt.jsonl"))]
     todo = [(s, t) for s, t in todo if not args.tasks or t in args.tasks.split(",")]
-    done = resume(settings)
+    done = resume(args.name, settings)
     for suite, task in todo:
         if (suite, task) not in done:
             done[suite, task] = run_task(bundle, suite, task, args)
         rows = list(done.values())
         print(table([done[suite, task]]), flush=True)
         note = (f"LoraHub: {args.seeds} seeds, budget {args.budget}, 20 of {len(bundle.lora_paths())} LoRAs; "
-                f"models written back as {args.quant} (LoRA unmerged: the default); test examples per task: "
+                f"models written back as {args.quant} (LoRA unmerged: the default); zero-shot and ICL run on the "
+                f"bundle's fp32 base; test examples per task: "
                 f"{args.limit or 'all'}; tasks done: {len(rows)}.\n\n")
-        atomic_write(RESULTS / "bbh.md", note + table(rows) + "\n")
-        save("bbh", {**settings, "tasks": rows})
+        atomic_write(RESULTS / f"{args.name}.md", note + table(rows) + "\n")
+        save(args.name, {**settings, "tasks": rows})
     print(table(list(done.values())))
 
 
