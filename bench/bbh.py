@@ -45,7 +45,8 @@ def oracle_lora(bundle: Bundle, loras, test) -> str:
     scoring graph): one sequence per example instead of one per option, so 39 LoRAs stay cheap."""
     fmt, tok, pad = bundle.prompt_format, bundle.tokenizer(), bundle.manifest["pad_id"]
     scorer = Scorer(bundle)
-    pairs = [(fmt.prompt(e.input), e.output + fmt.stop) for e in test]
+    # sorted by length, so each batch pads little (the sum over examples does not depend on order)
+    pairs = sorted(((fmt.prompt(e.input), e.output + fmt.stop) for e in test), key=lambda p: len(tok.encode(p[0]).ids))
     batches = [encode_pairs(tok, pairs[i: i + 16], bundle.arch["max_len"], pad)[0] for i in range(0, len(pairs), 16)]
     totals = {}
     for lora in loras:
