@@ -1,7 +1,8 @@
 """LoraHub against zero-shot and in-context learning on every bbh/ and near/ task.
 
 Per task (5 `adapt` examples, the `test` file): zero-shot, 5-shot ICL (the same 5 examples as
-earlier chat turns), LoraHub (20 LoRAs, budget 40, --seeds seeds: mean ± std), the best single
+earlier chat turns), LoraHub (20 LoRAs, budget 40, --seeds seeds: mean ± std), LoraHub on the
+20 LoRAs that fit the 5 examples best alone (`adapt --select loss`, one run), the best single
 LoRA (oracle: the LoRA under which the first --oracle-n test answers are likeliest — picked
 on the test set, an upper reference), and the uniform average of all LoRAs. Exact match on
 generated answers and option-ranking accuracy, with prompt tokens per example. Writes
@@ -58,11 +59,25 @@ def oracle_lora(bundle: Bundle, loras, test) -> str:
     return max(totals, key=totals.get)
 
 
-def run_task(bundle: Bundle, suite: str, task: str, args) -> dict:
+def inputs(suite: str, task: str, args):
     adapt_file = DATA / suite / f"{task}.adapt.jsonl"
-    shots = load_examples(adapt_file)
     test = load_examples(DATA / suite / f"{task}.test.jsonl")[: args.limit]
-    work = home() / "bench" / "bbh" / task
+    return adapt_file, test, home() / "bench" / "bbh" / task
+
+
+def lorahub_selected(bundle: Bundle, suite: str, task: str, args) -> dict:
+    """`adapt --select loss`: the 20 LoRAs that fit the 5 examples best alone, the search starting
+    at the best one. Deterministic (COBYLA from a fixed start), so one run."""
+    adapt_file, test, work = inputs(suite, task, args)
+    res = adapt(adapt_file, bundle, budget=args.budget, select="loss", warn=lambda m: None)
+    write_model(bundle, *res.merged(), work / "select-loss", args.quant)
+    return {**score(work / "select-loss", test), "loss": [res.start_loss, res.loss],
+            "weights": dict(zip(res.loras, res.weights.round(4).tolist()))}
+
+
+def run_task(bundle: Bundle, suite: str, task: str, args) -> dict:
+    adapt_file, test, work = inputs(suite, task, args)
+    shots = load_examples(adapt_file)
     row = {"suite": suite, "task": task, "n_test": len(test)}
     row["zero-shot"] = score(bundle.path, test)
     row["icl"] = score(bundle.path, test, shots)
@@ -76,6 +91,7 @@ def run_task(bundle: Bundle, suite: str, task: str, args) -> dict:
     row["lorahub"] = {"runs": runs, **{f"{k}_mean": statistics.mean(agg(k)) if agg(k) else None for k in ("exact", "options")},
                       **{f"{k}_std": statistics.pstdev(agg(k)) if agg(k) else None for k in ("exact", "options")},
                       "prompt_tokens": runs[0]["prompt_tokens"]}
+    row["lorahub-loss"] = lorahub_selected(bundle, suite, task, args)
     library = [load_lora(p) for p in bundle.lora_paths().values()]
     name = oracle_lora(bundle, library, test[: args.oracle_n])
     lora = next(l for l in library if l.name == name)
@@ -106,18 +122,20 @@ def table(rows: list[dict]) -> str:
         if not rs:
             continue
         out += [f"**{title}**", "",
-                "| suite | task | n | zero-shot | ICL | LoraHub (mean ± std) | oracle LoRA | uniform | prompt tokens (0-shot / ICL) |",
-                "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+                "| suite | task | n | zero-shot | ICL | LoraHub (mean ± std) | LoraHub, loss-picked | oracle LoRA | uniform | prompt tokens (0-shot / ICL) |",
+                "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in rs:
             lh = r["lorahub"]
             out.append(f"| {r['suite']} | {r['task']} | {r['n_test']} | {pct(r['zero-shot'][k])} | {pct(r['icl'][k])} | "
-                       f"{pct(lh[k + '_mean'])} ± {pct(lh[k + '_std'])} | {pct(r['oracle'][k])} ({r['oracle']['lora']}) | "
+                       f"{pct(lh[k + '_mean'])} ± {pct(lh[k + '_std'])} | {pct(r.get('lorahub-loss', {}).get(k))} | "
+                       f"{pct(r['oracle'][k])} ({r['oracle']['lora']}) | "
                        f"{pct(r['uniform'][k])} | {r['zero-shot']['prompt_tokens']:.0f} / {r['icl']['prompt_tokens']:.0f}{shots(r)} |")
         for suite in sorted({r["suite"] for r in rs}):
             ss = [r for r in rs if r["suite"] == suite]
             m = lambda f: pct(statistics.mean(f(r) for r in ss))
+            sel = pct(statistics.mean(r["lorahub-loss"][k] for r in ss)) if all("lorahub-loss" in r for r in ss) else "–"
             out.append(f"| {suite} | **mean of {len(ss)}** | | {m(lambda r: r['zero-shot'][k])} | {m(lambda r: r['icl'][k])} | "
-                       f"{m(lambda r: r['lorahub'][k + '_mean'])} | {m(lambda r: r['oracle'][k])} | "
+                       f"{m(lambda r: r['lorahub'][k + '_mean'])} | {sel} | {m(lambda r: r['oracle'][k])} | "
                        f"{m(lambda r: r['uniform'][k])} | |")
         out.append("")
     return "\n".join(out)
@@ -155,6 +173,8 @@ def main():
     for suite, task in todo:
         if (suite, task) not in done:
             done[suite, task] = run_task(bundle, suite, task, args)
+        elif "lorahub-loss" not in done[suite, task]:  # a row from before that column
+            done[suite, task]["lorahub-loss"] = lorahub_selected(bundle, suite, task, args)
         rows = list(done.values())
         print(table([done[suite, task]]), flush=True)
         note = (f"LoraHub: {args.seeds} seeds, budget {args.budget}, 20 of {len(bundle.lora_paths())} LoRAs; "

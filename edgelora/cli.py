@@ -65,7 +65,7 @@ def cmd_adapt(args) -> int:
     loras = args.loras[0] if args.loras and len(args.loras) == 1 else args.loras
     try:
         result = adapt(args.examples, bundle, loras=loras, budget=args.budget, optimizer=args.optimizer,
-                       l1=args.l1, seed=args.seed, bounds=args.bounds, on_eval=on_eval,
+                       l1=args.l1, seed=args.seed, bounds=args.bounds, select=args.select, on_eval=on_eval,
                        warn=lambda m: print(m, file=sys.stderr))
     finally:
         if bar is not None:
@@ -155,6 +155,9 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--out", type=Path, help="output folder (default: <examples>-adapted)")
     a.add_argument("--loras", nargs="+", help="LoRA names in the bundle, .safetensors files, or one folder "
                    "(default: 20 sampled from the bundle's library with --seed)")
+    a.add_argument("--select", choices=["random", "loss"], default="random",
+                   help="which 20 library LoRAs to compose: random (LoraHub's, with --seed) or the 20 with the lowest "
+                        "loss alone on the examples, the search starting at the best one (one more forward per LoRA)")
     a.add_argument("--budget", type=int, default=40, help="loss evaluations (default 40)")
     a.add_argument("--optimizer", choices=["cobyla", "nelder-mead", "powell", "cma"], default="cobyla",
                    help="gradient-free optimizer (default cobyla: what the reference's NGOpt picks here)")

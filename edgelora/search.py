@@ -23,6 +23,9 @@ from .scorer import Scorer
 
 OPTIMIZERS = ("cobyla", "nelder-mead", "powell", "cma")
 DEFAULT_OPTIMIZER = "cobyla"  # what NGOpt (the reference's) picks at this budget; see bench/optimizers.py
+# How the n LoRAs are drawn from the library: LoraHub's random sample, or the n that fit the
+# examples best alone (one forward pass per library LoRA, on top of the budget).
+SELECTS = ("random", "loss")
 
 
 class _Stop(Exception):
@@ -115,8 +118,19 @@ class Objective:
         return ev.objective
 
 
-def run_optimizer(name: str, f: Objective, dim: int, seed: int) -> None:
-    x0 = np.zeros(dim)
+def rank_by_loss(scorer: Scorer, n_tokens: float, bundle: Bundle, paths: list[Path]) -> list[tuple[float, Path]]:
+    """Each LoRA alone at weight 1, by its loss on the bound examples, best first."""
+    losses = []
+    for p in paths:
+        lora = load_lora(p)
+        check_compatible(lora, bundle.targets, bundle.arch["layers"], str(p))
+        _, logprob = scorer.run(*LoraStack([lora], list(bundle.targets)).compose(np.ones(1)))
+        losses.append((float(-logprob.sum() / n_tokens), p))
+    return sorted(losses, key=lambda t: t[0])
+
+
+def run_optimizer(name: str, f: Objective, x0: np.ndarray, seed: int) -> None:
+    dim = len(x0)
     box = [(-f.bounds, f.bounds)] * dim
     if name == "cobyla":
         # Linear models from n+1 points, then trust-region steps: a 40-evaluation budget in
@@ -147,10 +161,12 @@ def run_optimizer(name: str, f: Objective, dim: int, seed: int) -> None:
 
 def adapt(examples: str | Path | list[Example], bundle: Bundle | str | Path | None = None,
           loras: list[str] | str | Path | None = None, budget: int = 40, optimizer: str = DEFAULT_OPTIMIZER,
-          l1: float = 0.05, seed: int = 0, bounds: float = 1.5, n_loras: int = 20,
+          l1: float = 0.05, seed: int = 0, bounds: float = 1.5, n_loras: int = 20, select: str = "random",
           on_eval=None, warn=print) -> AdaptResult:
     """Find LoRA weights for `examples`. The defaults are LoraHub's (budget 40, α 0.05, box ±1.5,
-    start at 0, 20 LoRAs sampled with the seed), so results compare with the reference."""
+    start at 0, 20 LoRAs sampled with the seed), so results compare with the reference.
+    `select="loss"`: the `n_loras` library LoRAs with the lowest loss alone, and the search starts
+    at the best of them rather than at 0, so it ends no worse than that single LoRA."""
     t_start = time.time()
     if optimizer not in OPTIMIZERS:
         raise UserError(f"--optimizer {optimizer}: choose one of {', '.join(OPTIMIZERS)}")
@@ -158,6 +174,8 @@ def adapt(examples: str | Path | list[Example], bundle: Bundle | str | Path | No
         raise UserError(f"--budget {budget}: must be at least 1")
     if bounds <= 0:
         raise UserError(f"--bounds {bounds}: must be positive")
+    if select not in SELECTS:
+        raise UserError(f"--select {select}: choose one of {', '.join(SELECTS)}")
     bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
     source = str(examples) if not isinstance(examples, list) else "<list>"
     if not isinstance(examples, list):
@@ -168,18 +186,27 @@ def adapt(examples: str | Path | list[Example], bundle: Bundle | str | Path | No
     for i in truncated:
         warn(f"warning: {examples[i].where or f'example {i + 1}'}: longer than the bundle's "
              f"{bundle.arch['max_len']} tokens; the start of its prompt was cut")
-    paths = choose_loras(bundle, loras, n_loras, seed)
+    scorer = Scorer(bundle)
+    scorer.bind(batch)
+    n_tokens = float(batch.target_mask.sum())
+    ranked = []
+    if select == "loss" and loras is None:
+        ranked = rank_by_loss(scorer, n_tokens, bundle, choose_loras(bundle, None, len(bundle.lora_paths()), seed))
+        paths = [p for _, p in ranked[:n_loras]]
+    else:
+        paths = choose_loras(bundle, loras, n_loras, seed)
     loras = [load_lora(p) for p in paths]
     for lora, p in zip(loras, paths):
         check_compatible(lora, bundle.targets, bundle.arch["layers"], str(p))
     stack = LoraStack(loras, list(bundle.targets))
-    scorer = Scorer(bundle)
-    scorer.bind(batch)
-    f = Objective(scorer, stack, float(batch.target_mask.sum()), l1, budget, bounds, on_eval)
+    x0 = np.zeros(len(paths))
+    if ranked:
+        x0[0] = min(1.0, bounds)
+    f = Objective(scorer, stack, n_tokens, l1, budget, bounds, on_eval)
     interrupted = False
     try:
         f(np.zeros(len(paths)))  # the start point: the base model's loss, evaluation 1
-        run_optimizer(optimizer, f, len(paths), seed)
+        run_optimizer(optimizer, f, x0, seed)
     except _Stop:
         pass
     except KeyboardInterrupt:
@@ -189,6 +216,7 @@ def adapt(examples: str | Path | list[Example], bundle: Bundle | str | Path | No
         raise KeyboardInterrupt  # stopped before a single evaluation: nothing to keep
     settings = {"examples": source, "n_examples": len(examples), "tokens": batch.n_tokens,
                 "target_tokens": int(batch.target_mask.sum()), "budget": budget, "optimizer": optimizer,
-                "l1": l1, "seed": seed, "bounds": bounds, "n_loras": len(paths)}
+                "l1": l1, "seed": seed, "bounds": bounds, "n_loras": len(paths), "select": select,
+                "selection_evals": len(ranked)}
     return AdaptResult([p.stem for p in paths], np.array(best.weights), best.loss, best.objective,
                        f.history[0].loss, f.history, settings, interrupted, time.time() - t_start, stack)

@@ -98,6 +98,17 @@ def test_budget_and_bounds_respected(library, optimizer, monkeypatch):
     assert res.history[0].weights == [0.0] * 4  # the search starts at 0: the base model
 
 
+def test_select_by_loss_keeps_the_best_single_loras_and_starts_at_the_best(library):
+    bundle, loras = library
+    ex = [Example(p, "no") for p in PROMPTS]
+    alone = {l.name: _loss_at(bundle, ex, [l], [1.0]) for l in loras}
+    res = adapt(ex, bundle, budget=6, n_loras=2, l1=0.0, select="loss")
+    assert sorted(res.loras) == sorted(sorted(alone, key=alone.get)[:2])
+    best = min(alone, key=alone.get)
+    assert res.history[1].weights == [1.0 if n == best else 0.0 for n in res.loras]
+    assert res.loss <= alone[best] + 1e-6 and res.settings["selection_evals"] == 4
+
+
 def test_same_seed_same_weights(library):
     bundle, _ = library
     ex = [Example(p, "no") for p in PROMPTS]
