@@ -107,7 +107,7 @@ def pct(v):
     return "–" if v is None else f"{100 * v:.1f}"
 
 
-def shots(row) -> str:
+def shot_note(row) -> str:
     """ICL's mean shot count, where some prompts had to drop shots to fit the model."""
     k = row["icl"].get("shots", 5)
     return f" ({k:.1f} shots)" if k < 5 else ""
@@ -129,7 +129,7 @@ def table(rows: list[dict]) -> str:
             out.append(f"| {r['suite']} | {r['task']} | {r['n_test']} | {pct(r['zero-shot'][k])} | {pct(r['icl'][k])} | "
                        f"{pct(lh[k + '_mean'])} ± {pct(lh[k + '_std'])} | {pct(r.get('lorahub-loss', {}).get(k))} | "
                        f"{pct(r['oracle'][k])} ({r['oracle']['lora']}) | "
-                       f"{pct(r['uniform'][k])} | {r['zero-shot']['prompt_tokens']:.0f} / {r['icl']['prompt_tokens']:.0f}{shots(r)} |")
+                       f"{pct(r['uniform'][k])} | {r['zero-shot']['prompt_tokens']:.0f} / {r['icl']['prompt_tokens']:.0f}{shot_note(r)} |")
         for suite in sorted({r["suite"] for r in rs}):
             ss = [r for r in rs if r["suite"] == suite]
             m = lambda f: pct(statistics.mean(f(r) for r in ss))

@@ -88,6 +88,12 @@ def choose_loras(bundle: Bundle, loras: list[str] | str | Path | None, n: int, s
     return out
 
 
+def pooled_loss(scorer: Scorer, A: dict, B: dict, n_tokens: float) -> float:
+    """Token-pooled mean cross-entropy over the bound examples, as the reference's batch loss."""
+    _, logprob = scorer.run(A, B)
+    return float(-logprob.sum() / n_tokens)
+
+
 class Objective:
     """loss(w) + α·mean|w|, counting evaluations and keeping the best point."""
 
@@ -99,9 +105,7 @@ class Objective:
         self.best: Evaluation | None = None
 
     def loss(self, w: np.ndarray) -> float:
-        """Token-pooled mean cross-entropy over the examples, as the reference's batch loss."""
-        _, logprob = self.scorer.run(*self.stack.compose(w))
-        return float(-logprob.sum() / self.n_tokens)
+        return pooled_loss(self.scorer, *self.stack.compose(w), self.n_tokens)
 
     def __call__(self, w) -> float:
         if len(self.history) >= self.budget:
@@ -124,8 +128,7 @@ def rank_by_loss(scorer: Scorer, n_tokens: float, bundle: Bundle, paths: list[Pa
     for p in paths:
         lora = load_lora(p)
         check_compatible(lora, bundle.targets, bundle.arch["layers"], str(p))
-        _, logprob = scorer.run(*LoraStack([lora], list(bundle.targets)).compose(np.ones(1)))
-        losses.append((float(-logprob.sum() / n_tokens), p))
+        losses.append((pooled_loss(scorer, *LoraStack([lora], list(bundle.targets)).compose(np.ones(1)), n_tokens), p))
     return sorted(losses, key=lambda t: t[0])
 
 
