@@ -122,14 +122,10 @@ class Objective:
         return ev.objective
 
 
-def rank_by_loss(scorer: Scorer, n_tokens: float, bundle: Bundle, paths: list[Path]) -> list[tuple[float, Path]]:
-    """Each LoRA alone at weight 1, by its loss on the bound examples, best first."""
-    losses = []
-    for p in paths:
-        lora = load_lora(p)
-        check_compatible(lora, bundle.targets, bundle.arch["layers"], str(p))
-        losses.append((pooled_loss(scorer, *LoraStack([lora], list(bundle.targets)).compose(np.ones(1)), n_tokens), p))
-    return sorted(losses, key=lambda t: t[0])
+def rank_by_loss(scorer: Scorer, n_tokens: float, loras: list, modules: list[str]) -> list[int]:
+    """Indices of `loras`, best first, by each one's loss alone at weight 1 on the bound examples."""
+    losses = [pooled_loss(scorer, *LoraStack([l], modules).compose(np.ones(1)), n_tokens) for l in loras]
+    return sorted(range(len(loras)), key=losses.__getitem__)
 
 
 def run_optimizer(name: str, f: Objective, x0: np.ndarray, seed: int) -> None:
@@ -192,19 +188,20 @@ def adapt(examples: str | Path | list[Example], bundle: Bundle | str | Path | No
     scorer = Scorer(bundle)
     scorer.bind(batch)
     n_tokens = float(batch.target_mask.sum())
-    ranked = []
-    if select == "loss" and loras is None:
-        ranked = rank_by_loss(scorer, n_tokens, bundle, choose_loras(bundle, None, len(bundle.lora_paths()), seed))
-        paths = [p for _, p in ranked[:n_loras]]
-    else:
-        paths = choose_loras(bundle, loras, n_loras, seed)
+    rank = select == "loss" and loras is None
+    paths = choose_loras(bundle, loras, len(bundle.lora_paths()) if rank else n_loras, seed)
     loras = [load_lora(p) for p in paths]
     for lora, p in zip(loras, paths):
         check_compatible(lora, bundle.targets, bundle.arch["layers"], str(p))
+    selection_evals = 0
+    if rank:
+        keep = rank_by_loss(scorer, n_tokens, loras, list(bundle.targets))[:n_loras]
+        selection_evals = len(loras)
+        paths, loras = [paths[i] for i in keep], [loras[i] for i in keep]
     stack = LoraStack(loras, list(bundle.targets))
     x0 = np.zeros(len(paths))
-    if ranked:
-        x0[0] = min(1.0, bounds)
+    if rank:
+        x0[0] = min(1.0, bounds)  # the best LoRA alone
     f = Objective(scorer, stack, n_tokens, l1, budget, bounds, on_eval)
     interrupted = False
     try:
@@ -220,6 +217,6 @@ def adapt(examples: str | Path | list[Example], bundle: Bundle | str | Path | No
     settings = {"examples": source, "n_examples": len(examples), "tokens": batch.n_tokens,
                 "target_tokens": int(batch.target_mask.sum()), "budget": budget, "optimizer": optimizer,
                 "l1": l1, "seed": seed, "bounds": bounds, "n_loras": len(paths), "select": select,
-                "selection_evals": len(ranked)}
+                "selection_evals": selection_evals}
     return AdaptResult([p.stem for p in paths], np.array(best.weights), best.loss, best.objective,
                        f.history[0].loss, f.history, settings, interrupted, time.time() - t_start, stack)
