@@ -53,23 +53,31 @@ def cmd_adapt(args) -> int:
     from .search import adapt
     bundle = Bundle.open(args.bundle)
     out = args.out or Path(f"{args.examples.name.removesuffix('.jsonl').removesuffix('.adapt')}-adapted")
-    bar = None  # opened at the first evaluation, so input errors stay one clean line
+    bars = {}  # opened at the first step, so input errors stay one clean line
+
+    def bar(desc: str, total: int):
+        if desc not in bars:
+            bars[desc] = tqdm(total=total, desc=desc, unit="eval", disable=args.json, dynamic_ncols=True)
+        return bars[desc]
+
+    def on_rank(done, total):
+        bar("select", total).update(1)
+        if done == total:
+            bars["select"].close()
 
     def on_eval(n, ev, best):
-        nonlocal bar
-        if bar is None:
-            bar = tqdm(total=args.budget, desc="search", unit="eval", disable=args.json, dynamic_ncols=True)
-        bar.update(1)
-        bar.set_postfix_str(f"loss {ev.loss:.4f}  best {best.loss:.4f}")
+        b = bar("search", args.budget)
+        b.update(1)
+        b.set_postfix_str(f"loss {ev.loss:.4f}  best {best.loss:.4f}")
 
     loras = args.loras[0] if args.loras and len(args.loras) == 1 else args.loras
     try:
         result = adapt(args.examples, bundle, loras=loras, budget=args.budget, optimizer=args.optimizer,
                        l1=args.l1, seed=args.seed, bounds=args.bounds, select=args.select, on_eval=on_eval,
-                       warn=lambda m: print(m, file=sys.stderr))
+                       on_rank=on_rank, warn=lambda m: print(m, file=sys.stderr))
     finally:
-        if bar is not None:
-            bar.close()
+        for b in bars.values():
+            b.close()
     write_outputs(result, bundle, out)
     if args.quant and not result.interrupted:
         from .writeback import write_model

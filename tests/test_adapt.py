@@ -102,7 +102,9 @@ def test_select_by_loss_keeps_the_best_single_loras_and_starts_at_the_best(libra
     bundle, loras = library
     ex = [Example(p, "no") for p in PROMPTS]
     alone = {l.name: _loss_at(bundle, ex, [l], [1.0]) for l in loras}
-    res = adapt(ex, bundle, budget=6, n_loras=2, l1=0.0, select="loss")
+    ranked = []
+    res = adapt(ex, bundle, budget=6, n_loras=2, l1=0.0, select="loss", on_rank=lambda *a: ranked.append(a))
+    assert ranked == [(1, 4), (2, 4), (3, 4), (4, 4)]
     assert sorted(res.loras) == sorted(sorted(alone, key=alone.get)[:2])
     best = min(alone, key=alone.get)
     assert res.history[1].weights == [1.0 if n == best else 0.0 for n in res.loras]
@@ -193,6 +195,17 @@ def test_cli_adapt_json(library, tmp_path):
     out = json.loads(r.stdout)
     assert out["evaluations"] == 6 and set(out["weights"]) == {"lib0", "lib1", "lib2", "lib3"}
     assert (tmp_path / "task-adapted" / "weights.json").exists()
+
+
+def test_cli_adapt_select_loss_shows_both_steps(library, tmp_path):
+    bundle, _ = library
+    f = tmp_path / "task.jsonl"
+    f.write_text("".join(json.dumps({"input": p, "output": "yes"}) + "\n" for p in PROMPTS))
+    r = subprocess.run([sys.executable, "-m", "edgelora.cli", "adapt", str(f), "--bundle", str(bundle.path),
+                        "--budget", "6", "--select", "loss", "--no-model"], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "select: 100%" in r.stderr and "search: 100%" in r.stderr
+    assert json.loads((tmp_path / "task-adapted" / "weights.json").read_text())["settings"]["select"] == "loss"
 
 
 BAD = [
