@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import time
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +40,12 @@ def score(model_dir: Path, test, shots=()) -> dict:
     r = evaluate(Model.load(model_dir), test, shots)
     return {"exact": r["exact_match"], "options": r["option_accuracy"], "prompt_tokens": r["prompt_tokens_mean"],
             "shots": r["shots_mean"]}
+
+
+def log(task: str, step: str, r: dict, t0: float) -> None:
+    """One line per finished step: a task takes half an hour on 2 cores."""
+    print(f"[{task}] {step}: exact {pct(r.get('exact'))}, options {pct(r.get('options'))} "
+          f"({(time.perf_counter() - t0) / 60:.1f} min)", flush=True)
 
 
 def oracle_lora(bundle: Bundle, loras, test) -> str:
@@ -69,37 +76,50 @@ def lorahub_selected(bundle: Bundle, suite: str, task: str, args) -> dict:
     """`adapt --select loss`: the 20 LoRAs that fit the 5 examples best alone, the search starting
     at the best one. Deterministic (COBYLA from a fixed start), so one run."""
     adapt_file, test, work = inputs(suite, task, args)
+    t0 = time.perf_counter()
     res = adapt(adapt_file, bundle, budget=args.budget, select="loss", warn=lambda m: None)
     write_model(bundle, *res.merged(), work / "select-loss", args.quant)
-    return {**score(work / "select-loss", test), "loss": [res.start_loss, res.loss],
-            "weights": dict(zip(res.loras, res.weights.round(4).tolist()))}
+    row = {**score(work / "select-loss", test), "loss": [res.start_loss, res.loss],
+           "weights": dict(zip(res.loras, res.weights.round(4).tolist()))}
+    log(task, "LoraHub, loss-picked", row, t0)
+    return row
 
 
 def run_task(bundle: Bundle, suite: str, task: str, args) -> dict:
     adapt_file, test, work = inputs(suite, task, args)
     shots = load_examples(adapt_file)
     row = {"suite": suite, "task": task, "n_test": len(test)}
+    t0 = time.perf_counter()
     row["zero-shot"] = score(bundle.path, test)
+    log(task, "zero-shot", row["zero-shot"], t0)
+    t0 = time.perf_counter()
     row["icl"] = score(bundle.path, test, shots)
+    log(task, "ICL", row["icl"], t0)
     runs = []
     for seed in range(args.seeds):
+        t0 = time.perf_counter()
         res = adapt(adapt_file, bundle, budget=args.budget, seed=seed, warn=lambda m: None)
         write_model(bundle, *res.merged(), work / f"seed{seed}", args.quant)
         runs.append({**score(work / f"seed{seed}", test), "loss": [res.start_loss, res.loss],
                      "weights": dict(zip(res.loras, res.weights.round(4).tolist()))})
+        log(task, f"LoraHub seed {seed}", runs[-1], t0)
     agg = lambda k: [r[k] for r in runs if r[k] is not None]
     row["lorahub"] = {"runs": runs, **{f"{k}_mean": statistics.mean(agg(k)) if agg(k) else None for k in ("exact", "options")},
                       **{f"{k}_std": statistics.pstdev(agg(k)) if agg(k) else None for k in ("exact", "options")},
                       "prompt_tokens": runs[0]["prompt_tokens"]}
     row["lorahub-loss"] = lorahub_selected(bundle, suite, task, args)
     library = [load_lora(p) for p in bundle.lora_paths().values()]
+    t0 = time.perf_counter()
     name = oracle_lora(bundle, library, test[: args.oracle_n])
     lora = next(l for l in library if l.name == name)
     write_model(bundle, *LoraStack([lora], list(bundle.targets)).compose(np.ones(1)), work / "oracle", args.quant)
     row["oracle"] = {"lora": name, **score(work / "oracle", test)}
+    log(task, f"oracle ({name})", row["oracle"], t0)
+    t0 = time.perf_counter()
     A, B = LoraStack(library, list(bundle.targets)).compose(np.full(len(library), 1 / len(library)))
     write_model(bundle, A, B, work / "uniform", args.quant)
     row["uniform"] = score(work / "uniform", test)
+    log(task, "uniform", row["uniform"], t0)
     return row
 
 
