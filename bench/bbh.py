@@ -8,6 +8,9 @@ on the test set, an upper reference), and the uniform average of all LoRAs. Exac
 generated answers and option-ranking accuracy, with prompt tokens per example. Writes
 bench/results/bbh.md and bbh.json after every task.
 
+Adapted models are written back as int4 + an unmerged fp32 LoRA: the adapt default when this
+run began (now the LoRA is merged with its targets at 8 bits), kept so that its rows compare.
+
 Resumable: a re-run with the same settings (and the same base and LoRA library) keeps the
 tasks already in bench/results/bbh.json and runs the rest, so the run can go on in the
 background, across sessions and machines.
@@ -78,7 +81,7 @@ def lorahub_selected(bundle: Bundle, suite: str, task: str, args) -> dict:
     adapt_file, test, work = inputs(suite, task, args)
     t0 = time.perf_counter()
     res = adapt(adapt_file, bundle, budget=args.budget, select="loss", warn=lambda m: None)
-    write_model(bundle, *res.merged(), work / "select-loss", args.quant)
+    write_model(bundle, *res.merged(), work / "select-loss", args.quant, merged=False)
     row = {**score(work / "select-loss", test), "loss": [res.start_loss, res.loss],
            "weights": dict(zip(res.loras, res.weights.round(4).tolist()))}
     log(task, "LoraHub, loss-picked", row, t0)
@@ -99,7 +102,7 @@ def run_task(bundle: Bundle, suite: str, task: str, args) -> dict:
     for seed in range(args.seeds):
         t0 = time.perf_counter()
         res = adapt(adapt_file, bundle, budget=args.budget, seed=seed, warn=lambda m: None)
-        write_model(bundle, *res.merged(), work / f"seed{seed}", args.quant)
+        write_model(bundle, *res.merged(), work / f"seed{seed}", args.quant, merged=False)
         runs.append({**score(work / f"seed{seed}", test), "loss": [res.start_loss, res.loss],
                      "weights": dict(zip(res.loras, res.weights.round(4).tolist()))})
         log(task, f"LoraHub seed {seed}", runs[-1], t0)
@@ -112,12 +115,13 @@ def run_task(bundle: Bundle, suite: str, task: str, args) -> dict:
     t0 = time.perf_counter()
     name = oracle_lora(bundle, library, test[: args.oracle_n])
     lora = next(l for l in library if l.name == name)
-    write_model(bundle, *LoraStack([lora], list(bundle.targets)).compose(np.ones(1)), work / "oracle", args.quant)
+    write_model(bundle, *LoraStack([lora], list(bundle.targets)).compose(np.ones(1)), work / "oracle", args.quant,
+                merged=False)
     row["oracle"] = {"lora": name, **score(work / "oracle", test)}
     log(task, f"oracle ({name})", row["oracle"], t0)
     t0 = time.perf_counter()
     A, B = LoraStack(library, list(bundle.targets)).compose(np.full(len(library), 1 / len(library)))
-    write_model(bundle, A, B, work / "uniform", args.quant)
+    write_model(bundle, A, B, work / "uniform", args.quant, merged=False)
     row["uniform"] = score(work / "uniform", test)
     log(task, "uniform", row["uniform"], t0)
     return row
@@ -198,7 +202,7 @@ def main():
         rows = list(done.values())
         print(table([done[suite, task]]), flush=True)
         note = (f"LoraHub: {args.seeds} seeds, budget {args.budget}, 20 of {len(bundle.lora_paths())} LoRAs; "
-                f"models written back as {args.quant} (LoRA unmerged: the default); zero-shot and ICL run on the "
+                f"models written back as {args.quant} + an unmerged fp32 LoRA; zero-shot and ICL run on the "
                 f"bundle's fp32 base; test examples per task: "
                 f"{args.limit or 'all'}; tasks done: {len(rows)}.\n\n")
         atomic_write(RESULTS / f"{args.name}.md", note + table(rows) + "\n")

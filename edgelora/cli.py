@@ -82,8 +82,8 @@ def cmd_adapt(args) -> int:
     if args.quant and not result.interrupted:
         from .writeback import write_model
         if not args.json:
-            print(f"writing the adapted model ({args.quant}{', merged' if args.merge else ''}) ...", file=sys.stderr)
-        write_model(bundle, *result.merged(), out, args.quant, merged=True if args.merge else None)
+            print(f"writing the adapted model ({args.quant}) ...", file=sys.stderr)
+        write_model(bundle, *result.merged(), out, args.quant)
     if args.json:
         print(json.dumps({"out": str(out), "loss": result.loss, "start_loss": result.start_loss,
                           "objective": result.objective, "evaluations": len(result.history),
@@ -173,10 +173,8 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--bounds", type=float, default=1.5, help="search box [-b, b] (default 1.5)")
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--quant", choices=["int4", "int8", "none"], default=DEFAULT_QUANT,
-                   help=f"write the adapted model quantized (default {DEFAULT_QUANT}, chosen in bench/quant_accuracy.py)")
-    a.add_argument("--merge", action="store_true",
-                   help="merge the LoRA into the weights before quantizing: smaller and ~10%% faster, but less "
-                        "accurate (bench/results/quant_accuracy.md); by default a quantized model keeps it in fp32 beside")
+                   help=f"the adapted model's weights, LoRA merged: int4 (the LoRA's targets at 8 bits), int8, or fp32 "
+                        f"(default {DEFAULT_QUANT}, chosen in bench/quant_accuracy.py)")
     a.add_argument("--no-model", dest="quant", action="store_const", const=None,
                    help="write only the weights and the adapter, not the ONNX model")
     a.add_argument("--json", action="store_true", help="print one JSON object instead of a table")

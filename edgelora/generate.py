@@ -25,11 +25,9 @@ class Decoder:
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.past_names = [n for n in inputs if n.startswith("past_key_values.")]
         self.present_names = [n.replace("past_key_values.", "present.") for n in self.past_names]
-        self.extra = {n: i for n, i in inputs.items() if n.startswith("lora_")}
         shape = inputs[self.past_names[0]].shape  # [batch, kv_heads, past, head_dim]
         self.kv_heads, self.head_dim = int(shape[1]), int(shape[3])
         self.use_positions = "position_ids" in inputs
-        self.lora_feeds: dict[str, np.ndarray] = {}
         self._last: tuple[list[int], dict[str, np.ndarray]] | None = None  # see `prefill`
 
     def forward(self, ids: list[int], past: dict[str, np.ndarray] | None, start: int):
@@ -38,7 +36,7 @@ class Decoder:
         if past is None:
             past = {n: np.zeros((1, self.kv_heads, 0, self.head_dim), np.float32) for n in self.past_names}
         feeds = {"input_ids": np.array([ids], np.int64),
-                 "attention_mask": np.ones((1, start + len(ids)), np.int64), **past, **self.lora_feeds}
+                 "attention_mask": np.ones((1, start + len(ids)), np.int64), **past}
         if self.use_positions:
             feeds["position_ids"] = np.arange(start, start + len(ids), dtype=np.int64)[None]
         out = self.session.run(["logits", *self.present_names], feeds)
@@ -124,7 +122,7 @@ class Model:
         elif (path / "manifest.json").is_file():
             bundle = Bundle.open(path)
             meta = {**{k: bundle.manifest[k] for k in ("prompt", "eos_ids", "pad_id")},
-                    "max_len": bundle.arch["max_len"], "quant": "none", "merged": None}
+                    "max_len": bundle.arch["max_len"], "quant": "none", "lora": None}
             onnx_path, tok_path = bundle.decoder_dir / bundle.manifest["decoder"]["file"], bundle.path / bundle.manifest["tokenizer"]
         else:
             raise UserError(f"{path}: not a model (expected an `edgelora adapt` output folder or a bundle)")

@@ -1,10 +1,12 @@
 """Write-back: W' = W + B·A into the bundle's decoder graph, then quantize.
 
-Quantizing after the merge can swamp a small delta, so there is also an unmerged mode: the
-base weights quantized, the LoRA kept beside them in fp32 as two small MatMuls per target.
+Quantizing after the merge can swamp the small delta B·A, so the matrices the LoRA changed are
+kept at 8 bits (weight-only, block 32) while the rest of an int4 model is at 4 bits: the delta
+survives and the graph stays the plain base graph, with no extra nodes to slow decoding.
 """
 from __future__ import annotations
 
+import logging
 import shutil
 import tempfile
 from pathlib import Path
@@ -19,11 +21,9 @@ from .io import atomic_write_json, sha256_file
 from .lora import delta
 
 QUANTS = ("none", "int8", "int4")
-# int4, block 32, with the LoRA kept unmerged in fp32, by measurement. bench/int4_block.json:
-# block 32 moves target log-probs less than per-tensor dynamic int8 (0.50 vs 0.75 nats a token).
-# bench/quant_accuracy.md (3 BBH dev tasks, 60 test examples each, exact match mean): fp32 45.0,
-# int4 unmerged 40.0, int4 merged 33.9, int8 merged 16.7 (dynamic int8 breaks generation).
-# Merging into int4 swamps part of the small delta; unmerged costs ~10% in eval time.
+# Chosen by measurement (bench/results/quant_accuracy.md, int4_block.md): int4 block 32 for the
+# base, 8 bits for the merged LoRA targets. Weight-only 8 bits moves log-probs far less than 4
+# bits; onnxruntime's dynamic int8 (activations quantized per tensor) broke generation.
 DEFAULT_QUANT = "int4"
 INT4_BLOCK = 32
 MODEL_META = "edgelora.json"
@@ -75,52 +75,58 @@ def add_lora_path(model: onnx.ModelProto, weights: dict, A: dict, B: dict) -> li
     return names
 
 
-def quantize(src: Path, dst: Path, quant: str, exclude: list[str], block_size: int = INT4_BLOCK) -> None:
-    """onnxruntime's own tools: dynamic int8 (MatMul), or int4 MatMulNBits with
-    accuracy_level 4 (int8 activations: MLAS's fast path on x86)."""
-    if quant == "none":
-        shutil.copy(src, dst)
-    elif quant == "int8":
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-        quantize_dynamic(src, dst, op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8,
-                         nodes_to_exclude=exclude, per_channel=False)
-    elif quant == "int4":
-        import logging
-        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-        logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
-        q = MatMulNBitsQuantizer(str(src), bits=4, block_size=block_size, is_symmetric=True, accuracy_level=4,
-                                 nodes_to_exclude=exclude)
-        q.process()
-        q.model.save_model_to_file(str(dst), use_external_data_format=False)
-    else:
+def target_nodes(model: onnx.ModelProto, weights: dict) -> list[str]:
+    """The MatMuls whose weight is a LoRA target (the manifest's decoder map)."""
+    names = {info["name"] for layers in weights.values() for info in layers}
+    return [n.name for n in model.graph.node if n.op_type == "MatMul" and len(n.input) == 2 and n.input[1] in names]
+
+
+def quantize(model: onnx.ModelProto, dst: Path, quant: str, exclude: list[str], eight_bit: list[str] = (),
+             block_size: int = INT4_BLOCK) -> None:
+    """onnxruntime's weight-only MatMulNBits with accuracy_level 4 (int8 activations inside the
+    kernel: MLAS's fast path on x86): every MatMul at 8 bits (int8), or at 4 bits except
+    `eight_bit` (int4). `exclude`: MatMuls left in fp32."""
+    if quant not in QUANTS:
         raise UserError(f"--quant {quant}: choose one of {', '.join(QUANTS)}")
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
+    matmuls = [n.name for n in model.graph.node if n.op_type == "MatMul"]
+    passes = {"none": [], "int8": [(8, matmuls)], "int4": [(8, list(eight_bit)), (4, matmuls)]}[quant]
+    for bits, nodes in passes:
+        # the quantizer takes every MatMul not excluded, so a pass names what it leaves alone
+        keep = set(exclude) | (set(matmuls) - set(nodes))
+        if len(keep) < len(matmuls):
+            q = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=True, accuracy_level=4,
+                                     nodes_to_exclude=sorted(keep))
+            q.process()
+            model = q.model.model
+            matmuls = [n for n in matmuls if n in keep]
+    onnx.save(model, str(dst))
 
 
 def write_model(bundle: Bundle, A: dict | None, B: dict | None, out: Path, quant: str = DEFAULT_QUANT,
-                merged: bool | None = None, block_size: int = INT4_BLOCK) -> Path:
+                merged: bool = True, block_size: int = INT4_BLOCK) -> Path:
     """A standard ONNX causal-LM folder (optimum's ORTModelForCausalLM loads it) plus
     `edgelora.json` (prompt format, stop ids) so `edgelora generate/eval` can use it.
-    `merged=None`: merge only when nothing is quantized, where merging is lossless."""
+    `merged=False`: the LoRA beside the quantized base, in fp32, as two small MatMuls per
+    target (exact, but ~10% slower to decode; benchmarks compare against it)."""
     if quant not in QUANTS:
         raise UserError(f"--quant {quant}: choose one of {', '.join(QUANTS)}")
-    if merged is None:
-        merged = quant == "none"
     out.mkdir(parents=True, exist_ok=True)
     src_dir = bundle.decoder_dir
     model = onnx.load(str(src_dir / bundle.manifest["decoder"]["file"]))
     weights = bundle.manifest["decoder"]["weights"]
     exclude: list[str] = []
-    if A is not None:
-        if merged:
-            merge(model, weights, A, B)
-        else:
-            exclude = add_lora_path(model, weights, A, B)
+    eight_bit: list[str] = []
+    if A is not None and merged:
+        merge(model, weights, A, B)
+        eight_bit = target_nodes(model, weights)
+    elif A is not None:
+        exclude = add_lora_path(model, weights, A, B)
     with tempfile.TemporaryDirectory(dir=out) as tmp:
-        fp32 = Path(tmp) / "fp32.onnx"
-        onnx.save(model, str(fp32))
-        del model
         final = Path(tmp) / "model.onnx"
-        quantize(fp32, final, quant, exclude, block_size)
+        quantize(model, final, quant, exclude, eight_bit, block_size)
+        del model
         final.replace(out / "model.onnx")
     for f in src_dir.iterdir():
         if f.is_file() and f.suffix not in (".onnx", ".onnx_data") and not f.name.endswith(".onnx.data"):
@@ -128,6 +134,9 @@ def write_model(bundle: Bundle, A: dict | None, B: dict | None, out: Path, quant
     m = bundle.manifest
     atomic_write_json(out / MODEL_META, {
         "base": m["base"]["name"], "bundle_manifest_sha256": sha256_file(bundle.path / "manifest.json"),
-        "quant": quant, "int4_block_size": block_size if quant == "int4" else None, "merged": merged if A is not None else None, "prompt": m["prompt"], "eos_ids": m["eos_ids"],
+        "quant": quant, "block_size": block_size if quant != "none" else None,
+        "lora": None if A is None else "merged" if merged else "unmerged fp32",
+        "eight_bit_targets": bool(eight_bit) and quant == "int4",
+        "prompt": m["prompt"], "eos_ids": m["eos_ids"],
         "pad_id": m["pad_id"], "max_len": m["arch"]["max_len"], "tokenizer": "tokenizer.json"})
     return out / "model.onnx"
