@@ -29,7 +29,7 @@ import numpy as np
 from common import DATA, RESULTS, save
 
 from edgelora.bundle import Bundle, home
-from edgelora.io import atomic_write
+from edgelora.io import atomic_write, atomic_write_json
 from edgelora.evaluate import evaluate
 from edgelora.examples import encode_pairs, load_examples
 from edgelora.generate import Model
@@ -39,8 +39,11 @@ from edgelora.search import adapt
 from edgelora.writeback import DEFAULT_QUANT, write_model
 
 
-def score(model_dir: Path, test, shots=()) -> dict:
+def score(model_dir: Path, test, shots=(), out: Path | None = None) -> dict:
+    """Accuracy for bbh.json; every answer to `out` (default: beside the model), so a claim
+    about what a model said can be checked without committing 250 answers per variant."""
     r = evaluate(Model.load(model_dir), test, shots)
+    atomic_write_json(out or model_dir / "eval.json", r)
     return {"exact": r["exact_match"], "options": r["option_accuracy"], "prompt_tokens": r["prompt_tokens_mean"],
             "shots": r["shots_mean"]}
 
@@ -93,10 +96,10 @@ def run_task(bundle: Bundle, suite: str, task: str, args) -> dict:
     shots = load_examples(adapt_file)
     row = {"suite": suite, "task": task, "n_test": len(test)}
     t0 = time.perf_counter()
-    row["zero-shot"] = score(bundle.path, test)
+    row["zero-shot"] = score(bundle.path, test, out=work / "zero-shot.eval.json")
     log(task, "zero-shot", row["zero-shot"], t0)
     t0 = time.perf_counter()
-    row["icl"] = score(bundle.path, test, shots)
+    row["icl"] = score(bundle.path, test, shots, out=work / "icl.eval.json")
     log(task, "ICL", row["icl"], t0)
     runs = []
     for seed in range(args.seeds):
