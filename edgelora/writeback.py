@@ -85,9 +85,7 @@ def quantize(model: onnx.ModelProto, dst: Path, quant: str, exclude: list[str], 
              block_size: int = INT4_BLOCK) -> None:
     """onnxruntime's weight-only MatMulNBits with accuracy_level 4 (int8 activations inside the
     kernel: MLAS's fast path on x86): every MatMul at 8 bits (int8), or at 4 bits except
-    `eight_bit` (int4). `exclude`: MatMuls left in fp32."""
-    if quant not in QUANTS:
-        raise UserError(f"--quant {quant}: choose one of {', '.join(QUANTS)}")
+    `eight_bit` (int4). `exclude`: MatMuls left in fp32. `quant` is checked by `write_model`."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
     matmuls = [n.name for n in model.graph.node if n.op_type == "MatMul"]
