@@ -45,10 +45,15 @@ def merge(model: onnx.ModelProto, weights: dict, A: dict, B: dict) -> None:
             init.CopyFrom(numpy_helper.from_array(W.astype(np.float32), init.name))
 
 
+def matmuls_by_weight(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    """Each MatMul keyed by its second input: where a target weight (the manifest's map) is used."""
+    return {n.input[1]: n for n in model.graph.node if n.op_type == "MatMul" and len(n.input) == 2}
+
+
 def add_lora_path(model: onnx.ModelProto, weights: dict, A: dict, B: dict) -> list[str]:
     """y = x·Wᵀ + (x·Aᵀ)·Bᵀ as extra nodes beside each target MatMul; returns their names
     (kept out of quantization)."""
-    consumers = {n.input[1]: n for n in model.graph.node if n.op_type == "MatMul" and len(n.input) == 2}
+    consumers = matmuls_by_weight(model)
     after: dict[str, list] = {}  # base MatMul's (new) output -> the LoRA nodes that follow it
     names = []
     for m, layers in weights.items():
@@ -73,12 +78,6 @@ def add_lora_path(model: onnx.ModelProto, weights: dict, A: dict, B: dict) -> li
     del model.graph.node[:]
     model.graph.node.extend(order)
     return names
-
-
-def target_nodes(model: onnx.ModelProto, weights: dict) -> list[str]:
-    """The MatMuls whose weight is a LoRA target (the manifest's decoder map)."""
-    names = {info["name"] for layers in weights.values() for info in layers}
-    return [n.name for n in model.graph.node if n.op_type == "MatMul" and len(n.input) == 2 and n.input[1] in names]
 
 
 def quantize(model: onnx.ModelProto, dst: Path, quant: str, exclude: list[str], eight_bit: list[str] = (),
@@ -107,7 +106,8 @@ def write_model(bundle: Bundle, A: dict | None, B: dict | None, out: Path, quant
     """A standard ONNX causal-LM folder (optimum's ORTModelForCausalLM loads it) plus
     `edgelora.json` (prompt format, stop ids) so `edgelora generate/eval` can use it.
     `merged=False`: the LoRA beside the quantized base, in fp32, as two small MatMuls per
-    target (exact, but ~10% slower to decode; benchmarks compare against it)."""
+    target (the default before the 8-bit targets: less accurate at int4, and no faster, by
+    bench/results/quant_accuracy.md and generate_adapted.json; benchmarks compare against it)."""
     if quant not in QUANTS:
         raise UserError(f"--quant {quant}: choose one of {', '.join(QUANTS)}")
     out.mkdir(parents=True, exist_ok=True)
@@ -118,7 +118,8 @@ def write_model(bundle: Bundle, A: dict | None, B: dict | None, out: Path, quant
     eight_bit: list[str] = []
     if A is not None and merged:
         merge(model, weights, A, B)
-        eight_bit = target_nodes(model, weights)
+        consumers = matmuls_by_weight(model)
+        eight_bit = [consumers[i["name"]].name for layers in weights.values() for i in layers if i["name"] in consumers]
     elif A is not None:
         exclude = add_lora_path(model, weights, A, B)
     with tempfile.TemporaryDirectory(dir=out) as tmp:
