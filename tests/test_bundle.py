@@ -161,3 +161,12 @@ def test_info_lists_loras(tiny_bundle, tiny_hf, tmp_path):
     info = json.loads(r.stdout)
     assert info["loras"] == [{"name": "task_a", "rank": 4, "alpha": 8.0, "source": info["loras"][0]["source"]}]
     assert info["targets"]["v_proj"] == {"in": 64, "out": 32}
+
+
+def test_closed_stdout_is_not_a_traceback(tiny_bundle_ro):
+    """`edgelora info | head -1`: the reader leaves before the output ends."""
+    p = subprocess.Popen([sys.executable, "-m", "edgelora.cli", "info", "--bundle", str(tiny_bundle_ro)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.close()  # before the interpreter has even started: every write meets a closed pipe
+    err = p.stderr.read().decode()
+    assert p.wait() == 141 and "Traceback" not in err and "Exception" not in err, err
