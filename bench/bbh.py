@@ -104,7 +104,7 @@ def run_task(bundle: Bundle, suite: str, task: str, args) -> dict:
     runs = []
     for seed in range(args.seeds):
         t0 = time.perf_counter()
-        res = adapt(adapt_file, bundle, budget=args.budget, seed=seed, warn=lambda m: None)
+        res = adapt(adapt_file, bundle, budget=args.budget, seed=seed, select="random", warn=lambda m: None)
         write_model(bundle, *res.merged(), work / f"seed{seed}", args.quant, merged=False)
         runs.append({**score(work / f"seed{seed}", test), "loss": [res.start_loss, res.loss],
                      "weights": dict(zip(res.loras, res.weights.round(4).tolist()))})

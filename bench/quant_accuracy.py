@@ -48,7 +48,7 @@ def main():
     for task in args.tasks.split(","):
         adapt_file, test = DATA / "bbh" / f"{task}.adapt.jsonl", load_examples(DATA / "bbh" / f"{task}.test.jsonl")
         test = test[: args.limit]
-        res = adapt(adapt_file, bundle, budget=args.budget)
+        res = adapt(adapt_file, bundle, budget=args.budget, select="random")  # as when its results were made
         write_outputs(res, bundle, work / task)
         A, B = res.merged()
         row = {"loss": [res.start_loss, res.loss]}

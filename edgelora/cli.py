@@ -162,10 +162,11 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--bundle", type=Path, help=bundle_help)
     a.add_argument("--out", type=Path, help="output folder (default: <examples>-adapted)")
     a.add_argument("--loras", nargs="+", help="LoRA names in the bundle, .safetensors files, or one folder "
-                   "(default: 20 sampled from the bundle's library with --seed)")
-    a.add_argument("--select", choices=["random", "loss"], default="random",
-                   help="which 20 library LoRAs to compose: random (LoraHub's, with --seed) or the 20 with the lowest "
-                        "loss alone on the examples, the search starting at the best one (one more forward per LoRA)")
+                   "(default: 20 of the bundle's library, chosen by --select)")
+    a.add_argument("--select", choices=["loss", "random"], default="loss",
+                   help="which 20 library LoRAs to compose: loss (default), the 20 with the lowest loss alone on the "
+                        "examples, the search starting at the best one (one more forward per library LoRA); random, "
+                        "LoraHub's sample with --seed, the search starting at 0")
     a.add_argument("--budget", type=int, default=40, help="loss evaluations (default 40)")
     a.add_argument("--optimizer", choices=["cobyla", "nelder-mead", "powell", "cma"], default="cobyla",
                    help="gradient-free optimizer (default cobyla: what the reference's NGOpt picks here)")

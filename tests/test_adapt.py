@@ -92,7 +92,8 @@ def test_budget_and_bounds_respected(library, optimizer, monkeypatch):
     calls = []
     orig = scorer_mod.Scorer.run
     monkeypatch.setattr(scorer_mod.Scorer, "run", lambda self, A, B: calls.append(1) or orig(self, A, B))
-    res = adapt([Example(p, "yes") for p in PROMPTS], bundle, budget=9, optimizer=optimizer, bounds=0.3)
+    res = adapt([Example(p, "yes") for p in PROMPTS], bundle, budget=9, optimizer=optimizer, bounds=0.3,
+                select="random")
     assert len(calls) == 9 == len(res.history)
     assert all(abs(w) <= 0.3 for e in res.history for w in e.weights)
     assert res.history[0].weights == [0.0] * 4  # the search starts at 0: the base model
@@ -114,8 +115,8 @@ def test_select_by_loss_keeps_the_best_single_loras_and_starts_at_the_best(libra
 def test_same_seed_same_weights(library):
     bundle, _ = library
     ex = [Example(p, "no") for p in PROMPTS]
-    a = adapt(ex, bundle, budget=12, n_loras=3, seed=7)
-    b = adapt(ex, bundle, budget=12, n_loras=3, seed=7)
+    a = adapt(ex, bundle, budget=12, n_loras=3, seed=7, select="random")
+    b = adapt(ex, bundle, budget=12, n_loras=3, seed=7, select="random")
     assert a.loras == b.loras and len(a.loras) == 3
     assert np.array_equal(a.weights, b.weights)
 
@@ -197,15 +198,16 @@ def test_cli_adapt_json(library, tmp_path):
     assert (tmp_path / "task-adapted" / "weights.json").exists()
 
 
-def test_cli_adapt_select_loss_shows_both_steps(library, tmp_path):
+@pytest.mark.parametrize("flags,select", [([], "loss"), (["--select", "random"], "random")])
+def test_cli_adapt_selects_by_loss_unless_told(library, tmp_path, flags, select):
     bundle, _ = library
     f = tmp_path / "task.jsonl"
     f.write_text("".join(json.dumps({"input": p, "output": "yes"}) + "\n" for p in PROMPTS))
     r = subprocess.run([sys.executable, "-m", "edgelora.cli", "adapt", str(f), "--bundle", str(bundle.path),
-                        "--budget", "6", "--select", "loss", "--no-model"], capture_output=True, text=True, cwd=tmp_path)
+                        "--budget", "6", "--no-model", *flags], capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert "select: 100%" in r.stderr and "search: 100%" in r.stderr
-    assert json.loads((tmp_path / "task-adapted" / "weights.json").read_text())["settings"]["select"] == "loss"
+    assert ("select: 100%" in r.stderr) == (select == "loss") and "search: 100%" in r.stderr
+    assert json.loads((tmp_path / "task-adapted" / "weights.json").read_text())["settings"]["select"] == select
 
 
 BAD = [
