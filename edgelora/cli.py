@@ -172,7 +172,7 @@ def parser() -> argparse.ArgumentParser:
                    help="gradient-free optimizer (default cobyla: what the reference's NGOpt picks here)")
     a.add_argument("--l1", type=float, default=0.05, help="weight of the mean |w| penalty (default 0.05)")
     a.add_argument("--bounds", type=float, default=1.5, help="search box [-b, b] (default 1.5)")
-    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--seed", type=int, default=0, help="for --select random and --optimizer cma (default 0)")
     a.add_argument("--quant", choices=["int4", "int8", "none"], default=DEFAULT_QUANT,
                    help=f"the adapted model's weights, LoRA merged: int4 (the LoRA's targets at 8 bits), int8, or fp32 "
                         f"(default {DEFAULT_QUANT}, chosen in bench/quant_accuracy.py)")
