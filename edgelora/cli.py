@@ -10,7 +10,8 @@ from pathlib import Path
 from .bundle import Bundle, default_bundle_path
 from .errors import UserError, run_command
 from .evaluate import MODES
-from .writeback import DEFAULT_QUANT
+from .search import DEFAULT_OPTIMIZER, OPTIMIZERS, SELECTS
+from .writeback import DEFAULT_QUANT, QUANTS
 
 
 def cmd_info(args) -> None:
@@ -163,17 +164,17 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--out", type=Path, help="output folder (default: <examples>-adapted)")
     a.add_argument("--loras", nargs="+", help="LoRA names in the bundle, .safetensors files, or one folder "
                    "(default: 20 of the bundle's library, chosen by --select)")
-    a.add_argument("--select", choices=["loss", "random"], default="loss",
+    a.add_argument("--select", choices=SELECTS, default=SELECTS[0],
                    help="which 20 library LoRAs to compose: loss (default), the 20 with the lowest loss alone on the "
                         "examples, the search starting at the best one (one more forward per library LoRA); random, "
                         "LoraHub's sample with --seed, the search starting at 0")
     a.add_argument("--budget", type=int, default=40, help="loss evaluations (default 40)")
-    a.add_argument("--optimizer", choices=["cobyla", "nelder-mead", "powell", "cma"], default="cobyla",
-                   help="gradient-free optimizer (default cobyla: what the reference's NGOpt picks here)")
+    a.add_argument("--optimizer", choices=OPTIMIZERS, default=DEFAULT_OPTIMIZER,
+                   help=f"gradient-free optimizer (default {DEFAULT_OPTIMIZER}: what the reference's NGOpt picks here)")
     a.add_argument("--l1", type=float, default=0.05, help="weight of the mean |w| penalty (default 0.05)")
     a.add_argument("--bounds", type=float, default=1.5, help="search box [-b, b] (default 1.5)")
     a.add_argument("--seed", type=int, default=0, help="for --select random and --optimizer cma (default 0)")
-    a.add_argument("--quant", choices=["int4", "int8", "none"], default=DEFAULT_QUANT,
+    a.add_argument("--quant", choices=QUANTS, default=DEFAULT_QUANT,
                    help=f"the adapted model's weights, LoRA merged: int4 (the LoRA's targets at 8 bits), int8, or fp32 "
                         f"(default {DEFAULT_QUANT}, chosen in bench/quant_accuracy.py)")
     a.add_argument("--no-model", dest="quant", action="store_const", const=None,

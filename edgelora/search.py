@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from scipy.optimize import minimize
 
 from .bundle import Bundle
 from .errors import UserError
@@ -136,6 +135,7 @@ def rank_by_loss(scorer: Scorer, n_tokens: float, loras: list, modules: list[str
 
 
 def run_optimizer(name: str, f: Objective, x0: np.ndarray, seed: int) -> None:
+    from scipy.optimize import minimize  # here, not at the top: the CLI reads this module's choices at start-up
     dim = len(x0)
     box = [(-f.bounds, f.bounds)] * dim
     if name == "cobyla":
@@ -167,7 +167,7 @@ def run_optimizer(name: str, f: Objective, x0: np.ndarray, seed: int) -> None:
 
 def adapt(examples: str | Path | list[Example], bundle: Bundle | str | Path | None = None,
           loras: list[str] | str | Path | None = None, budget: int = 40, optimizer: str = DEFAULT_OPTIMIZER,
-          l1: float = 0.05, seed: int = 0, bounds: float = 1.5, n_loras: int = 20, select: str = "loss",
+          l1: float = 0.05, seed: int = 0, bounds: float = 1.5, n_loras: int = 20, select: str = SELECTS[0],
           on_eval=None, on_rank=None, warn=print) -> AdaptResult:
     """Find LoRA weights for `examples`. The objective and search are LoraHub's (budget 40,
     α 0.05, box ±1.5, 20 LoRAs), so results compare with the reference. Which 20: by default
