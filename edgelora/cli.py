@@ -182,7 +182,8 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--seed", type=int, default=d.seed, help=f"for --select random and --optimizer cma (default {d.seed})")
     a.add_argument("--top-k", type=int, default=d.top_k, help=f"Arrow routing: LoRAs kept per token (default {d.top_k})")
     a.add_argument("--patience", type=int, default=d.patience,
-                   help=f"stop when the best objective gained < 1e-4 over this many points (default {d.patience}; 0: never)")
+                   help=f"after the optimizer's first n+1 points, stop when the best objective gained < 1e-4 over this "
+                        f"many points (default {d.patience}; 0: never)")
     a.add_argument("--quant", choices=QUANTS, default=DEFAULT_QUANT,
                    help=f"the adapted model's weights, LoRA merged: int4 (the LoRA's targets at 8 bits), int8, or fp32 "
                         f"(default {DEFAULT_QUANT}, chosen in bench/quant_accuracy.py)")

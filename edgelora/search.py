@@ -43,7 +43,7 @@ class AdaptConfig:
     select: str = "arrow"      # which n of the library: arrow | loss | random (see SELECTS)
     seed: int = 0              # for select=random and optimizer=cma
     top_k: int = 3             # Arrow routing: LoRAs kept per token (peft's default)
-    patience: int = 10         # stop once the best objective gained < 1e-4 over this many points (0: never)
+    patience: int = 10         # after the first n + 1 points, stop once the best gained < 1e-4 over this many (0: never)
 
     def check(self) -> "AdaptConfig":
         if self.optimizer not in OPTIMIZERS:
@@ -179,8 +179,10 @@ class Objective:
         self.seconds["compose"] += t1 - t0
         self.seconds["forward"] += t2 - t1
         ev = self.record(w, pooled_loss(logprob, self.n_tokens), t2 - t0)
-        p = self.cfg.patience
-        if p and len(self._best_at) > p and self._best_at[-p - 1] - self._best_at[-1] < 1e-4:
+        # The window opens only after the optimizer's own start design (n + 1 points: COBYLA's
+        # simplex probes every LoRA once), which must not be cut short by a flat start.
+        p, start = self.cfg.patience, len(w) + 1
+        if p and len(self._best_at) >= start + p and self._best_at[-p - 1] - self._best_at[-1] < 1e-4:
             raise _Stop(f"no gain over {p} points")
         return ev.objective
 
