@@ -16,7 +16,7 @@ import numpy as np
 
 from .bundle import Bundle
 from .errors import UserError
-from .examples import Example, encode_pairs, load_examples
+from .examples import Example, check_batch_size, encode_pairs, load_examples
 from .lora import LoraStack, check_compatible, load_lora
 from .scorer import Scorer
 
@@ -193,14 +193,15 @@ def adapt(examples: str | Path | list[Example], bundle: Bundle | str | Path | No
     for i in truncated:
         warn(f"warning: {examples[i].where or f'example {i + 1}'}: longer than the bundle's "
              f"{bundle.arch['max_len']} tokens; the start of its prompt was cut")
-    scorer = Scorer(bundle)
-    scorer.bind(batch)
-    n_tokens = float(batch.target_mask.sum())
+    check_batch_size(len(examples), batch.input_ids.size, source)
     rank = select == "loss" and loras is None
     paths = choose_loras(bundle, loras, len(bundle.lora_paths()) if rank else n_loras, seed)
     loras = [load_lora(p) for p in paths]
     for lora, p in zip(loras, paths):
         check_compatible(lora, bundle.targets, bundle.arch["layers"], str(p))
+    scorer = Scorer(bundle)  # after every input is checked: building the session takes seconds
+    scorer.bind(batch)
+    n_tokens = float(batch.target_mask.sum())
     selection_evals = 0
     if rank:
         keep = rank_by_loss(scorer, n_tokens, loras, list(bundle.targets), on_rank)[:n_loras]
