@@ -49,7 +49,8 @@ def parse_json(text: str, path: str | Path, line: int | None = None):
         raise UserError(f"{path}:{line or e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
     except (ValueError, RecursionError) as e:
         where = f"{path}:{line}" if line else str(path)
-        raise UserError(f"{where}: not valid JSON ({str(e).split(';')[0]})") from None
+        reason = "nested too deeply" if isinstance(e, RecursionError) else str(e).split(";")[0]
+        raise UserError(f"{where}: not valid JSON ({reason})") from None
 
 
 def read_json(path: str | Path) -> dict:
@@ -72,6 +73,9 @@ def check_replaceable(dst: Path, is_ours: Callable[[Path], bool], what: str) -> 
     (`is_ours`): a folder a user points -o/--out at by mistake is never wiped."""
     if dst.is_symlink() or (dst.exists() and not dst.is_dir()):
         raise UserError(f"{dst}: exists and is not a folder; choose another {what}")
+    parent = next(p for p in dst.absolute().parents if p.exists())
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise UserError(f"{dst}: cannot write here ({parent} is not a writable folder); choose another {what}")
     if dst.is_dir() and any(dst.iterdir()) and not is_ours(dst):
         raise UserError(f"{dst}: a folder that is not an edgelora output, left untouched; "
                         f"choose another {what} or empty it")
