@@ -87,37 +87,40 @@ SCHEMA = {
 FILE_ENTRY = {"sha256": str, "size": int}
 TARGET_ENTRY = {"in": int, "out": int, "path": str}
 WEIGHT_ENTRY = {"name": str, "transposed": bool}
+REBUILD = "rebuild the bundle with edgelora-export base"
 JSON_TYPE = {str: "a string", int: "an integer", bool: "true or false", dict: "an object", list: "a list"}
 
 
-def check_schema(obj: dict, schema: dict, where: Path, prefix: str = "") -> None:
+def check_schema(obj: dict, schema: dict, where: Path, hint: str = REBUILD, prefix: str = "") -> None:
+    """Every key of `schema` present in `obj` with its JSON type (nested dicts checked in turn);
+    `hint` says how to get a good file."""
     for key, want in schema.items():
         name = f"{prefix}{key}"
         if key not in obj:
-            raise UserError(f"{where}: manifest lacks {name}; rebuild the bundle with edgelora-export base")
+            raise UserError(f"{where}: lacks {name}; {hint}")
         value = obj[key]
         kind = dict if isinstance(want, dict) else want
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise UserError(f"{where}: {name} must be {JSON_TYPE[kind]}")
+            raise UserError(f"{where}: {name} must be {JSON_TYPE[kind]}; {hint}")
         if isinstance(want, dict):
-            check_schema(value, want, where, f"{name}.")
+            check_schema(value, want, where, hint, f"{name}.")
 
 
 def check_entries(manifest: dict, where: Path) -> None:
     """The manifest's open-ended parts: every file entry, target and decoder weight."""
     for name, info in manifest["files"].items():
-        check_schema(info if isinstance(info, dict) else {}, FILE_ENTRY, where, f"files.{name}.")
+        check_schema(info if isinstance(info, dict) else {}, FILE_ENTRY, where, REBUILD, f"files.{name}.")
         if posixpath.isabs(name) or posixpath.normpath(name) != name or name.split("/")[0] == "..":
             raise UserError(f"{where}: file name {name!r} leaves the bundle folder")
     for m, info in manifest["targets"].items():
-        check_schema(info if isinstance(info, dict) else {}, TARGET_ENTRY, where, f"targets.{m}.")
+        check_schema(info if isinstance(info, dict) else {}, TARGET_ENTRY, where, REBUILD, f"targets.{m}.")
     if not all(isinstance(i, int) and not isinstance(i, bool) for i in manifest["eos_ids"]):
         raise UserError(f"{where}: eos_ids must be a list of integers")
     for m, layers in manifest["decoder"]["weights"].items():
         if m not in manifest["targets"] or not isinstance(layers, list) or len(layers) != manifest["arch"]["layers"]:
             raise UserError(f"{where}: decoder.weights.{m} must list one weight per layer of a target")
         for i, info in enumerate(layers):
-            check_schema(info if isinstance(info, dict) else {}, WEIGHT_ENTRY, where, f"decoder.weights.{m}.{i}.")
+            check_schema(info if isinstance(info, dict) else {}, WEIGHT_ENTRY, where, REBUILD, f"decoder.weights.{m}.{i}.")
     d = manifest["decoder"]
     for name in (manifest["scoring"]["file"], manifest["tokenizer"], f"{d['dir']}/{d['file']}"):
         if name not in manifest["files"]:

@@ -32,10 +32,9 @@ def interrupted_exit_code() -> int:
 
 def run_command(prog: str, fn: Callable[[], int | None]) -> int:
     """Exit codes shared by both CLIs: 2 for a user mistake or a file that cannot be read or
-    written (one line, no traceback), 130 for
-    Ctrl-C and 143 for SIGTERM (whatever the command saved before it stopped stays saved), 141
-    when the reader of stdout went away (`edgelora info | head`): the shell's code for SIGPIPE,
-    no traceback."""
+    written (one line, no traceback), 130 for Ctrl-C and 143 for SIGTERM (whatever the command
+    saved before it stopped stays saved), 141 when the reader of stdout went away (`edgelora
+    info | head`): the shell's code for SIGPIPE, no traceback."""
     _signals.clear()
     handlers = {s: signal.signal(s, _stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:

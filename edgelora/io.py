@@ -2,6 +2,8 @@
 new one), JSON read as user input, and the peak memory a report quotes."""
 from __future__ import annotations
 
+import fcntl
+import glob
 import hashlib
 import json
 import os
@@ -94,6 +96,34 @@ def replace_dir(new: Path, dst: Path) -> None:
         os.rename(new, dst)
 
 
+def _locked(folder: Path) -> int | None:
+    """An open descriptor holding `folder`'s exclusive lock, or None if another process holds it.
+    The lock follows the folder through renames and dies with its process, even by kill -9."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return fd
+    except OSError:
+        os.close(fd)
+        return None
+
+
+def tidy_beside(dst: Path) -> None:
+    """Clear what killed runs left beside `dst`: temporary folders no live process holds the lock
+    of are deleted; a previous output renamed aside by `replace_dir` is put back where `dst` is
+    missing (the run died between its two renames), and deleted where `dst` is there."""
+    for tmp in dst.parent.glob(f".{glob.escape(dst.name)}.*.tmp"):
+        fd = _locked(tmp)
+        if fd is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.close(fd)
+    for old in sorted(dst.parent.glob(f".{glob.escape(dst.name)}.*.old")):
+        if dst.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(old, dst)
+
+
 @contextmanager
 def building(dst: Path) -> Iterator[Path]:
     """A temporary folder beside `dst` to build an output in; it replaces `dst` whole when the
@@ -101,7 +131,9 @@ def building(dst: Path) -> Iterator[Path]:
     a UserError naming the folder, and `dst` is left as it was."""
     try:
         dst.parent.mkdir(parents=True, exist_ok=True)
+        tidy_beside(dst)
         tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp"))
+        lock = _locked(tmp)
     except OSError as e:
         raise UserError(f"{dst}: cannot write here ({e.strerror})") from None
     try:
@@ -111,6 +143,8 @@ def building(dst: Path) -> Iterator[Path]:
         raise UserError(f"{dst}: cannot write the output ({e.strerror}); it is left as it was") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if lock is not None:
+            os.close(lock)
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:

@@ -154,10 +154,7 @@ def check_model(folder: Path) -> dict:
     a model never runs beside weights it does not hold."""
     meta_path = folder / MODEL_META
     meta = read_json(meta_path)
-    try:
-        check_schema(meta, MODEL_SCHEMA, meta_path)
-    except UserError as e:
-        raise UserError(f"{e}; re-run edgelora adapt to rewrite the model") from None
+    check_schema(meta, MODEL_SCHEMA, meta_path, "re-run edgelora adapt to rewrite the model")
     if Path(meta["tokenizer"]).name != meta["tokenizer"]:
         raise UserError(f"{meta_path}: tokenizer {meta['tokenizer']!r} is not a file of this folder")
     model = folder / "model.onnx"

@@ -62,8 +62,9 @@ def test_kill_at_random_moments_leaves_a_whole_output(library, tmp_path):  # noq
             assert_complete(out, expected)
         else:
             assert start_empty or proc.returncode == -signal.SIGKILL
-    subprocess.run(cmd, check=True, capture_output=True)  # what a killed run leaves beside does not get in the way
+    subprocess.run(cmd, check=True, capture_output=True)  # and the folders killed runs left beside are removed
     assert_complete(out, expected)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.")] == []
 
 
 def start_long_search(bundle: Path, tmp_path: Path) -> tuple[subprocess.Popen, list[str], Path]:

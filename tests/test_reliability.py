@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -53,6 +54,23 @@ def test_replace_dir_swaps_a_folder_whole(tmp_path):
     (new / "new.txt").write_text("new")
     replace_dir(new, dst)
     assert [p.name for p in tmp_path.iterdir()] == ["out"] and [p.name for p in dst.iterdir()] == ["new.txt"]
+
+
+def test_what_killed_runs_left_is_tidied(tmp_path):
+    """A killed run's temporary folder is deleted unless a live run holds it; a previous output
+    renamed aside just before a kill is put back."""
+    from edgelora.io import _locked, tidy_beside
+    dst = tmp_path / "out"
+    for name in (".out.dead.tmp", ".out.live.tmp", ".out.prev.old"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "weights.json").write_text(name)
+    live = _locked(tmp_path / ".out.live.tmp")
+    try:
+        tidy_beside(dst)
+    finally:
+        os.close(live)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.live.tmp", "out"]
+    assert (dst / "weights.json").read_text() == ".out.prev.old"
 
 
 # -- 2. stale model -------------------------------------------------------------------------
