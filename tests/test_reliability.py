@@ -157,6 +157,14 @@ def test_bad_loras_are_reported_before_the_scoring_session_is_built(library, mon
         adapt([Example(PROMPTS[0], "yes")], library[0], loras=["nope"])
 
 
+def test_verify_lists_every_damaged_file(tiny_bundle):
+    for name in ("tokenizer.json", "decoder/config.json"):
+        data = bytearray((tiny_bundle / name).read_bytes())
+        data[5] ^= 1
+        (tiny_bundle / name).write_bytes(bytes(data))
+    assert_refused(cli("edgelora.cli", "verify", "--bundle", str(tiny_bundle)), "decoder/config.json, tokenizer.json")
+
+
 def test_bundle_hashes_are_cached_by_size_and_mtime(tiny_bundle, monkeypatch):
     from edgelora import bundle as bundle_mod
     bundle_mod.Bundle.open(tiny_bundle)
