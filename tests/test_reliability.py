@@ -46,6 +46,15 @@ def test_export_base_refuses_a_folder_that_is_not_a_bundle(tiny_hf, tmp_path):
     assert (mine / "thesis.tex").read_text() == "years of work" and len(list(tmp_path.iterdir())) == 1
 
 
+def test_force_rebuilds_a_bundle_by_swapping_it(tiny_hf, tiny_bundle):
+    from edgelora.bundle import Bundle
+    from edgelora_export.base import export_base
+    (tiny_bundle / "loras" / "stale.txt").write_text("from the old bundle")
+    export_base(tiny_hf, tiny_bundle, ["q_proj", "v_proj"], force=True, log=lambda *a: None)
+    assert not (tiny_bundle / "loras" / "stale.txt").exists() and Bundle.open(tiny_bundle).verify() == []
+    assert [p.name for p in tiny_bundle.parent.iterdir()] == [tiny_bundle.name]
+
+
 def test_replace_dir_swaps_a_folder_whole(tmp_path):
     from edgelora.io import replace_dir
     dst, new = tmp_path / "out", tmp_path / "new"
