@@ -1,8 +1,11 @@
 """ADAPT end to end, edgelora vs the reference LoraHub loop, in one run on the real SmolLM2 bundle:
-20 LoRAs, 5 examples, budget 40. Each method runs in its own process so its wall time counts its
-own imports and setup and its peak RSS is its own; the parent only orchestrates and compares.
+20 LoRAs, 5 examples, budget 40, whole process including the write-back (edgelora: the int4 ONNX
+model; the reference: its own last step, `merge_and_unload`). Each method runs in its own process
+so its wall time counts its own imports and setup and its peak RSS is its own; the parent only
+orchestrates and compares.
 
-Targets: total time reference / edgelora >= 10; edgelora per evaluation / plain base forward <= 1.15.
+Targets: total time reference / edgelora >= 4; edgelora per evaluation / a plain fp32 forward
+over the same examples right-padded (no slots, LM head at the targets) <= 0.7.
     pip install nevergrad        # bench-only: the reference's optimizer
     python bench/adapt.py [--task date_understanding] [--budget 40] [--powell]
 If the bundle has fewer LoRAs than --n-loras, seeded random rank-8 LoRAs are made once in
@@ -22,12 +25,12 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
-from common import DATA, alternate, base_source, median, peak_rss_mb, save  # noqa: E402
+from common import DATA, alternate, base_source, median, padded_feeds, padded_graph, peak_rss_mb, save  # noqa: E402
 
 from edgelora.bundle import Bundle, default_bundle_path, home  # noqa: E402
 from edgelora.examples import encode_pairs, load_examples  # noqa: E402
 from edgelora.lora import Lora, load_lora, save_lora, to_peft, zero_slots  # noqa: E402
-from edgelora.search import DEFAULT_OPTIMIZER, choose_loras  # noqa: E402
+from edgelora.search import AdaptConfig, choose_loras  # noqa: E402
 
 MARK = "RESULT "
 RANK = 8
@@ -84,6 +87,10 @@ def worker_reference(args, bundle: Bundle) -> dict:
     peft_model, cache = load_base_model_and_lora_modules(model, folders)
     batch = encode(tok, prompts, targets, bundle.manifest["pad_id"])
     w, history, name = lorahub_learning(peft_model, cache, batch, args.budget, divide_by_examples=args.upstream_loss)
+    import copy
+    t = time.perf_counter()
+    copy.deepcopy(peft_model).merge_and_unload()  # upstream's last step (on a copy: the losses below need the PEFT model)
+    merge_s = time.perf_counter() - t
     total_s, cpu, rss = time.perf_counter() - T0, cpu_s(), peak_rss_mb()
     # after the clock: the losses that compare (no L1, not divided), and the token parity
     loss_rec = get_loss(batch, peft_model)
@@ -91,11 +98,10 @@ def worker_reference(args, bundle: Bundle) -> dict:
     from reference_lorahub import get_final_weights
     set_peft_model_state_dict(peft_model, get_final_weights(np.zeros(len(cache)), list(cache), cache))
     loss_zero = get_loss(batch, peft_model)
-    ours, _ = encode_pairs(bundle.tokenizer(), list(zip(prompts, targets)), bundle.arch["max_len"], bundle.manifest["pad_id"])
-    same_tokens = bool(np.array_equal(ours.input_ids[:, : batch["input_ids"].shape[1]], batch["input_ids"].numpy())
-                       and ours.input_ids.shape[1] == batch["input_ids"].shape[1])
+    ours, _ = encode_pairs(bundle.tokenizer(), list(zip(prompts, targets)), bundle.arch["max_len"])
+    same_tokens = bool(np.array_equal(padded_feeds(ours, bundle.manifest["pad_id"])["input_ids"], batch["input_ids"].numpy()))
     best = min(history, key=lambda h: h[1])
-    return {"method": f"reference NGOpt({name})", "total_s": total_s, "cpu_s": cpu,
+    return {"method": f"reference NGOpt({name})", "total_s": total_s, "cpu_s": cpu, "writeback_s": merge_s,
             "outside_evals_s": total_s - sum(h[3] for h in history), "evals": len(history),
             "eval_s": [h[3] for h in history], "loss": loss_rec, "loss_best_evaluated": best[0],
             "objective_best_evaluated": best[1], "loss_zero": loss_zero, "weights": w.tolist(),
@@ -104,45 +110,47 @@ def worker_reference(args, bundle: Bundle) -> dict:
 
 
 def worker_edgelora(args, bundle: Bundle) -> dict:
-    """edgelora.search.adapt timed from process start; then, off the clock, the plain forward
-    (zero slots, and the no-slot graph if cached) alternated with one evaluation at the best
-    weights, and the reference's weights scored by this scorer."""
+    """edgelora.search.adapt and the default write-back, timed from process start; then, off the
+    clock, one evaluation at the best weights alternated with the plain fp32 forward over the same
+    examples right-padded, and the reference's weights scored by this scorer."""
+    import tempfile
     import onnxruntime as ort
     from edgelora.scorer import Scorer, session_options
     from edgelora.search import adapt
+    from edgelora.writeback import write_model
     paths, _ = lora_files(bundle, args.n_loras, args.seed)
     res = adapt(task_file(args.task), bundle, loras=paths, budget=args.budget, optimizer=args.optimizer,
-                warn=lambda m: print(m, file=sys.stderr))
+                patience=args.patience, warn=lambda m: print(m, file=sys.stderr))
+    t = time.perf_counter()
+    with tempfile.TemporaryDirectory() as out:
+        write_model(bundle, *res.merged(), Path(out))
+    writeback_s = time.perf_counter() - t
     total_s, cpu, rss = time.perf_counter() - T0, cpu_s(), peak_rss_mb()
 
     fmt = bundle.prompt_format
     examples = load_examples(task_file(args.task))
     batch, _ = encode_pairs(bundle.tokenizer(), [(fmt.prompt(e.input), e.output + fmt.stop) for e in examples],
-                            bundle.arch["max_len"], bundle.manifest["pad_id"])
+                            bundle.arch["max_len"])
     scorer = Scorer(bundle)
     scorer.bind(batch)
     n_tok = float(batch.target_mask.sum())
-    zero = zero_slots(bundle.targets, bundle.arch["layers"])
 
     def loss_at(w) -> float:
         return float(-scorer.run(*res.stack.compose(w))[1].sum() / n_tok)
 
-    fns = {"eval": lambda: loss_at(res.weights), "plain_zero_slots": lambda: scorer.run(*zero)}
-    noslots = home() / "bench" / "scoring-noslots.onnx"
-    if noslots.exists():
-        sess = ort.InferenceSession(str(noslots), session_options(), providers=["CPUExecutionProvider"])
-        feeds = batch.feeds()
-        fns["plain_noslots"] = lambda: sess.run(["loss"], feeds)
+    padded = ort.InferenceSession(str(padded_graph(bundle)), session_options(), providers=["CPUExecutionProvider"])
+    feeds = padded_feeds(batch, bundle.manifest["pad_id"])
+    fns = {"eval": lambda: loss_at(res.weights), "plain_padded": lambda: padded.run(["logprob"], feeds)}
     for fn in fns.values():
         fn()  # warm-up
     times = {k: median(v) for k, v in alternate(fns, args.rounds).items()}
-    out = {"method": f"edgelora {args.optimizer}", "total_s": total_s, "cpu_s": cpu,
+    out = {"method": f"edgelora {args.optimizer}", "total_s": total_s, "cpu_s": cpu, "writeback_s": writeback_s,
            "outside_evals_s": total_s - sum(h.seconds for h in res.history),
-           "adapt_s": res.seconds, "evals": len(res.history),
+           "adapt_s": res.seconds, "evals": len(res.history), "forwards": res.settings["forwards"], "stop": res.stop,
            "eval_s": [h.seconds for h in res.history], "loss": res.loss, "objective": res.objective,
            "loss_zero": res.start_loss, "weights": res.weights.tolist(), "peak_rss_mb": rss,
-           "threads": scorer.session.get_session_options().intra_op_num_threads,
-           "tokens": batch.n_tokens, "target_tokens": int(n_tok), "padded_shape": list(batch.input_ids.shape),
+           "threads": scorer.session.get_session_options().intra_op_num_threads, "timings": res.timings,
+           "tokens": batch.n_tokens, "target_tokens": int(n_tok), "padded_tokens": batch.padded_tokens,
            "alternated_median_s": times, "loss_at_best_recheck": loss_at(res.weights),
            "history_loss_range": [min(h.loss for h in res.history), max(h.loss for h in res.history)]}
     if args.ref_weights:
@@ -153,7 +161,8 @@ def worker_edgelora(args, bundle: Bundle) -> dict:
 def run_worker(kind: str, args, extra: list[str]) -> dict:
     cmd = [sys.executable, __file__, "--worker", kind, "--bundle", str(args.bundle), "--task", args.task,
            "--budget", str(args.budget), "--n-loras", str(args.n_loras), "--seed", str(args.seed),
-           "--rounds", str(args.rounds), *(["--upstream-loss"] if args.upstream_loss else []), *extra]
+           "--rounds", str(args.rounds), "--patience", str(args.patience),
+           *(["--upstream-loss"] if args.upstream_loss else []), *extra]
     print(f"-- {kind} {' '.join(extra)}", file=sys.stderr, flush=True)
     t = time.perf_counter()
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
@@ -172,11 +181,13 @@ def main() -> None:
     ap.add_argument("--n-loras", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0, help="picks the bundle's LoRAs when it has enough")
     ap.add_argument("--rounds", type=int, default=7, help="alternated timings of one eval vs the plain forward")
-    ap.add_argument("--also", default="nelder-mead", help="other optimizers to run edgelora with (comma-separated)")
+    ap.add_argument("--also", default="", help="other optimizers to run edgelora with (comma-separated)")
+    ap.add_argument("--patience", type=int, default=AdaptConfig.patience,
+                    help="edgelora's no-gain stop (0: run the whole budget, as the reference does)")
     ap.add_argument("--upstream-loss", action="store_true",
                     help="reference objective divides the batch loss by the number of examples, as upstream does")
     ap.add_argument("--worker", choices=["edgelora", "reference"], help=argparse.SUPPRESS)
-    ap.add_argument("--optimizer", default=DEFAULT_OPTIMIZER, help=argparse.SUPPRESS)
+    ap.add_argument("--optimizer", default=AdaptConfig.optimizer, help=argparse.SUPPRESS)
     ap.add_argument("--ref-weights", help=argparse.SUPPRESS)
     args = ap.parse_args()
     bundle = Bundle.open(args.bundle)
@@ -195,36 +206,31 @@ def main() -> None:
     ours = runs[0]
 
     plain = ours["alternated_median_s"]
-    print(f"\n{ours['evals']} evals budget {args.budget}, {len(paths)} LoRAs, {ours['tokens']} tokens "
-          f"({ours['target_tokens']} target), padded {ours['padded_shape']}")
-    print(f"{'method':<24}{'total s':>9}{'CPU s':>8}{'non-eval s':>11}{'evals':>6}{'ms/eval':>9}"
+    print(f"\n{ours['evals']} points ({ours['forwards']} forwards, stopped: {ours['stop']}), budget {args.budget}, "
+          f"{len(paths)} LoRAs, {ours['tokens']} tokens packed ({ours['padded_tokens']} padded, {ours['target_tokens']} target)")
+    print(f"{'method':<24}{'total s':>9}{'CPU s':>8}{'write s':>8}{'non-eval s':>11}{'evals':>6}{'ms/eval':>9}"
           f"{'loss':>9}{'objective':>10}{'loss w=0':>10}{'RSS MB':>8}")
     for r in runs:
-        print(f"{r['method']:<24}{r['total_s']:>9.1f}{r['cpu_s']:>8.1f}{r['outside_evals_s']:>11.1f}{r['evals']:>6}"
-              f"{median(r['eval_s']) * 1000:>9.0f}{r['loss']:>9.4f}{r['loss'] + 0.05 * np.abs(r['weights']).mean():>10.4f}"
-              f"{r['loss_zero']:>10.4f}{r['peak_rss_mb']:>8.0f}")
+        print(f"{r['method']:<24}{r['total_s']:>9.1f}{r['cpu_s']:>8.1f}{r['writeback_s']:>8.1f}{r['outside_evals_s']:>11.1f}"
+              f"{r['evals']:>6}{median(r['eval_s']) * 1000:>9.0f}{r['loss']:>9.4f}"
+              f"{r['loss'] + 0.05 * np.abs(r['weights']).mean():>10.4f}{r['loss_zero']:>10.4f}{r['peak_rss_mb']:>8.0f}")
     ratios = {"total_reference_over_edgelora": ref["total_s"] / ours["total_s"],
               "cpu_reference_over_edgelora": ref["cpu_s"] / ours["cpu_s"],
               "per_eval_reference_over_edgelora": median(ref["eval_s"]) / median(ours["eval_s"]),
-              "per_eval_over_plain_zero_slots": median(ours["eval_s"]) / plain["plain_zero_slots"],
-              "alternated_eval_over_plain_zero_slots": plain["eval"] / plain["plain_zero_slots"]}
-    if "plain_noslots" in plain:
-        ratios["per_eval_over_plain_noslots"] = median(ours["eval_s"]) / plain["plain_noslots"]
-        ratios["alternated_eval_over_plain_noslots"] = plain["eval"] / plain["plain_noslots"]
-    print(f"plain forward (median of {args.rounds} alternated): "
-          + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in plain.items()))
+              "alternated_eval_over_plain_padded": plain["eval"] / plain["plain_padded"]}
+    print(f"alternated medians of {args.rounds}: " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in plain.items()))
     print(f"reference best weights scored by edgelora: {ours['loss_of_reference_weights']:.4f} "
           f"(torch {ref['loss']:.4f}; its best evaluated point {ref['loss_best_evaluated']:.4f}); loss at w=0: edgelora {ours['loss_zero']:.5f}, torch {ref['loss_zero']:.5f}, "
           f"|diff| {abs(ours['loss_zero'] - ref['loss_zero']):.1e}; same tokens: {ref['same_tokens_as_edgelora']}")
     for k, v in ratios.items():
         print(f"{k:<40}{v:8.3f}")
-    print("targets: total_reference_over_edgelora >= 10, per_eval_over_plain <= 1.15")
+    print("targets: total_reference_over_edgelora >= 4, alternated_eval_over_plain_padded <= 0.7")
     save(f"adapt_{task_file(args.task).name.split('.')[0]}", {
         "task": str(task_file(args.task)), "budget": args.budget, "n_loras": len(paths), "loras": [str(p) for p in paths],
         "upstream_loss": args.upstream_loss, "runs": runs, "ratios": ratios,
         "parity": {"loss_zero_abs_diff": abs(ours["loss_zero"] - ref["loss_zero"]),
                    "reference_weights_loss_torch_vs_edgelora": [ref["loss"], ours["loss_of_reference_weights"]]},
-        "target": "total_reference_over_edgelora >= 10, per_eval_over_plain <= 1.15"})
+        "target": "total_reference_over_edgelora >= 4, alternated_eval_over_plain_padded <= 0.7"})
 
 
 if __name__ == "__main__":

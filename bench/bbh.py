@@ -35,7 +35,7 @@ from edgelora.examples import encode_pairs, load_examples
 from edgelora.generate import Model
 from edgelora.lora import LoraStack, load_lora
 from edgelora.scorer import Scorer
-from edgelora.search import adapt
+from edgelora.search import AdaptConfig, adapt
 from edgelora.writeback import DEFAULT_QUANT, write_model
 
 
@@ -57,11 +57,10 @@ def log(task: str, step: str, r: dict, t0: float) -> None:
 def oracle_lora(bundle: Bundle, loras, test) -> str:
     """The single LoRA under which the test answers are likeliest (summed log-prob through the
     scoring graph): one sequence per example instead of one per option, so 39 LoRAs stay cheap."""
-    fmt, tok, pad = bundle.prompt_format, bundle.tokenizer(), bundle.manifest["pad_id"]
+    fmt, tok = bundle.prompt_format, bundle.tokenizer()
     scorer = Scorer(bundle)
-    # sorted by length, so each batch pads little (the sum over examples does not depend on order)
-    pairs = sorted(((fmt.prompt(e.input), e.output + fmt.stop) for e in test), key=lambda p: len(tok.encode(p[0]).ids))
-    batches = [encode_pairs(tok, pairs[i: i + 16], bundle.arch["max_len"], pad)[0] for i in range(0, len(pairs), 16)]
+    pairs = [(fmt.prompt(e.input), e.output + fmt.stop) for e in test]
+    batches = [encode_pairs(tok, pairs[i: i + 16], bundle.arch["max_len"])[0] for i in range(0, len(pairs), 16)]
     totals = {}
     for lora in loras:
         A, B = LoraStack([lora], list(bundle.targets)).compose(np.ones(1))
@@ -91,6 +90,23 @@ def lorahub_selected(bundle: Bundle, suite: str, task: str, args) -> dict:
     return row
 
 
+def lorahub_default(bundle: Bundle, suite: str, task: str, args) -> dict:
+    """`edgelora adapt` with every default (AdaptConfig), timed as a user waits for it: the
+    adapt call (session, selection, search), then the write-back apart. Written back as the
+    other columns are, so they compare."""
+    adapt_file, test, work = inputs(suite, task, args)
+    t0 = time.perf_counter()
+    res = adapt(adapt_file, bundle, warn=lambda m: None)
+    adapt_s = time.perf_counter() - t0
+    write_model(bundle, *res.merged(), work / "default", args.quant, merged=False)
+    row = {**score(work / "default", test), "loss": [res.start_loss, res.loss], "adapt_s": adapt_s,
+           "writeback_s": time.perf_counter() - t0 - adapt_s, "forwards": res.settings["forwards"],
+           "stop": res.stop, "config": {k: v for k, v in res.settings.items() if k in AdaptConfig.__dataclass_fields__},
+           "weights": dict(zip(res.loras, res.weights.round(4).tolist()))}
+    log(task, f"adapt default ({res.settings['select']}, {adapt_s:.0f}s)", row, t0)
+    return row
+
+
 def run_task(bundle: Bundle, suite: str, task: str, args) -> dict:
     adapt_file, test, work = inputs(suite, task, args)
     shots = load_examples(adapt_file)
@@ -114,6 +130,7 @@ def run_task(bundle: Bundle, suite: str, task: str, args) -> dict:
                       **{f"{k}_std": statistics.pstdev(agg(k)) if agg(k) else None for k in ("exact", "options")},
                       "prompt_tokens": runs[0]["prompt_tokens"]}
     row["lorahub-loss"] = lorahub_selected(bundle, suite, task, args)
+    row["default"] = lorahub_default(bundle, suite, task, args)
     library = [load_lora(p) for p in bundle.lora_paths().values()]
     t0 = time.perf_counter()
     name = oracle_lora(bundle, library, test[: args.oracle_n])
@@ -134,6 +151,11 @@ def pct(v):
     return "–" if v is None else f"{100 * v:.1f}"
 
 
+def default_cell(row, k) -> str:
+    d = row.get("default")
+    return "–" if d is None else f"{pct(d[k])} ({d['adapt_s']:.0f})"
+
+
 def shot_note(row) -> str:
     """ICL's mean shot count, where some prompts had to drop shots to fit the model."""
     k = row["icl"].get("shots", 5)
@@ -149,20 +171,22 @@ def table(rows: list[dict]) -> str:
         if not rs:
             continue
         out += [f"**{title}**", "",
-                "| suite | task | n | zero-shot | ICL | LoraHub (mean ± std) | LoraHub, loss-picked | oracle LoRA | uniform | prompt tokens (0-shot / ICL) |",
-                "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                "| suite | task | n | zero-shot | ICL | LoraHub (mean ± std) | LoraHub, loss-picked | adapt default (s) | oracle LoRA | uniform | prompt tokens (0-shot / ICL) |",
+                "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in rs:
             lh = r["lorahub"]
             out.append(f"| {r['suite']} | {r['task']} | {r['n_test']} | {pct(r['zero-shot'][k])} | {pct(r['icl'][k])} | "
                        f"{pct(lh[k + '_mean'])} ± {pct(lh[k + '_std'])} | {pct(r.get('lorahub-loss', {}).get(k))} | "
+                       f"{default_cell(r, k)} | "
                        f"{pct(r['oracle'][k])} ({r['oracle']['lora']}) | "
                        f"{pct(r['uniform'][k])} | {r['zero-shot']['prompt_tokens']:.0f} / {r['icl']['prompt_tokens']:.0f}{shot_note(r)} |")
         for suite in sorted({r["suite"] for r in rs}):
             ss = [r for r in rs if r["suite"] == suite]
             m = lambda f: pct(statistics.mean(f(r) for r in ss))
             sel = pct(statistics.mean(r["lorahub-loss"][k] for r in ss)) if all("lorahub-loss" in r for r in ss) else "–"
+            dft = pct(statistics.mean(r["default"][k] for r in ss)) if all("default" in r for r in ss) else "–"
             out.append(f"| {suite} | **mean of {len(ss)}** | | {m(lambda r: r['zero-shot'][k])} | {m(lambda r: r['icl'][k])} | "
-                       f"{m(lambda r: r['lorahub'][k + '_mean'])} | {sel} | {m(lambda r: r['oracle'][k])} | "
+                       f"{m(lambda r: r['lorahub'][k + '_mean'])} | {sel} | {dft} | {m(lambda r: r['oracle'][k])} | "
                        f"{m(lambda r: r['uniform'][k])} | |")
         out.append("")
     return "\n".join(out)
@@ -189,6 +213,7 @@ def main():
     ap.add_argument("--quant", default=DEFAULT_QUANT)
     ap.add_argument("--name", default="bbh", help="results file name (bench/results/NAME.md/.json)")
     ap.add_argument("--oracle-n", type=int, default=50, help="test examples the oracle LoRA is picked on")
+    ap.add_argument("--no-default", action="store_true", help="do not add the adapt-default column to finished rows")
     args = ap.parse_args()
     bundle = Bundle.open()
     settings = {"limit": args.limit, "oracle_n": args.oracle_n, "seeds": args.seeds, "budget": args.budget,
@@ -200,8 +225,11 @@ def main():
     for suite, task in todo:
         if (suite, task) not in done:
             done[suite, task] = run_task(bundle, suite, task, args)
-        elif "lorahub-loss" not in done[suite, task]:  # a row from before that column
-            done[suite, task]["lorahub-loss"] = lorahub_selected(bundle, suite, task, args)
+        else:  # a row from before a column was added: run just that column
+            if "lorahub-loss" not in done[suite, task]:
+                done[suite, task]["lorahub-loss"] = lorahub_selected(bundle, suite, task, args)
+            if "default" not in done[suite, task] and not args.no_default:
+                done[suite, task]["default"] = lorahub_default(bundle, suite, task, args)
         rows = list(done.values())
         print(table([done[suite, task]]), flush=True)
         note = (f"LoraHub: {args.seeds} seeds, budget {args.budget}, 20 of {len(bundle.lora_paths())} LoRAs; "

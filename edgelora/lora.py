@@ -37,11 +37,26 @@ class Lora:
 
 
 def save_lora(path: str | Path, lora: Lora, dtype=np.float16) -> None:
+    """A and B at `dtype`, and Arrow's prototypes (fp32) of the values as stored, so a bundle
+    ranks its library from one forward without touching A and B."""
     tensors = {}
     for m in lora.A:
         tensors[f"{m}.A"] = np.ascontiguousarray(lora.A[m], dtype=dtype)
         tensors[f"{m}.B"] = np.ascontiguousarray(lora.B[m], dtype=dtype)
+    stored = Lora(lora.name, lora.rank, lora.alpha, {m: tensors[f"{m}.A"] for m in lora.A},
+                  {m: tensors[f"{m}.B"] for m in lora.A})
+    for m, v in prototypes(stored).items():
+        tensors[f"{m}.proto"] = v
     atomic_write(path, save(tensors, metadata=lora.metadata()))
+
+
+# What safetensors raises for a file it cannot read: damaged, truncated, a header that lies.
+SAFETENSORS_ERRORS = (SafetensorError, OSError, ValueError, TypeError)
+
+
+def unreadable(path: Path, e: Exception) -> UserError:
+    reason = (str(e).splitlines() or [type(e).__name__])[0]
+    return UserError(f"{path}: not a readable safetensors file ({reason})")
 
 
 def load_lora(path: str | Path) -> Lora:
@@ -52,9 +67,8 @@ def load_lora(path: str | Path) -> Lora:
         with safe_open(path, "np") as f:
             meta = f.metadata() or {}
         tensors = load_file(path)
-    except (SafetensorError, OSError, ValueError, TypeError) as e:
-        reason = (str(e).splitlines() or [type(e).__name__])[0]
-        raise UserError(f"{path}: not a readable safetensors file ({reason})") from None
+    except SAFETENSORS_ERRORS as e:
+        raise unreadable(path, e) from None
     if meta.get("format") != "edgelora-lora":
         raise UserError(f"{path}: not an edgelora LoRA (safetensors metadata lacks format=edgelora-lora)")
     try:
@@ -63,12 +77,38 @@ def load_lora(path: str | Path) -> Lora:
         raise UserError(f"{path}: its metadata needs an integer rank and a number alpha") from None
     if rank < 1 or not np.isfinite(alpha):
         raise UserError(f"{path}: rank {rank} and alpha {alpha} must be a positive integer and a finite number")
-    mods = sorted({k.rsplit(".", 1)[0] for k in tensors})
-    if not mods or sorted(tensors) != sorted(f"{m}.{ab}" for m in mods for ab in "AB"):
-        raise UserError(f"{path}: expected tensors <module>.A and <module>.B, found {', '.join(sorted(tensors)) or 'none'}")
+    weights = sorted(k for k in tensors if not k.endswith(".proto"))  # .proto: Arrow's prototypes
+    mods = sorted({k.rsplit(".", 1)[0] for k in weights})
+    if not mods or weights != sorted(f"{m}.{ab}" for m in mods for ab in "AB"):
+        raise UserError(f"{path}: expected tensors <module>.A and <module>.B, found {', '.join(weights) or 'none'}")
     A = {m: tensors[f"{m}.A"].astype(np.float32) for m in mods}
     B = {m: tensors[f"{m}.B"].astype(np.float32) for m in mods}
     return Lora(meta.get("name", path.stem), rank, alpha, A, B, meta.get("source", ""))
+
+
+def prototypes(lora: Lora) -> dict[str, np.ndarray]:
+    """Arrow's prototype of each layer and module ([L, in] per module): the top right singular
+    vector of ΔW = B·A, unit norm, sign arbitrary (routing uses |x·v|). Exact, from the thin
+    factors: Aᵀ = QR, then the SVD of the small [out, r] core B·Rᵀ, so ΔW = U·S·(Q·V)ᵀ is never
+    formed (peft's ArrowConfig gets the same vector by power iteration on Aᵀ(BᵀB)A)."""
+    out = {}
+    for m in lora.A:
+        Q, R = np.linalg.qr(lora.A[m].astype(np.float64).transpose(0, 2, 1))  # [L, in, r], [L, r, r]
+        _, _, Vt = np.linalg.svd(lora.B[m].astype(np.float64) @ R.transpose(0, 2, 1), full_matrices=False)
+        out[m] = (Q @ Vt[:, 0, :, None])[..., 0].astype(np.float32)
+    return out
+
+
+def load_prototypes(path: str | Path) -> dict[str, np.ndarray]:
+    """A library LoRA's prototypes, read alone (LoRAs saved before they were stored: computed)."""
+    try:
+        with safe_open(path, "np") as f:
+            keys = [k for k in f.keys() if k.endswith(".proto")]
+            if keys:
+                return {k.removesuffix(".proto"): f.get_tensor(k) for k in keys}
+    except SAFETENSORS_ERRORS as e:
+        raise unreadable(path, e) from None
+    return prototypes(load_lora(path))
 
 
 def check_compatible(lora: Lora, targets: dict[str, dict], layers: int, where: str) -> None:
@@ -129,6 +169,26 @@ class LoraStack:
         return self.A, self.B
 
 
+def routing_slots(protos: list[dict[str, np.ndarray]], targets: dict[str, dict], layers: int):
+    """A slot whose x·Aᵀ is every LoRA's Arrow score |x·v| (before the abs) and whose B is 0, so
+    the forward is the base model's: the library ranked, and w = 0 scored, by one forward."""
+    A = {m: np.stack([p[m] if m in p else np.zeros((layers, t["in"]), np.float32) for p in protos], axis=1)
+         for m, t in targets.items()}
+    B = {m: np.zeros((layers, t["out"], len(protos)), np.float32) for m, t in targets.items()}
+    return A, B
+
+
+def arrow_weights(scores: np.ndarray, top_k: int, temperature: float = 1.0) -> np.ndarray:
+    """peft's Arrow routing from raw scores x·v [..., N]: |score|, keep the top-k per token,
+    softmax(|score| / T) over the kept ones, 0 elsewhere."""
+    s = np.abs(scores) / temperature
+    k = min(top_k, s.shape[-1])  # a library smaller than top-k keeps all of it
+    kth = np.partition(s, -k, axis=-1)[..., -k, None]
+    keep = s >= kth
+    e = np.where(keep, np.exp(s - s.max(-1, keepdims=True)), 0.0)
+    return e / e.sum(-1, keepdims=True)
+
+
 def zero_slots(targets: dict[str, dict], layers: int, rank: int = 1):
     """A LoRA slot that adds nothing: the plain base model."""
     A = {m: np.zeros((layers, rank, t["in"]), np.float32) for m, t in targets.items()}
@@ -165,9 +225,8 @@ def from_peft(folder: str | Path, targets: dict[str, dict], layers: int, name: s
         alpha = alpha * rank ** 0.5  # keep scale = alpha / r
     try:
         tensors = load_file(st_path)
-    except (SafetensorError, OSError, ValueError, TypeError) as e:
-        reason = (str(e).splitlines() or [type(e).__name__])[0]
-        raise UserError(f"{st_path}: not a readable safetensors file ({reason})") from None
+    except SAFETENSORS_ERRORS as e:
+        raise unreadable(st_path, e) from None
     found = {k.split(".lora_")[0].rsplit(".", 1)[-1] for k in tensors if ".lora_" in k}
     for m in sorted(found - set(targets)):
         raise UserError(f"{folder}: module {m} is not a LoRA target of this bundle "

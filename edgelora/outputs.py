@@ -28,7 +28,9 @@ def weights_json(result: AdaptResult, bundle: Bundle) -> dict:
     return {
         "weights": dict(zip(result.loras, [round(float(w), 6) for w in result.weights])),
         "loss": result.loss, "objective": result.objective, "start_loss": result.start_loss,
-        "evaluations": len(result.history), "interrupted": result.interrupted, "seconds": round(result.seconds, 2),
+        "evaluations": len(result.history), "forwards": result.settings["forwards"], "stop": result.stop,
+        "interrupted": result.interrupted, "seconds": round(result.seconds, 2),
+        "timings": {k: round(v, 3) for k, v in result.timings.items()},
         "settings": result.settings, "versions": versions(),
         "bundle": {"path": str(bundle.path), "manifest_sha256": sha256_file(bundle.path / "manifest.json"),
                    "base": bundle.manifest["base"]["name"]},

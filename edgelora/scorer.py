@@ -37,13 +37,14 @@ class Scorer:
         self.batch = batch
         self.feeds = batch.feeds()
 
-    def run(self, A: dict[str, np.ndarray], B: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """Per-example (mean target-token loss, summed target log-prob) for the bound batch."""
+    def run(self, A: dict[str, np.ndarray], B: dict[str, np.ndarray], xa: bool = False) -> tuple[np.ndarray, ...]:
+        """Per-example (mean target-token loss, summed target log-prob) for the bound batch; with
+        `xa`, also x·Aᵀ [L, T, r] per target module (Arrow routing scores when A holds prototypes)."""
         for m in self.modules:
             self.feeds[f"lora_A_{m}"] = A[m]
             self.feeds[f"lora_B_{m}"] = B[m]
-        loss, logprob = self.session.run(["loss", "logprob"], self.feeds)
-        return loss, logprob
+        names = ["loss", "logprob", *(f"xa_{m}" for m in self.modules if xa)]
+        return tuple(self.session.run(names, self.feeds))
 
     def losses(self, A, B) -> np.ndarray:
         return self.run(A, B)[0]

@@ -1,14 +1,16 @@
 """ADAPT: LoraHub's gradient-free search for the weights of a LoRA composition.
 
 Objective (the reference's): the examples' mean token cross-entropy under the composed
-LoRA plus α·mean|w|, minimised from w = 0 in a box with a hard budget of evaluations.
-Every evaluation is one COMPOSE into reused buffers and one ORT forward; the best point so
-far is kept, so a budget stop or Ctrl-C still returns the best weights found.
+LoRA plus α·mean|w|, minimised in a box with a hard budget of forward passes. Every
+evaluation is one COMPOSE into reused buffers and one ORT forward over the packed examples;
+a point is never scored twice (the selection's forward is the search's first point), and the
+best point so far is kept, so a budget stop, a converged optimizer or Ctrl-C still returns
+the best weights found.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -16,20 +18,54 @@ import numpy as np
 
 from .bundle import Bundle
 from .errors import UserError
-from .examples import Example, check_batch_size, encode_pairs, load_examples
-from .lora import LoraStack, check_compatible, load_lora
+from .examples import Batch, Example, check_batch_size, encode_pairs, load_examples
+from .lora import Lora, LoraStack, arrow_weights, check_compatible, load_lora, load_prototypes, routing_slots
 from .scorer import Scorer
 
 OPTIMIZERS = ("cobyla", "nelder-mead", "powell", "cma")
-DEFAULT_OPTIMIZER = "cobyla"  # what NGOpt (the reference's) picks at this budget; see bench/optimizers.py
-# How the n LoRAs are drawn from the library: the n that fit the examples best alone (one forward
-# pass per library LoRA, on top of the budget; the default: bench/results/bbh.md), or LoraHub's
-# random sample (the paper's protocol, with the seed).
-SELECTS = ("loss", "random")
+# How the n LoRAs are drawn from the library: by Arrow routing mass on the examples (one forward,
+# which is also the search's first point), by each one's loss alone (one forward per library
+# LoRA), or LoraHub's random sample (the paper's protocol, with the seed).
+SELECTS = ("arrow", "loss", "random")
+
+
+@dataclass(frozen=True)
+class AdaptConfig:
+    """Every setting of `adapt`: the CLI's defaults and weights.json's `settings` come from here.
+    LoraHub's defaults (budget 40, α 0.05, box ±1.5, 20 LoRAs), except where a measurement chose
+    otherwise: the optimizer (bench/optimizers.py) and the selection (bench/bbh.py)."""
+
+    budget: int = 40           # points scored (forward passes over the examples), the start included
+    optimizer: str = "cobyla"  # what NGOpt (the reference's) picks at this budget
+    l1: float = 0.05           # weight of mean|w| in the objective
+    bounds: float = 1.5        # search box [-b, b]
+    n_loras: int = 20          # LoRAs composed
+    select: str = "arrow"      # which n of the library: arrow | loss | random (see SELECTS)
+    seed: int = 0              # for select=random and optimizer=cma
+    top_k: int = 3             # Arrow routing: LoRAs kept per token (peft's default)
+    patience: int = 10         # stop once the best objective gained < 1e-4 over this many points (0: never)
+
+    def check(self) -> "AdaptConfig":
+        if self.optimizer not in OPTIMIZERS:
+            raise UserError(f"--optimizer {self.optimizer}: choose one of {', '.join(OPTIMIZERS)}")
+        if self.select not in SELECTS:
+            raise UserError(f"--select {self.select}: choose one of {', '.join(SELECTS)}")
+        for name in ("budget", "n_loras", "top_k"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
+        if self.bounds <= 0:
+            raise UserError(f"--bounds {self.bounds}: must be positive")
+        if self.patience < 0:
+            raise UserError(f"--patience {self.patience}: must be 0 (never stop early) or more")
+        return self
 
 
 class _Stop(Exception):
-    """Raised inside the objective to end a search: budget spent or interrupted."""
+    """Raised inside the objective to end a search; `reason` goes into weights.json."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
 
 
 @dataclass
@@ -51,6 +87,8 @@ class AdaptResult:
     settings: dict
     interrupted: bool = False
     seconds: float = 0.0
+    stop: str = "budget"        # why the search ended: budget, converged, no gain, interrupted
+    timings: dict = field(default_factory=dict)  # seconds per phase (bench/profile_adapt.py)
     stack: LoraStack | None = field(default=None, repr=False)
 
     def merged(self) -> tuple[dict, dict]:
@@ -88,144 +126,222 @@ def choose_loras(bundle: Bundle, loras: list[str] | str | Path | None, n: int, s
     return out
 
 
-def pooled_loss(scorer: Scorer, A: dict, B: dict, n_tokens: float) -> float:
+def pooled_loss(logprob: np.ndarray, n_tokens: float) -> float:
     """Token-pooled mean cross-entropy over the bound examples, as the reference's batch loss."""
-    _, logprob = scorer.run(A, B)
     return float(-logprob.sum() / n_tokens)
 
 
 class Objective:
-    """loss(w) + α·mean|w|, counting evaluations and keeping the best point."""
+    """loss(w) + α·mean|w|: scores each distinct point once, counts them against the budget,
+    keeps the best, and stops a search that has stopped gaining."""
 
-    def __init__(self, scorer: Scorer, stack: LoraStack, n_tokens: float, l1: float, budget: int,
-                 bounds: float, on_eval: Callable[[int, Evaluation, Evaluation], None] | None = None):
-        self.scorer, self.stack, self.n_tokens, self.l1 = scorer, stack, n_tokens, l1
-        self.budget, self.bounds, self.on_eval = budget, bounds, on_eval
+    def __init__(self, scorer: Scorer, stack: LoraStack, n_tokens: float, cfg: AdaptConfig,
+                 on_eval: Callable[[int, Evaluation, Evaluation], None] | None = None):
+        self.scorer, self.stack, self.n_tokens, self.cfg, self.on_eval = scorer, stack, n_tokens, cfg, on_eval
         self.history: list[Evaluation] = []
         self.best: Evaluation | None = None
+        self._seen: dict[bytes, Evaluation] = {}
+        self._best_at: list[float] = []  # best objective after each point, for the patience window
+        self.forwards = 0  # forward passes this objective ran (recorded points may come from elsewhere)
+        self.seconds = {"compose": 0.0, "forward": 0.0}
 
-    def loss(self, w: np.ndarray) -> float:
-        return pooled_loss(self.scorer, *self.stack.compose(w), self.n_tokens)
+    def clip(self, w) -> np.ndarray:
+        return np.clip(np.asarray(w, np.float64), -self.cfg.bounds, self.cfg.bounds)
 
-    def __call__(self, w) -> float:
-        if len(self.history) >= self.budget:
-            raise _Stop
-        w = np.clip(np.asarray(w, np.float64), -self.bounds, self.bounds)
-        t0 = time.perf_counter()
-        loss = self.loss(w)
-        ev = Evaluation(loss, loss + self.l1 * float(np.abs(w).mean()), w.tolist(), time.perf_counter() - t0)
+    def record(self, w: np.ndarray, loss: float, seconds: float) -> Evaluation:
+        """A scored point: into the history, the cache and the best so far."""
+        w = self.clip(w)
+        ev = Evaluation(loss, loss + self.cfg.l1 * float(np.abs(w).mean()), w.tolist(), seconds)
         self.history.append(ev)
+        self._seen[w.tobytes()] = ev
         if self.best is None or ev.objective < self.best.objective:
             self.best = ev
+        self._best_at.append(self.best.objective)
         if self.on_eval:
             self.on_eval(len(self.history), ev, self.best)
+        return ev
+
+    def seen(self, w) -> Evaluation | None:
+        return self._seen.get(self.clip(w).tobytes())
+
+    def __call__(self, w) -> float:
+        w = self.clip(w)
+        if (ev := self.seen(w)) is not None:
+            return ev.objective
+        if len(self.history) >= self.cfg.budget:
+            raise _Stop("budget")
+        t0 = time.perf_counter()
+        A, B = self.stack.compose(w)
+        t1 = time.perf_counter()
+        _, logprob = self.scorer.run(A, B)
+        t2 = time.perf_counter()
+        self.forwards += 1
+        self.seconds["compose"] += t1 - t0
+        self.seconds["forward"] += t2 - t1
+        ev = self.record(w, pooled_loss(logprob, self.n_tokens), t2 - t0)
+        p = self.cfg.patience
+        if p and len(self._best_at) > p and self._best_at[-p - 1] - self._best_at[-1] < 1e-4:
+            raise _Stop(f"no gain over {p} points")
         return ev.objective
 
 
-def rank_by_loss(scorer: Scorer, n_tokens: float, loras: list, modules: list[str],
-                 on_rank: Callable[[int, int], None] | None = None) -> list[int]:
-    """Indices of `loras`, best first, by each one's loss alone at weight 1 on the bound examples.
+def rank_by_loss(scorer: Scorer, n_tokens: float, loras: list[Lora], modules: list[str],
+                 on_rank: Callable[[int, int], None] | None = None) -> np.ndarray:
+    """Each LoRA's loss alone at weight 1 on the bound examples (one forward each).
     `on_rank(done, total)` after each: the whole library takes a minute on a laptop."""
     losses = []
     for lora in loras:
-        losses.append(pooled_loss(scorer, *LoraStack([lora], modules).compose(np.ones(1)), n_tokens))
+        losses.append(pooled_loss(scorer.run(*LoraStack([lora], modules).compose(np.ones(1)))[1], n_tokens))
         if on_rank:
             on_rank(len(losses), len(loras))
-    return sorted(range(len(loras)), key=losses.__getitem__)
+    return np.array(losses)
 
 
-def run_optimizer(name: str, f: Objective, x0: np.ndarray, seed: int) -> None:
+ARROW_TOKENS = ("answer", "own")
+
+
+def arrow_mass(xa: list[np.ndarray], batch: Batch, top_k: int, tokens: str = "answer") -> np.ndarray:
+    """Each LoRA's Arrow routing mass on the examples ([N]): per token, layer and module, peft's
+    routing weights (top-k of |x·v|, softmax over the kept ones), summed. `tokens`: "answer", the
+    positions whose next token is an answer token (where the loss is measured); "own", every
+    token but the shared chat header (which says nothing about the task)."""
+    if tokens == "answer":
+        pos = batch.target_pos[batch.target_mask > 0]
+    else:
+        pos = np.arange(batch.prefix_len, batch.n_tokens)
+    return sum(arrow_weights(x[:, pos, :], top_k).sum(axis=(0, 1)) for x in xa)
+
+
+def rank_by_arrow(scorer: Scorer, n_tokens: float, protos: list[dict], bundle: Bundle, top_k: int,
+                  tokens: str = "answer") -> tuple[np.ndarray, float, float]:
+    """(each LoRA's Arrow routing mass, the base model's loss, seconds) from one forward: the
+    slot's A holds every LoRA's prototypes and its B is 0, so the model is the base."""
+    t0 = time.perf_counter()
+    loss, logprob, *xa = scorer.run(*routing_slots(protos, bundle.targets, bundle.arch["layers"]), xa=True)
+    seconds = time.perf_counter() - t0
+    return arrow_mass(xa, scorer.batch, top_k, tokens), pooled_loss(logprob, n_tokens), seconds
+
+
+def run_optimizer(name: str, f: Objective, x0: np.ndarray, seed: int) -> str:
+    """Runs until the objective raises _Stop (budget, no gain) or the optimizer ends on its own:
+    returns why ("converged", or the optimizer's own message). The optimizers' call limits are
+    set far above the budget, so that the objective, which does not count repeated points, is
+    what stops a search."""
     from scipy.optimize import minimize  # here, not at the top: the CLI reads this module's choices at start-up
     dim = len(x0)
-    box = [(-f.bounds, f.bounds)] * dim
+    bounds, calls = f.cfg.bounds, 10 * (f.cfg.budget + dim + 2)
+    box = [(-bounds, bounds)] * dim
     if name == "cobyla":
         # Linear models from n+1 points, then trust-region steps: a 40-evaluation budget in
         # 20 dimensions is spent descending, where Nelder-Mead spends half of it on its simplex.
-        # (COBYLA wants at least n+2 evaluations; the objective's own budget stops it sooner.)
-        minimize(f, x0, method="COBYLA", bounds=box, options={"maxiter": max(f.budget, dim + 2), "rhobeg": 0.5,
-                                                              "tol": 1e-4})
+        r = minimize(f, x0, method="COBYLA", bounds=box, options={"maxiter": calls, "rhobeg": 0.5, "tol": 1e-4})
     elif name == "nelder-mead":
         # scipy's default simplex around 0 is 0.00025 wide: useless; step half a unit instead.
         simplex = np.vstack([x0, x0 + 0.5 * np.eye(dim)])
-        minimize(f, x0, method="Nelder-Mead", bounds=box,
-                 options={"maxfev": f.budget, "initial_simplex": simplex, "xatol": 1e-4, "fatol": 1e-6})
+        r = minimize(f, x0, method="Nelder-Mead", bounds=box,
+                     options={"maxfev": calls, "initial_simplex": simplex, "xatol": 1e-4, "fatol": 1e-6})
     elif name == "powell":
-        minimize(f, x0, method="Powell", bounds=box, options={"maxfev": f.budget, "xtol": 1e-3, "ftol": 1e-6})
+        r = minimize(f, x0, method="Powell", bounds=box, options={"maxfev": calls, "xtol": 1e-3, "ftol": 1e-6})
     elif name == "cma":
         try:
             import cma
         except ImportError:
             raise UserError("--optimizer cma needs the cma package: pip install 'edgelora[cma]'") from None
-        es = cma.CMAEvolutionStrategy(x0, 0.5, {"bounds": [-f.bounds, f.bounds], "seed": seed + 1,
-                                                "maxfevals": f.budget, "verbose": -9})
+        es = cma.CMAEvolutionStrategy(x0, 0.5, {"bounds": [-bounds, bounds], "seed": seed + 1,
+                                                "maxfevals": calls, "verbose": -9})
         while not es.stop():
             xs = es.ask()
             es.tell(xs, [f(x) for x in xs])
+        return "converged: " + ", ".join(es.stop())
     else:
         raise UserError(f"--optimizer {name}: choose one of {', '.join(OPTIMIZERS)}")
+    return "converged" if r.success else f"optimizer stopped: {r.message}"
+
+
+def load_checked(paths: list[Path], bundle: Bundle) -> list[Lora]:
+    """The LoRAs at `paths`, each refused with one line unless the bundle can take it."""
+    loras = [load_lora(p) for p in paths]
+    for lora, p in zip(loras, paths):
+        check_compatible(lora, bundle.targets, bundle.arch["layers"], str(p))
+    return loras
 
 
 def adapt(examples: str | Path | list[Example], bundle: Bundle | str | Path | None = None,
-          loras: list[str] | str | Path | None = None, budget: int = 40, optimizer: str = DEFAULT_OPTIMIZER,
-          l1: float = 0.05, seed: int = 0, bounds: float = 1.5, n_loras: int = 20, select: str = SELECTS[0],
-          on_eval=None, on_rank=None, warn=print) -> AdaptResult:
-    """Find LoRA weights for `examples`. The objective and search are LoraHub's (budget 40,
-    α 0.05, box ±1.5, 20 LoRAs), so results compare with the reference. Which 20: by default
-    (`select="loss"`) the library LoRAs with the lowest loss alone, the search starting at the
-    best of them, so it ends no worse than that single LoRA; LoraHub samples them at random with
-    the seed and starts at 0 (`select="random"`), which scored lower on bbh/ and near/."""
-    t_start = time.time()
-    if optimizer not in OPTIMIZERS:
-        raise UserError(f"--optimizer {optimizer}: choose one of {', '.join(OPTIMIZERS)}")
-    if budget < 1:
-        raise UserError(f"--budget {budget}: must be at least 1")
-    if bounds <= 0:
-        raise UserError(f"--bounds {bounds}: must be positive")
-    if select not in SELECTS:
-        raise UserError(f"--select {select}: choose one of {', '.join(SELECTS)}")
+          loras: list[str] | str | Path | None = None, config: AdaptConfig | None = None, *,
+          on_eval=None, on_rank=None, warn=print, **overrides) -> AdaptResult:
+    """Find LoRA weights for `examples`. `config` (or keyword overrides of its fields) holds every
+    setting. Which n LoRAs: those named by `loras`; else by default (`select="arrow"`) the library's
+    n with the most Arrow routing mass on the examples, from one forward that also scores the
+    start point w = 0; `select="loss"` ranks by each one's loss alone (a forward each) and starts at
+    the best, so it ends no worse than that LoRA; `select="random"` is LoraHub's seeded sample."""
+    t_start = time.perf_counter()
+    cfg = replace(config or AdaptConfig(), **overrides).check()
+    timings: dict[str, float] = {}
     bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
     source = str(examples) if not isinstance(examples, list) else "<list>"
     if not isinstance(examples, list):
         examples = load_examples(examples, warn=warn)
     fmt = bundle.prompt_format
+    t0 = time.perf_counter()
     pairs = [(fmt.prompt(e.input), e.output + fmt.stop) for e in examples]
-    batch, truncated = encode_pairs(bundle.tokenizer(), pairs, bundle.arch["max_len"], bundle.manifest["pad_id"])
+    batch, truncated = encode_pairs(bundle.tokenizer(), pairs, bundle.arch["max_len"])
     for i in truncated:
         warn(f"warning: {examples[i].where or f'example {i + 1}'}: longer than the bundle's "
              f"{bundle.arch['max_len']} tokens; the start of its prompt was cut")
-    check_batch_size(len(examples), batch.input_ids.size, source)
-    rank = select == "loss" and loras is None
-    paths = choose_loras(bundle, loras, len(bundle.lora_paths()) if rank else n_loras, seed)
-    loras = [load_lora(p) for p in paths]
-    for lora, p in zip(loras, paths):
-        check_compatible(lora, bundle.targets, bundle.arch["layers"], str(p))
-    scorer = Scorer(bundle)  # after every input is checked: building the session takes seconds
+    check_batch_size(len(examples), batch.padded_tokens, source)
+    timings["tokenise"] = time.perf_counter() - t0
+    ranked = cfg.select != "random" and loras is None
+    paths = choose_loras(bundle, loras, len(bundle.lora_paths()) if ranked else cfg.n_loras, cfg.seed)
+    if not ranked:  # named or sampled: read and checked before the session is built (seconds)
+        loras_ = load_checked(paths, bundle)
+    t0 = time.perf_counter()
+    scorer = Scorer(bundle)
     scorer.bind(batch)
+    timings["session"] = time.perf_counter() - t0
     n_tokens = float(batch.target_mask.sum())
-    selection_evals = 0
-    if rank:
-        keep = rank_by_loss(scorer, n_tokens, loras, list(bundle.targets), on_rank)[:n_loras]
-        selection_evals = len(loras)
-        paths, loras = [paths[i] for i in keep], [loras[i] for i in keep]
-    stack = LoraStack(loras, list(bundle.targets))
-    x0 = np.zeros(len(paths))
-    if rank:
-        x0[0] = min(1.0, bounds)  # the best LoRA alone
-    f = Objective(scorer, stack, n_tokens, l1, budget, bounds, on_eval)
+    n = min(cfg.n_loras, len(paths)) if ranked else len(paths)
+    known: list[tuple[np.ndarray, float, float]] = []  # (w over the chosen LoRAs, loss, seconds) already scored
+    t0 = time.perf_counter()
+    selection_forwards = 0
+    if ranked and cfg.select == "arrow":
+        mass, base_loss, secs = rank_by_arrow(scorer, n_tokens, [load_prototypes(p) for p in paths], bundle, cfg.top_k)
+        selection_forwards = 1
+        paths = [paths[i] for i in np.argsort(-mass, kind="stable")[:n]]
+        known.append((np.zeros(n), base_loss, secs))
+    if ranked:
+        loras_ = load_checked(paths, bundle)
+    if ranked and cfg.select == "loss":
+        losses = rank_by_loss(scorer, n_tokens, loras_, list(bundle.targets), on_rank)
+        selection_forwards = len(loras_)
+        keep = np.argsort(losses, kind="stable")[:n]
+        paths, loras_ = [paths[i] for i in keep], [loras_[i] for i in keep]
+        known.append((np.eye(n)[0] * min(1.0, cfg.bounds), float(losses[keep[0]]), 0.0))  # the best LoRA alone
+    timings["select"] = time.perf_counter() - t0
+    stack = LoraStack(loras_, list(bundle.targets))
+    f = Objective(scorer, stack, n_tokens, cfg, on_eval)
+    x0 = known[-1][0] if known else np.zeros(n)
     interrupted = False
+    t0 = time.perf_counter()
     try:
-        f(np.zeros(len(paths)))  # the start point: the base model's loss, evaluation 1
-        run_optimizer(optimizer, f, x0, seed)
-    except _Stop:
-        pass
+        for w, loss, secs in known:
+            f.record(w, loss, secs)
+        f(np.zeros(n))  # the base model's loss: the start loss, scored once
+        stop = run_optimizer(cfg.optimizer, f, x0, cfg.seed)
+    except _Stop as e:
+        stop = e.reason
     except KeyboardInterrupt:
-        interrupted = True
+        interrupted, stop = True, "interrupted"
+    timings["search"] = time.perf_counter() - t0
+    timings.update({f"search_{k}": v for k, v in f.seconds.items()})
     best = f.best
     if best is None:
         raise KeyboardInterrupt  # stopped before a single evaluation: nothing to keep
-    settings = {"examples": source, "n_examples": len(examples), "tokens": batch.n_tokens,
-                "target_tokens": int(batch.target_mask.sum()), "budget": budget, "optimizer": optimizer,
-                "l1": l1, "seed": seed, "bounds": bounds, "n_loras": len(paths), "select": select,
-                "selection_evals": selection_evals}
+    settings = {**asdict(cfg), "examples": source, "n_examples": len(examples), "tokens": batch.n_tokens,
+                "padded_tokens": batch.padded_tokens, "prefix_tokens": batch.prefix_len,
+                "target_tokens": int(n_tokens), "n_loras": len(paths), "select": cfg.select if ranked else
+                ("given" if loras is not None else "random"), "selection_forwards": selection_forwards,
+                "forwards": selection_forwards + f.forwards}
+    zero = f.seen(np.zeros(n))
     return AdaptResult([p.stem for p in paths], np.array(best.weights), best.loss, best.objective,
-                       f.history[0].loss, f.history, settings, interrupted, time.time() - t_start, stack)
+                       zero.loss if zero else float("nan"), f.history, settings, interrupted,
+                       time.perf_counter() - t_start, stop, timings, stack)

@@ -23,20 +23,22 @@ def make_peft_lora(hf_dir: Path, out: Path, seed: int, r: int = 4, alpha: int = 
 
 
 def torch_losses(model, batch) -> tuple[np.ndarray, np.ndarray]:
-    """Per-example mean target loss and summed log-prob from full torch logits."""
+    """Per-example mean target loss and summed log-prob, each example run alone through the
+    torch model with full logits: the reference the packed scoring graph must match."""
     import torch
-    with torch.no_grad():
-        logits = model(input_ids=torch.from_numpy(batch.input_ids),
-                       attention_mask=torch.from_numpy(batch.attention_mask)).logits
-    logp = torch.log_softmax(logits.float(), -1).numpy()
-    rows = np.arange(len(batch.input_ids))[:, None]
-    tok = logp[rows, batch.target_pos, batch.target_ids] * batch.target_mask
-    lp = tok.sum(1)
-    return -lp / batch.target_mask.sum(1), lp
+    losses, lps = [], []
+    for p, t in batch.rows:
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([p + t])).logits[0]
+        logp = torch.log_softmax(logits.float(), -1).numpy()
+        lp = float(sum(logp[len(p) - 1 + k, tok] for k, tok in enumerate(t)))
+        losses.append(-lp / len(t))
+        lps.append(lp)
+    return np.array(losses), np.array(lps)
 
 
 def encode(bundle, examples):
     from edgelora.examples import encode_pairs
     fmt, tok = bundle.prompt_format, bundle.tokenizer()
     pairs = [(fmt.prompt(e.input), e.output + fmt.stop) for e in examples]
-    return encode_pairs(tok, pairs, bundle.arch["max_len"], bundle.manifest["pad_id"])[0]
+    return encode_pairs(tok, pairs, bundle.arch["max_len"])[0]

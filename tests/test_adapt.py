@@ -15,7 +15,7 @@ from edgelora.errors import UserError
 from edgelora.examples import Example, load_examples
 from edgelora.lora import Lora, LoraStack, save_lora
 from edgelora.outputs import write_outputs
-from edgelora.search import adapt
+from edgelora.search import AdaptConfig, adapt
 
 PROMPTS = ["What is 2 plus 3?", "Is the following sentence plausible?", "red green blue", "Today is 01/02/1987.",
            "The quick brown fox"]
@@ -78,7 +78,7 @@ def _loss_at(bundle, examples, loras, w) -> float:
     from edgelora.scorer import Scorer
     fmt = bundle.prompt_format
     batch, _ = encode_pairs(bundle.tokenizer(), [(fmt.prompt(e.input), e.output + fmt.stop) for e in examples],
-                            bundle.arch["max_len"], bundle.manifest["pad_id"])
+                            bundle.arch["max_len"])
     s = Scorer(bundle)
     s.bind(batch)
     _, lp = s.run(*LoraStack(loras, list(bundle.targets)).compose(np.asarray(w)))
@@ -104,12 +104,60 @@ def test_select_by_loss_keeps_the_best_single_loras_and_starts_at_the_best(libra
     ex = [Example(p, "no") for p in PROMPTS]
     alone = {l.name: _loss_at(bundle, ex, [l], [1.0]) for l in loras}
     ranked = []
-    res = adapt(ex, bundle, budget=6, n_loras=2, l1=0.0, select="loss", on_rank=lambda *a: ranked.append(a))
+    res = adapt(ex, bundle, budget=6, n_loras=2, l1=0.0, select="loss", patience=0, on_rank=lambda *a: ranked.append(a))
     assert ranked == [(1, 4), (2, 4), (3, 4), (4, 4)]
     assert sorted(res.loras) == sorted(sorted(alone, key=alone.get)[:2])
     best = min(alone, key=alone.get)
-    assert res.history[1].weights == [1.0 if n == best else 0.0 for n in res.loras]
-    assert res.loss <= alone[best] + 1e-6 and res.settings["selection_evals"] == 4
+    # the best LoRA alone is the first point, its ranking forward reused; w = 0 comes next
+    assert res.history[0].weights == [1.0 if n == best else 0.0 for n in res.loras]
+    assert res.history[0].loss == pytest.approx(alone[best], rel=1e-5)
+    assert res.history[1].weights == [0.0, 0.0]
+    assert res.loss <= alone[best] + 1e-6 and res.settings["selection_forwards"] == 4
+    assert res.settings["forwards"] == 4 + 5 and len(res.history) == 6
+
+
+@pytest.mark.parametrize("select", ["arrow", "loss", "random"])
+def test_no_point_is_scored_twice(library, select, monkeypatch):
+    """w = 0 is scored once (the optimizer's start is not re-run), and no point is re-run."""
+    from edgelora import scorer as scorer_mod
+    bundle, _ = library
+    calls = []
+    orig = scorer_mod.Scorer.run
+    monkeypatch.setattr(scorer_mod.Scorer, "run", lambda self, *a, **k: calls.append(1) or orig(self, *a, **k))
+    res = adapt([Example(p, "yes") for p in PROMPTS], bundle, budget=12, n_loras=3, select=select, patience=0)
+    points = [tuple(e.weights) for e in res.history]
+    assert len(points) == len(set(points)) == 12
+    assert len(calls) == res.settings["forwards"] == {"arrow": 12, "loss": 4 + 11, "random": 12}[select]
+    assert res.stop == "budget"
+
+
+def test_arrow_selection_is_one_base_forward_and_the_first_point(library):
+    bundle, loras = library
+    ex = [Example(p, "no") for p in PROMPTS]
+    res = adapt(ex, bundle, budget=5, n_loras=2, select="arrow")
+    assert res.settings["selection_forwards"] == 1 and res.history[0].weights == [0.0, 0.0]
+    assert res.start_loss == pytest.approx(_loss_at(bundle, ex, loras[:1], [0.0]), rel=1e-5)
+
+
+def test_patience_stops_a_search_that_no_longer_gains(library, tmp_path):
+    """The objective stops a search whose best has not moved by 1e-4 over `patience` points; the
+    reason is written to weights.json."""
+    from edgelora.search import Objective, _Stop
+
+    class Flat:  # a scorer whose loss never changes
+        def run(self, A, B):
+            return np.ones(1), -np.ones(1)
+
+    bundle, loras = library
+    f = Objective(Flat(), LoraStack(loras[:2], list(bundle.targets)), 1.0, AdaptConfig(patience=3, l1=0.0))
+    for i in range(3):
+        f(np.array([0.1 * i, 0.0]))
+    with pytest.raises(_Stop, match="no gain over 3 points"):
+        f(np.array([0.5, 0.5]))
+    res = adapt([Example(p, "yes") for p in PROMPTS], bundle, budget=4, n_loras=2, select="random")
+    write_outputs(res, bundle, tmp_path / "out")
+    data = json.loads((tmp_path / "out" / "weights.json").read_text())
+    assert data["stop"] == res.stop == "budget" and data["forwards"] == 4
 
 
 def test_same_seed_same_weights(library):
@@ -198,15 +246,16 @@ def test_cli_adapt_json(library, tmp_path):
     assert (tmp_path / "task-adapted" / "weights.json").exists()
 
 
-@pytest.mark.parametrize("flags,select", [([], "loss"), (["--select", "random"], "random")])
-def test_cli_adapt_selects_by_loss_unless_told(library, tmp_path, flags, select):
+@pytest.mark.parametrize("flags,select", [([], AdaptConfig().select), (["--select", "loss"], "loss"),
+                                          (["--select", "random"], "random")])
+def test_cli_adapt_select(library, tmp_path, flags, select):
     bundle, _ = library
     f = tmp_path / "task.jsonl"
     f.write_text("".join(json.dumps({"input": p, "output": "yes"}) + "\n" for p in PROMPTS))
     r = subprocess.run([sys.executable, "-m", "edgelora.cli", "adapt", str(f), "--bundle", str(bundle.path),
                         "--budget", "6", "--no-model", *flags], capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert ("select: 100%" in r.stderr) == (select == "loss") and "search: 100%" in r.stderr
+    assert ("select: 100%" in r.stderr) == (select == "loss") and "search:" in r.stderr
     assert json.loads((tmp_path / "task-adapted" / "weights.json").read_text())["settings"]["select"] == select
 
 

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from safetensors.numpy import save_file
 
 from edgelora.bundle import Bundle
-from edgelora.lora import Lora, save_lora
+from edgelora.lora import Lora
 
 PROMPTS = ["What is 2 plus 3?", "red green blue", "Today is 01/02/1987."]
 GOOD = "".join(json.dumps({"input": p, "output": "yes"}) + "\n" for p in PROMPTS)
@@ -34,7 +35,8 @@ def lora_file(bundle: Path, path: Path, layers: int | None = None, modules=("q_p
     B = {m: rng.normal(0, 0.1, (L, t[m]["out"], 4)).astype(np.float32) for m in modules}
     if fill is not None:
         A[modules[0]][0, 0, 0] = fill
-    save_lora(path, Lora("x", 4, 8.0, A, B), np.float32)
+    tensors = {f"{m}.{ab}": t[m] for m in modules for ab, t in (("A", A), ("B", B))}
+    save_file(tensors, path, metadata=Lora("x", 4, 8.0, A, B).metadata())  # as forged: no prototypes
     return path
 
 

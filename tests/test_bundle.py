@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from helpers import encode, make_peft_lora, torch_losses
 
 from edgelora.bundle import Bundle
@@ -170,3 +171,74 @@ def test_closed_stdout_is_not_a_traceback(tiny_bundle_ro):
     p.stdout.close()  # before the interpreter has even started: every write meets a closed pipe
     err = p.stderr.read().decode()
     assert p.wait() == 141 and "Traceback" not in err and "Exception" not in err, err
+
+
+def test_prototypes_are_the_top_right_singular_vectors(tiny_bundle_ro):
+    from edgelora.lora import Lora, prototypes
+    rng = np.random.default_rng(0)
+    bundle = Bundle.open(tiny_bundle_ro)
+    L = bundle.arch["layers"]
+    A = {m: rng.normal(size=(L, 4, t["in"])).astype(np.float32) for m, t in bundle.targets.items()}
+    B = {m: rng.normal(size=(L, t["out"], 4)).astype(np.float32) for m, t in bundle.targets.items()}
+    protos = prototypes(Lora("x", 4, 8.0, A, B))
+    for m in bundle.targets:
+        for i in range(L):
+            v = np.linalg.svd(B[m][i].astype(np.float64) @ A[m][i])[2][0]
+            assert abs(float(protos[m][i] @ v)) == pytest.approx(1.0, abs=1e-5)
+            assert np.linalg.norm(protos[m][i]) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_arrow_scores_are_x_dot_prototype_at_every_token(tiny_bundle_ro, tiny_hf):
+    """The scoring graph's x·Aᵀ outputs, fed prototypes, equal x·v with x each target module's
+    input in the torch model run on each example alone (hooks), at every packed token."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from edgelora.lora import routing_slots
+    bundle = Bundle.open(tiny_bundle_ro)
+    L, rng = bundle.arch["layers"], np.random.default_rng(1)
+    protos = [{m: rng.normal(size=(L, t["in"])).astype(np.float32) for m, t in bundle.targets.items()} for _ in range(3)]
+    batch = encode(bundle, EXAMPLES)
+    scorer = Scorer(bundle)
+    scorer.bind(batch)
+    _, _, *xa = scorer.run(*routing_slots(protos, bundle.targets, L), xa=True)
+    model = AutoModelForCausalLM.from_pretrained(tiny_hf).eval()
+    for j, m in enumerate(bundle.targets):
+        V = np.stack([p[m] for p in protos], axis=1)  # [L, N, d]
+        for i, (p, t) in enumerate(batch.rows):
+            seen = []
+            hooks = [layer.get_submodule(bundle.targets[m]["path"]).register_forward_hook(
+                lambda mod, inp, out: seen.append(inp[0][0].numpy())) for layer in model.model.layers]
+            with torch.no_grad():
+                model(input_ids=torch.tensor([p + t]))
+            for h in hooks:
+                h.remove()
+            rows = batch.gather_idx[i, : len(p) + len(t)]  # example i's packed positions, in order
+            for l in range(L):
+                np.testing.assert_allclose(xa[j][l, rows], seen[l] @ V[l].T, rtol=1e-3, atol=1e-4)
+
+
+LONG = " ".join(["The quick brown fox jumps over the lazy dog."] * 8)
+
+
+@pytest.mark.parametrize("examples", [
+    [Example(LONG, "yes"), Example("red", "orange purple white black " * 3), Example("Today is 01/02/1987.", "5")],
+    [Example("What is 2 plus 3?", "5")],  # one example: the whole prompt is the shared prefix
+    [Example("red green blue", "yes"), Example("red green blue", "no")],  # same prompt, different answers
+], ids=["lengths", "one", "same-prompt"])
+def test_packed_losses_match_peft_without_padding(tiny_bundle, tiny_hf, tmp_path, examples):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    from edgelora_export.lora import add_lora
+    add_lora(make_peft_lora(tiny_hf, tmp_path / "peft", seed=2, r=4, alpha=8), tiny_bundle, "rand", dtype="fp32")
+    bundle = Bundle.open(tiny_bundle)
+    batch = encode(bundle, examples)
+    own = [len(p) + len(t) - batch.prefix_len for p, t in batch.rows]
+    assert batch.n_tokens == batch.prefix_len + sum(own)  # the prefix once, no padding
+    assert batch.prefix_len > 0 and min(own) >= 1
+    scorer = Scorer(bundle)
+    scorer.bind(batch)
+    loss, lp = scorer.run(*LoraStack([load_lora(bundle.lora_paths()["rand"])], list(bundle.targets)).compose(np.ones(1)))
+    ref = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_hf), tmp_path / "peft").eval()
+    ref_loss, ref_lp = torch_losses(ref, batch)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-4)
+    np.testing.assert_allclose(lp, ref_lp, rtol=1e-4)

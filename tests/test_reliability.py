@@ -128,6 +128,13 @@ def test_lora_on_some_targets_only_adapts(tiny_bundle, tiny_hf, tmp_path):
     assert r.returncode == 0, r.stderr
 
 
+def test_arrow_routing_over_fewer_loras_than_top_k():
+    from edgelora.lora import arrow_weights
+    w = arrow_weights(np.array([[1.0, -2.0]]), top_k=3)
+    np.testing.assert_allclose(w.sum(-1), 1.0)
+    assert (w > 0).all()
+
+
 def test_eval_limit_zero_is_refused(library, tmp_path):  # noqa: F811
     bundle, _ = library
     assert_refused(cli("edgelora.cli", "eval", str(task_file(tmp_path)), "--model", str(bundle.path), "--limit", "0"),

@@ -38,12 +38,10 @@ def decoder_logprob(model_path, bundle, batch) -> np.ndarray:
     """Summed target log-probs from the decoder graph's full logits (no cache)."""
     dec = Decoder(model_path, bundle.manifest["eos_ids"])
     out = []
-    for i in range(len(batch.input_ids)):
-        n = int(batch.attention_mask[i].sum())
-        logits, _ = dec.forward(batch.input_ids[i, :n].tolist(), None, 0)
+    for p, t in batch.rows:  # each example alone, unpacked
+        logits, _ = dec.forward(p + t, None, 0)
         lp = log_softmax(logits)
-        k = int(batch.target_mask[i].sum())
-        out.append(sum(lp[batch.target_pos[i, j], batch.target_ids[i, j]] for j in range(k)))
+        out.append(sum(lp[len(p) - 1 + k, tok] for k, tok in enumerate(t)))
     return np.array(out)
 
 
@@ -165,7 +163,7 @@ def test_eval_numbers_are_exact(written, merged, tmp_path):
     s, fmt, opts = Scorer(bundle), bundle.prompt_format, (" red", " blue")
     examples = []
     for i, (p, g) in enumerate(zip(PROMPTS[:4], said)):
-        batch, _ = encode_pairs(bundle.tokenizer(), [(fmt.prompt(p), o) for o in opts], 256, bundle.manifest["pad_id"])
+        batch, _ = encode_pairs(bundle.tokenizer(), [(fmt.prompt(p), o) for o in opts], 256)
         s.bind(batch)  # options are scored bare, without the stop token, as eval does
         best = opts[int(np.argmax(s.run(A, B)[1]))]
         right = best if i < 3 else next(o for o in opts if o != best)

@@ -17,6 +17,7 @@ import torch
 from edgelora.bundle import FORMAT, FORMAT_VERSION, is_bundle, write_manifest
 from edgelora.errors import UserError
 from edgelora.io import check_replaceable, replace_dir
+from edgelora.lora import load_lora, save_lora
 from .model import ScoringModel, load_base, target_shapes
 
 LIBRARY = Path(__file__).parent / "library"  # LoRAs trained on SmolLM2 by `edgelora-export library`
@@ -45,25 +46,34 @@ def prompt_format(tok) -> dict:
             "chat_template": tok.chat_template}
 
 
+def install_library(files: list[Path], dst: Path) -> None:
+    """Each shipped LoRA (fp16) re-saved with its Arrow prototypes, as `edgelora-export lora` adds one."""
+    for f in files:
+        save_lora(dst / f.name, load_lora(f), np.float16)
+
+
 def export_scoring(model, shapes: dict, path: Path) -> list[str]:
-    """torch.onnx (dynamo) export of ScoringModel; batch, sequence, target and rank are dynamic."""
+    """torch.onnx (dynamo) export of ScoringModel; tokens, examples, rows, targets and rank are dynamic."""
     wrapper = ScoringModel(model, shapes).eval()
-    L = len(model.model.layers)
-    n, T, K, r = 3, 11, 5, 4  # distinct sizes so the exporter keeps every axis symbolic
-    args = [torch.randint(0, model.config.vocab_size, (n, T)), torch.ones(n, T, dtype=torch.int64),
-            torch.randint(0, T, (n, K)), torch.randint(0, model.config.vocab_size, (n, K)), torch.ones(n, K)]
-    names = ["input_ids", "attention_mask", "target_pos", "target_ids", "target_mask"]
+    L, V = len(model.model.layers), model.config.vocab_size
+    n, S, T, K, r = 3, 7, 13, 5, 4  # distinct sizes so the exporter keeps every axis symbolic
+    args = [torch.randint(0, V, (T,)), torch.arange(T), torch.randint(0, T, (n, S)), torch.randint(0, n * S, (T,)),
+            torch.randint(0, T, (n, K)), torch.randint(0, V, (n, K)), torch.ones(n, K)]
+    names = list(ScoringModel.INPUTS)
     Dim = torch.export.Dim
-    batch, seq, tgt, rank = Dim("batch"), Dim("seq"), Dim("targets"), Dim("rank")
-    dyn = [{0: batch, 1: seq}, {0: batch, 1: seq}, {0: batch, 1: tgt}, {0: batch, 1: tgt}, {0: batch, 1: tgt}]
+    tokens, examples, rows, tgt, rank = Dim("tokens"), Dim("examples"), Dim("rows"), Dim("targets"), Dim("rank")
+    dyn = [{0: tokens}, {0: tokens}, {0: examples, 1: rows}, {0: tokens},
+           {0: examples, 1: tgt}, {0: examples, 1: tgt}, {0: examples, 1: tgt}]
     slots = []
     for m, s in shapes.items():
         args += [torch.randn(L, r, s["in"]) * 0.01, torch.randn(L, s["out"], r) * 0.01]
         names += [f"lora_A_{m}", f"lora_B_{m}"]
         slots += [{1: rank}, {2: rank}]
+    outputs = ["loss", "logprob", *(f"xa_{m}" for m in shapes)]
     with torch.no_grad():
-        torch.onnx.export(wrapper, tuple(args), str(path), input_names=names, output_names=["loss", "logprob"],
-                          dynamic_shapes=(*dyn, tuple(slots)) if slots else tuple(dyn), dynamo=True, external_data=False, optimize=True)
+        torch.onnx.export(wrapper, tuple(args), str(path), input_names=names, output_names=outputs,
+                          dynamic_shapes=(*dyn, tuple(slots)) if slots else tuple(dyn), dynamo=True,
+                          external_data=False, optimize=True)
     return names
 
 
@@ -137,8 +147,7 @@ def export_base(source, out: Path, targets: list[str], force: bool = False, log=
         shutil.copy(bundle / "decoder" / "tokenizer.json", bundle / "tokenizer.json")
         (bundle / "loras").mkdir()
         if source is None:  # the default base gets the library trained for it (see README)
-            for f in sorted(LIBRARY.glob("*.safetensors")):
-                shutil.copy(f, bundle / "loras" / f.name)
+            install_library(sorted(LIBRARY.glob("*.safetensors")), bundle / "loras")
         cfg = model.config
         eos = {i for i in [tok.eos_token_id] if i is not None}
         fmt = prompt_format(tok)

@@ -84,7 +84,9 @@ def target_shapes(model, targets: list[str]) -> dict[str, dict]:
 
 
 class SlotLinear(nn.Module):
-    """A frozen Linear plus a LoRA read from `slots[name][layer]`, set per forward call."""
+    """A frozen Linear plus a LoRA read from `slots[name][layer]`, set per forward call. It also
+    keeps x·Aᵀ: fed the library's Arrow prototypes as A (and B = 0), that is every LoRA's routing
+    score for every token, from one base forward (`xa_<module>` outputs)."""
 
     def __init__(self, base: nn.Linear, slots: dict, name: str, layer: int):
         super().__init__()
@@ -92,7 +94,9 @@ class SlotLinear(nn.Module):
 
     def forward(self, x):
         A, B = self.slots[self.name]
-        return self.base(x) + (x @ A[self.layer].transpose(0, 1)) @ B[self.layer].transpose(0, 1)
+        xa = x @ A[self.layer].transpose(0, 1)
+        self.slots[f"xa/{self.name}"].append(xa)
+        return self.base(x) + xa @ B[self.layer].transpose(0, 1)
 
 
 def insert_slots(model, shapes: dict[str, dict]) -> dict:
@@ -105,10 +109,36 @@ def insert_slots(model, shapes: dict[str, dict]) -> dict:
     return slots
 
 
+def packed_attention(attn, x, cos, sin, gather_idx, scatter_idx):
+    """Self-attention over the packed sequence x [1, T, d]: each example's rows (the shared prefix,
+    then its own tokens; `gather_idx` [n, S]) are gathered into a causal batch, and each token's
+    output is read back from its own row (`scatter_idx` [T]). The projections, the MLP and the LoRA
+    slots run once per packed token: the prefix is computed once for all examples and nothing is
+    padded; only attention, a small part of the cost, sees the gathered rows. Each example's rows
+    end with its padding, so a plain causal mask never lets a real token see a padded one."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+    T, hd = x.shape[1], attn.head_dim
+    q = attn.q_proj(x).view(1, T, -1, hd).transpose(1, 2)
+    k = attn.k_proj(x).view(1, T, -1, hd).transpose(1, 2)
+    v = attn.v_proj(x).view(1, T, -1, hd).transpose(1, 2)
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    q, k, v = (t[0][:, gather_idx].transpose(0, 1) for t in (q, k, v))  # [n, heads, S, hd]
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=attn.scaling)
+    n, heads, S, _ = out.shape
+    out = out.transpose(1, 2).reshape(n * S, heads * hd)[scatter_idx]
+    return attn.o_proj(out.unsqueeze(0))
+
+
 class ScoringModel(nn.Module):
-    """Inputs: tokens, target positions/ids/mask, and per target module A [L,r,in], B [L,out,r].
-    Outputs: per-example mean target loss and summed target log-prob. The LM head runs on the
-    gathered target positions only: never the [batch, seq, vocab] logits."""
+    """Inputs: the examples packed into one sequence (see `edgelora.examples.pack`): tokens,
+    positions, each example's rows and each token's home row, target positions/ids/mask; and per
+    target module A [L,r,in], B [L,out,r]. Outputs: per-example mean target loss and summed target
+    log-prob, and per module x·Aᵀ [L, T, r]. The LM head runs on the target positions only: never
+    the [tokens, vocab] logits."""
+
+    INPUTS = ("input_ids", "position_ids", "gather_idx", "scatter_idx", "target_pos", "target_ids", "target_mask")
 
     def __init__(self, model, shapes: dict[str, dict]):
         super().__init__()
@@ -116,14 +146,21 @@ class ScoringModel(nn.Module):
         self.modules_ = list(shapes)
         self.slots = insert_slots(model, shapes)
 
-    def forward(self, input_ids, attention_mask, target_pos, target_ids, target_mask, *lora):
+    def forward(self, input_ids, position_ids, gather_idx, scatter_idx, target_pos, target_ids, target_mask, *lora):
         for i, m in enumerate(self.modules_):
             self.slots[m] = (lora[2 * i], lora[2 * i + 1])
-        h = self.model.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        idx = target_pos.unsqueeze(-1).expand(-1, -1, h.shape[-1])
-        logits = self.model.lm_head(torch.gather(h, 1, idx)).float()
+            self.slots[f"xa/{m}"] = []
+        base = self.model.model
+        x = base.embed_tokens(input_ids).unsqueeze(0)
+        cos, sin = base.rotary_emb(x, position_ids.unsqueeze(0))
+        for layer in base.layers:
+            x = x + packed_attention(layer.self_attn, layer.input_layernorm(x), cos, sin, gather_idx, scatter_idx)
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        h = base.norm(x)[0]
+        logits = self.model.lm_head(h[target_pos]).float()
         logp = torch.log_softmax(logits, dim=-1)
         tok = torch.gather(logp, 2, target_ids.unsqueeze(-1)).squeeze(-1) * target_mask
         logprob = tok.sum(dim=1)
         loss = -logprob / target_mask.sum(dim=1).clamp(min=1.0)
-        return loss, logprob
+        xa = [torch.cat(self.slots[f"xa/{m}"], dim=0) for m in self.modules_]
+        return loss, logprob, *xa
