@@ -162,15 +162,21 @@ def test_same_size_damage_to_an_onnx_file_is_caught_before_onnxruntime(tiny_bund
     assert_refused(cli("edgelora.cli", *args, cwd=tmp_path), name, "sha256")
 
 
-def test_bad_loras_are_reported_before_the_scoring_session_is_built(library, monkeypatch):  # noqa: F811
+@pytest.mark.parametrize("bad,message", [("nope", "no LoRA named nope"),
+                                         ("junk.safetensors", "not a readable safetensors file")])
+def test_bad_loras_are_reported_before_the_scoring_session_is_built(library, monkeypatch, tmp_path, bad,  # noqa: F811
+                                                                    message):
     from edgelora import search
 
     def no_session(*a, **kw):
         raise AssertionError("the scoring session was built before --loras was checked")
 
     monkeypatch.setattr(search, "Scorer", no_session)
-    with pytest.raises(UserError, match="no LoRA named nope"):
-        adapt([Example(PROMPTS[0], "yes")], library[0], loras=["nope"])
+    if bad.endswith(".safetensors"):
+        bad = tmp_path / bad
+        bad.write_bytes(b"\x10" * 64)
+    with pytest.raises(UserError, match=message):
+        adapt([Example(PROMPTS[0], "yes")], library[0], loras=[str(bad)])
 
 
 def test_verify_lists_every_damaged_file(tiny_bundle):
