@@ -1,18 +1,21 @@
 """The bundle: the folder a workstation writes and an edge device reads (see DESIGN.md).
 
-`Bundle.open` checks what is cheap (manifest, every file present at its size) so a broken
-bundle fails before a search starts; `verify` re-hashes every file.
+`Bundle.open` checks the manifest's shape and every file against its sha256 before any ONNX
+file is loaded, so a damaged or edited bundle fails with one line, never inside onnxruntime;
+the hashes are remembered by size and mtime (`sha256_cached`), so only the first open of a
+bundle reads its gigabyte. `verify` re-hashes every file regardless.
 """
 from __future__ import annotations
 
 import json
 import os
+import posixpath
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UserError
 from .examples import PromptFormat
-from .io import atomic_write_json, sha256_file
+from .io import atomic_write, atomic_write_json, read_json, sha256_file
 
 FORMAT = "edgelora-bundle"
 FORMAT_VERSION = 2  # 2: the scoring graph takes the examples packed (examples.pack)
@@ -28,6 +31,35 @@ def default_bundle_path() -> Path:
     return home() / "bundles" / "smollm2-135m-instruct"
 
 
+def _read_cache(path: Path) -> dict:
+    try:
+        cache = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return cache if isinstance(cache, dict) else {}
+
+
+def sha256_cached(path: Path) -> str:
+    """sha256 of a file, remembered in EDGELORA_HOME under its path, size and mtime: a file that
+    changes gets a new mtime, so it is hashed again. A cache that cannot be read or written is
+    only slower."""
+    path = path.resolve()
+    st = path.stat()
+    stamp = [st.st_size, st.st_mtime_ns]
+    cache_file = home() / "sha256-cache.json"
+    cache = _read_cache(cache_file)
+    hit = cache.get(str(path))
+    if isinstance(hit, list) and len(hit) == 3 and hit[:2] == stamp:
+        return hit[2]
+    digest = sha256_file(path)
+    kept = {k: v for k, v in cache.items() if Path(k).is_file()}
+    try:
+        atomic_write(cache_file, json.dumps({**kept, str(path): [*stamp, digest]}))
+    except OSError:
+        pass
+    return digest
+
+
 def hash_files(root: Path, names: list[str]) -> dict[str, dict]:
     return {n: {"sha256": sha256_file(root / n), "size": (root / n).stat().st_size} for n in sorted(names)}
 
@@ -40,37 +72,99 @@ def write_manifest(root: Path, manifest: dict) -> None:
     atomic_write_json(root / MANIFEST, manifest)
 
 
+# What the runtime reads from a manifest and the JSON type of each: a manifest is checked
+# against this before anything in it is used, so a damaged one is one line, not a KeyError.
+SCHEMA = {
+    "base": {"name": str, "source": str},
+    "arch": {"layers": int, "max_len": int},
+    "files": dict, "targets": dict,
+    "scoring": {"file": str},
+    "decoder": {"dir": str, "file": str, "weights": dict},
+    "tokenizer": str,
+    "prompt": {"head": str, "mid": str, "end": str, "next_user": str, "stop": str},
+    "eos_ids": list, "pad_id": int,
+}
+FILE_ENTRY = {"sha256": str, "size": int}
+TARGET_ENTRY = {"in": int, "out": int, "path": str}
+WEIGHT_ENTRY = {"name": str, "transposed": bool}
+REBUILD = "rebuild the bundle with edgelora-export base"
+JSON_TYPE = {str: "a string", int: "an integer", bool: "true or false", dict: "an object", list: "a list"}
+
+
+def check_schema(obj: dict, schema: dict, where: Path, hint: str = REBUILD, prefix: str = "") -> None:
+    """Every key of `schema` present in `obj` with its JSON type (nested dicts checked in turn);
+    `hint` says how to get a good file."""
+    for key, want in schema.items():
+        name = f"{prefix}{key}"
+        if key not in obj:
+            raise UserError(f"{where}: lacks {name}; {hint}")
+        value = obj[key]
+        kind = dict if isinstance(want, dict) else want
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise UserError(f"{where}: {name} must be {JSON_TYPE[kind]}; {hint}")
+        if isinstance(want, dict):
+            check_schema(value, want, where, hint, f"{name}.")
+
+
+def check_entries(manifest: dict, where: Path) -> None:
+    """The manifest's open-ended parts: every file entry, target and decoder weight."""
+    for name, info in manifest["files"].items():
+        check_schema(info if isinstance(info, dict) else {}, FILE_ENTRY, where, REBUILD, f"files.{name}.")
+        if posixpath.isabs(name) or posixpath.normpath(name) != name or name.split("/")[0] == "..":
+            raise UserError(f"{where}: file name {name!r} leaves the bundle folder")
+    for m, info in manifest["targets"].items():
+        check_schema(info if isinstance(info, dict) else {}, TARGET_ENTRY, where, REBUILD, f"targets.{m}.")
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in manifest["eos_ids"]):
+        raise UserError(f"{where}: eos_ids must be a list of integers")
+    for m, layers in manifest["decoder"]["weights"].items():
+        if m not in manifest["targets"] or not isinstance(layers, list) or len(layers) != manifest["arch"]["layers"]:
+            raise UserError(f"{where}: decoder.weights.{m} must list one weight per layer of a target")
+        for i, info in enumerate(layers):
+            check_schema(info if isinstance(info, dict) else {}, WEIGHT_ENTRY, where, REBUILD, f"decoder.weights.{m}.{i}.")
+    d = manifest["decoder"]
+    for name in (manifest["scoring"]["file"], manifest["tokenizer"], f"{d['dir']}/{d['file']}"):
+        if name not in manifest["files"]:
+            raise UserError(f"{where}: {name} is not among the manifest's hashed files")
+
+
+def is_bundle(path: Path) -> bool:
+    """Whether `path` holds an edgelora bundle (so a rebuild may replace it)."""
+    try:
+        return read_json(path / MANIFEST).get("format") == FORMAT
+    except UserError:
+        return False
+
+
 @dataclass
 class Bundle:
     path: Path
     manifest: dict
 
     @classmethod
-    def open(cls, path: str | Path | None = None) -> "Bundle":
+    def open(cls, path: str | Path | None = None, hashes: bool = True) -> "Bundle":
+        """The bundle at `path` once its manifest and files check out; `hashes=False` checks
+        sizes only, for `verify`, which re-hashes every file itself and lists each bad one."""
         path = Path(path) if path is not None else default_bundle_path()
         mpath = path / MANIFEST
         if not mpath.is_file():
             hint = BUILD_HINT if path == default_bundle_path() else f"{BUILD_HINT} -o {path}"
             raise UserError(f"{path}: not a bundle (no {MANIFEST}); {hint}")
-        try:
-            manifest = json.loads(mpath.read_text())
-        except json.JSONDecodeError as e:
-            raise UserError(f"{mpath}:{e.lineno}: not valid JSON ({e.msg})") from None
+        manifest = read_json(mpath)
         if manifest.get("format") != FORMAT:
             raise UserError(f"{mpath}: not an edgelora bundle manifest")
-        missing = [k for k in ("files", "arch", "targets", "scoring", "decoder", "tokenizer", "prompt", "eos_ids", "pad_id")
-                   if k not in manifest]
-        if missing:
-            raise UserError(f"{mpath}: manifest lacks {', '.join(missing)}; rebuild the bundle with edgelora-export base")
         if manifest.get("format_version") != FORMAT_VERSION:
-            raise UserError(f"{mpath}: bundle format {manifest.get('format_version')} is not supported "
+            raise UserError(f"{mpath}: bundle format {manifest.get('format_version')!r} is not supported "
                             f"(this edgelora reads {FORMAT_VERSION}); rebuild it with edgelora-export")
+        check_schema(manifest, SCHEMA, mpath)
+        check_entries(manifest, mpath)
         for name, info in manifest["files"].items():
             f = path / name
             if not f.is_file():
-                raise UserError(f"{path}: file {name} listed in the manifest is missing")
+                raise UserError(f"{f}: missing (listed in {mpath})")
             if f.stat().st_size != info["size"]:
-                raise UserError(f"{path}: file {name} has {f.stat().st_size} bytes, the manifest says {info['size']}")
+                raise UserError(f"{f}: has {f.stat().st_size} bytes, {mpath} says {info['size']}")
+            if hashes and sha256_cached(f) != info["sha256"]:
+                raise UserError(f"{f}: sha256 differs from {mpath}: the file was damaged or changed; rebuild the bundle")
         return cls(path, manifest)
 
     def verify(self) -> list[str]:

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from .bundle import Bundle, default_bundle_path
-from .errors import UserError, run_command
+from .errors import UserError, interrupted_exit_code, run_command
 from .evaluate import MODES
 from .search import OPTIMIZERS, SELECTS, AdaptConfig
 from .writeback import DEFAULT_QUANT, QUANTS
@@ -41,7 +41,7 @@ def cmd_info(args) -> None:
 
 
 def cmd_verify(args) -> None:
-    bundle = Bundle.open(args.bundle)
+    bundle = Bundle.open(args.bundle, hashes=False)
     bad = bundle.verify()
     if bad:
         raise UserError(f"{bundle.path}: sha256 differs from the manifest for {', '.join(bad)}")
@@ -50,10 +50,11 @@ def cmd_verify(args) -> None:
 
 def cmd_adapt(args) -> int:
     from tqdm import tqdm
-    from .outputs import summary_table, write_outputs
+    from .outputs import check_out, summary_table, write_outputs
     from .search import adapt
     bundle = Bundle.open(args.bundle)
     out = args.out or Path(f"{args.examples.name.removesuffix('.jsonl').removesuffix('.adapt')}-adapted")
+    check_out(out)  # before the search, not after it
     bars = {}  # opened at the first step, so input errors stay one clean line
 
     def bar(desc: str, total: int):
@@ -79,12 +80,10 @@ def cmd_adapt(args) -> int:
     finally:
         for b in bars.values():
             b.close()
-    write_outputs(result, bundle, out)
-    if args.quant and not result.interrupted:
-        from .writeback import write_model
-        if not args.json:
-            print(f"writing the adapted model ({args.quant}) ...", file=sys.stderr)
-        write_model(bundle, *result.merged(), out, args.quant)
+    quant = None if result.interrupted else args.quant
+    if quant and not args.json:
+        print(f"writing the adapted model ({quant}) ...", file=sys.stderr)
+    write_outputs(result, bundle, out, quant)
     if args.json:
         print(json.dumps({"out": str(out), "loss": result.loss, "start_loss": result.start_loss,
                           "objective": result.objective, "evaluations": len(result.history),
@@ -98,7 +97,7 @@ def cmd_adapt(args) -> int:
               f"written to {out}/")
     if result.interrupted:
         print(f"edgelora: interrupted; the best weights so far are in {out}/weights.json", file=sys.stderr)
-        return 130
+        return interrupted_exit_code()
     return 0
 
 
@@ -119,6 +118,10 @@ def cmd_eval(args) -> None:
     from .examples import load_examples
     from .generate import Model
     from .io import atomic_write_json
+    if args.limit is not None and args.limit < 1:
+        raise UserError(f"--limit {args.limit}: must be at least 1")
+    if args.k < 0:
+        raise UserError(f"-k {args.k}: must be 0 or more")
     model = Model.load(args.model)
     adapted = (Path(args.model) / "edgelora.json").is_file()
     mode = args.mode or ("adapted" if adapted else "icl" if args.shots else "zero-shot")

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
+from .io import parse_json
 
 
 @dataclass(frozen=True)
@@ -51,26 +52,35 @@ def parse_example(obj, where: str) -> Example:
     return Example(obj["input"], obj["output"], options, aliases, where)
 
 
+# A line longer than this is refused before it is parsed: a prompt is cut to the bundle's
+# 1,024 tokens (a few KB of text) anyway, and a runaway line would only eat memory.
+MAX_LINE_CHARS = 1 << 20
+# The scoring batch's size, examples x tokens (padded): its activations grow with it (and the
+# attention with tokens squared); 16,384 is under a GB at the bundle's 1,024-token limit.
+MAX_BATCH_TOKENS = 16384
+
+
 def load_examples(path: str | Path, warn=lambda msg: print(msg, file=sys.stderr)) -> list[Example]:
-    """Read a JSONL file of examples; duplicates are kept but warned about."""
+    """Read a JSONL file of examples; duplicates are kept but warned about. A UTF-8 byte-order
+    mark and Windows line ends (Notepad, Excel) are accepted: they are how people save files."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such file")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_bytes().decode("utf-8-sig")
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror})") from None
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     examples: list[Example] = []
     seen: dict[str, int] = {}
-    for lineno, line in enumerate(text.splitlines(), 1):
+    for lineno, line in enumerate(text.split("\n"), 1):  # not splitlines: JSON strings may hold U+2028
         if not line.strip():
             continue
         where = f"{path}:{lineno}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-        ex = parse_example(obj, where)
+        if len(line) > MAX_LINE_CHARS:
+            raise UserError(f"{where}: a line of {len(line):,} characters; the limit is {MAX_LINE_CHARS:,}")
+        ex = parse_example(parse_json(line, path, lineno), where)
         key = json.dumps([ex.input, ex.output])
         if key in seen:
             warn(f"warning: {where}: duplicate of line {seen[key]}")
@@ -79,6 +89,13 @@ def load_examples(path: str | Path, warn=lambda msg: print(msg, file=sys.stderr)
     if not examples:
         raise UserError(f"{path}: no examples (expected one JSON object per line)")
     return examples
+
+
+def check_batch_size(n_examples: int, n_tokens: int, source: str) -> None:
+    """Refuse a scoring batch (examples x padded tokens) too large to hold in memory."""
+    if n_tokens > MAX_BATCH_TOKENS:
+        raise UserError(f"{source}: {n_examples} examples make a batch of {n_tokens:,} tokens (padded); "
+                        f"the limit is {MAX_BATCH_TOKENS:,}: use fewer or shorter examples")
 
 
 @dataclass(frozen=True)

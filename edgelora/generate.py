@@ -3,7 +3,6 @@ past_key_values.N → logits / present.N layout that onnxruntime-genai's builder
 share): greedy or top-p sampling, streamed token by token."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -14,7 +13,7 @@ import onnxruntime as ort
 from .errors import UserError
 from .examples import PromptFormat
 from .scorer import session_options
-from .writeback import MODEL_META
+from .writeback import MODEL_META, check_model
 
 
 class Decoder:
@@ -117,18 +116,23 @@ class Model:
         from .bundle import Bundle
         path = Path(path)
         if (path / MODEL_META).is_file():
-            meta = json.loads((path / MODEL_META).read_text())
+            meta = check_model(path)
             onnx_path, tok_path = path / "model.onnx", path / meta["tokenizer"]
         elif (path / "manifest.json").is_file():
             bundle = Bundle.open(path)
             meta = {**{k: bundle.manifest[k] for k in ("prompt", "eos_ids", "pad_id")},
                     "max_len": bundle.arch["max_len"], "quant": "none", "lora": None}
             onnx_path, tok_path = bundle.decoder_dir / bundle.manifest["decoder"]["file"], bundle.path / bundle.manifest["tokenizer"]
+        elif (path / "weights.json").is_file():
+            raise UserError(f"{path}: this adapt output has no model (written with --no-model, or interrupted); "
+                            f"re-run edgelora adapt")
         else:
             raise UserError(f"{path}: not a model (expected an `edgelora adapt` output folder or a bundle)")
-        if not onnx_path.is_file():
-            raise UserError(f"{onnx_path}: missing; this adapt output has no model (re-run adapt with --quant)")
-        return cls(path, Decoder(onnx_path, meta["eos_ids"], threads), Tokenizer.from_file(str(tok_path)),
+        try:
+            tokenizer = Tokenizer.from_file(str(tok_path))
+        except Exception as e:  # tokenizers raises a bare Exception for a damaged file
+            raise UserError(f"{tok_path}: not a readable tokenizer ({str(e).splitlines()[0] if str(e) else e!r})") from None
+        return cls(path, Decoder(onnx_path, meta["eos_ids"], threads), tokenizer,
                    PromptFormat.from_dict(meta["prompt"]), meta["max_len"], meta)
 
     def encode(self, text: str) -> list[int]:

@@ -1,12 +1,20 @@
-"""Atomic writes and hashes (an output is either the old file or the whole new one), and the
-peak memory a report quotes."""
+"""Atomic writes, whole-folder swaps and hashes (an output is either the old one or the whole
+new one), JSON read as user input, and the peak memory a report quotes."""
 from __future__ import annotations
 
+import fcntl
+import glob
 import hashlib
 import json
 import os
+import shutil
 import tempfile
+import uuid
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable, Iterator
+
+from .errors import UserError
 
 
 def atomic_write(path: str | Path, data: bytes | str) -> None:
@@ -27,6 +35,116 @@ def atomic_write(path: str | Path, data: bytes | str) -> None:
 
 def atomic_write_json(path: str | Path, obj) -> None:
     atomic_write(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def parse_json(text: str, path: str | Path, line: int | None = None):
+    """json.loads for text a user wrote: NaN and Infinity are refused (Python's json takes them,
+    the standard does not), and every failure, deep nesting and huge numbers included, is a
+    UserError naming the file and line."""
+    try:
+        return json.loads(text, parse_constant=_refuse_constant)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{line or e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+    except (ValueError, RecursionError) as e:
+        where = f"{path}:{line}" if line else str(path)
+        reason = "nested too deeply" if isinstance(e, RecursionError) else str(e).split(";")[0]
+        raise UserError(f"{where}: not valid JSON ({reason})") from None
+
+
+def read_json(path: str | Path) -> dict:
+    """A JSON object from a file that may be missing, damaged or edited by hand."""
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    obj = parse_json(text, path)
+    if not isinstance(obj, dict):
+        raise UserError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def check_replaceable(dst: Path, is_ours: Callable[[Path], bool], what: str) -> None:
+    """Refuse to replace anything but a missing path, an empty folder or one of our own outputs
+    (`is_ours`): a folder a user points -o/--out at by mistake is never wiped."""
+    if dst.is_symlink() or (dst.exists() and not dst.is_dir()):
+        raise UserError(f"{dst}: exists and is not a folder; choose another {what}")
+    parent = next(p for p in dst.absolute().parents if p.exists())
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise UserError(f"{dst}: cannot write here ({parent} is not a writable folder); choose another {what}")
+    if dst.is_dir() and any(dst.iterdir()) and not is_ours(dst):
+        raise UserError(f"{dst}: a folder that is not an edgelora output, left untouched; "
+                        f"choose another {what} or empty it")
+
+
+def replace_dir(new: Path, dst: Path) -> None:
+    """Put the finished folder `new` at `dst`: the old one is renamed aside, the new one renamed in,
+    then the old one deleted. A process killed at any moment leaves `dst` as the old complete
+    folder, absent (the old one kept beside it as .<name>.*.old), or the new complete folder."""
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.{uuid.uuid4().hex[:8]}.old")
+        os.rename(dst, old)
+        os.rename(new, dst)
+        shutil.rmtree(old)
+    else:
+        os.rename(new, dst)
+
+
+def _locked(folder: Path) -> int | None:
+    """An open descriptor holding `folder`'s exclusive lock, or None if another process holds it.
+    The lock follows the folder through renames and dies with its process, even by kill -9."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return fd
+    except OSError:
+        os.close(fd)
+        return None
+
+
+def tidy_beside(dst: Path) -> None:
+    """Clear what killed runs left beside `dst`: temporary folders no live process holds the lock
+    of are deleted; a previous output renamed aside by `replace_dir` is put back where `dst` is
+    missing (the run died between its two renames), and deleted where `dst` is there."""
+    for tmp in dst.parent.glob(f".{glob.escape(dst.name)}.*.tmp"):
+        fd = _locked(tmp)
+        if fd is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.close(fd)
+    for old in sorted(dst.parent.glob(f".{glob.escape(dst.name)}.*.old")):
+        if dst.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(old, dst)
+
+
+@contextmanager
+def building(dst: Path) -> Iterator[Path]:
+    """A temporary folder beside `dst` to build an output in; it replaces `dst` whole when the
+    block ends, and is removed if the block fails. A failed write (no permission, disk full) is
+    a UserError naming the folder, and `dst` is left as it was."""
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tidy_beside(dst)
+        tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp"))
+        lock = _locked(tmp)
+    except OSError as e:
+        raise UserError(f"{dst}: cannot write here ({e.strerror})") from None
+    try:
+        yield tmp
+        replace_dir(tmp, dst)
+    except OSError as e:
+        raise UserError(f"{dst}: cannot write the output ({e.strerror}); it is left as it was") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if lock is not None:
+            os.close(lock)
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:

@@ -15,7 +15,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save
 
 from .errors import UserError
-from .io import atomic_write
+from .io import atomic_write, read_json
 
 
 @dataclass
@@ -50,20 +50,40 @@ def save_lora(path: str | Path, lora: Lora, dtype=np.float16) -> None:
     atomic_write(path, save(tensors, metadata=lora.metadata()))
 
 
+# What safetensors raises for a file it cannot read: damaged, truncated, a header that lies.
+SAFETENSORS_ERRORS = (SafetensorError, OSError, ValueError, TypeError)
+
+
+def unreadable(path: Path, e: Exception) -> UserError:
+    reason = (str(e).splitlines() or [type(e).__name__])[0]
+    return UserError(f"{path}: not a readable safetensors file ({reason})")
+
+
 def load_lora(path: str | Path) -> Lora:
+    """Read a bundle LoRA. A file that is damaged, truncated, lies about its offsets or is not an
+    edgelora LoRA is a UserError naming it: safetensors only parses, it never runs code."""
     path = Path(path)
     try:
         with safe_open(path, "np") as f:
             meta = f.metadata() or {}
         tensors = load_file(path)
-    except (SafetensorError, OSError) as e:
-        raise UserError(f"{path}: not a readable safetensors file ({e})") from None
+    except SAFETENSORS_ERRORS as e:
+        raise unreadable(path, e) from None
     if meta.get("format") != "edgelora-lora":
         raise UserError(f"{path}: not an edgelora LoRA (safetensors metadata lacks format=edgelora-lora)")
-    mods = sorted({k.rsplit(".", 1)[0] for k in tensors if not k.endswith(".proto")})
+    try:
+        rank, alpha = int(meta["rank"]), float(meta["alpha"])
+    except (KeyError, ValueError):
+        raise UserError(f"{path}: its metadata needs an integer rank and a number alpha") from None
+    if rank < 1 or not np.isfinite(alpha):
+        raise UserError(f"{path}: rank {rank} and alpha {alpha} must be a positive integer and a finite number")
+    weights = sorted(k for k in tensors if not k.endswith(".proto"))  # .proto: Arrow's prototypes
+    mods = sorted({k.rsplit(".", 1)[0] for k in weights})
+    if not mods or weights != sorted(f"{m}.{ab}" for m in mods for ab in "AB"):
+        raise UserError(f"{path}: expected tensors <module>.A and <module>.B, found {', '.join(weights) or 'none'}")
     A = {m: tensors[f"{m}.A"].astype(np.float32) for m in mods}
     B = {m: tensors[f"{m}.B"].astype(np.float32) for m in mods}
-    return Lora(meta.get("name", path.stem), int(meta["rank"]), float(meta["alpha"]), A, B, meta.get("source", ""))
+    return Lora(meta.get("name", path.stem), rank, alpha, A, B, meta.get("source", ""))
 
 
 def prototypes(lora: Lora) -> dict[str, np.ndarray]:
@@ -86,13 +106,15 @@ def load_prototypes(path: str | Path) -> dict[str, np.ndarray]:
             keys = [k for k in f.keys() if k.endswith(".proto")]
             if keys:
                 return {k.removesuffix(".proto"): f.get_tensor(k) for k in keys}
-    except (SafetensorError, OSError) as e:
-        raise UserError(f"{path}: not a readable safetensors file ({e})") from None
+    except SAFETENSORS_ERRORS as e:
+        raise unreadable(path, e) from None
     return prototypes(load_lora(path))
 
 
 def check_compatible(lora: Lora, targets: dict[str, dict], layers: int, where: str) -> None:
-    """Refuse a LoRA whose modules or shapes the bundle cannot take, naming module and shapes."""
+    """Refuse a LoRA whose modules, shapes or values the bundle cannot take, naming module and
+    shapes. A target the LoRA does not cover (a PEFT LoRA on q_proj only) gets zero A and B: that
+    module stays as the base has it, and every LoRA of a stack covers every target."""
     for m in lora.A:
         if m not in targets:
             raise UserError(f"{where}: module {m} is not a LoRA target of this bundle "
@@ -102,6 +124,12 @@ def check_compatible(lora: Lora, targets: dict[str, dict], layers: int, where: s
         if lora.A[m].shape != want_a or lora.B[m].shape != want_b:
             raise UserError(f"{where}: {m} has A {tuple(lora.A[m].shape)} and B {tuple(lora.B[m].shape)}, "
                             f"the bundle needs A {want_a} and B {want_b}: a LoRA made for another base?")
+        if not (np.isfinite(lora.A[m]).all() and np.isfinite(lora.B[m]).all()):
+            raise UserError(f"{where}: {m} holds NaN or infinite values")
+    for m, t in targets.items():
+        if m not in lora.A:
+            lora.A[m] = np.zeros((layers, lora.rank, t["in"]), np.float32)
+            lora.B[m] = np.zeros((layers, t["out"], lora.rank), np.float32)
 
 
 class LoraStack:
@@ -117,7 +145,9 @@ class LoraStack:
         n = len(loras)
         self._A, self._B, self.A, self.B = {}, {}, {}, {}
         for m in modules:
-            ref = next(l for l in loras if m in l.A)
+            ref = next((l for l in loras if m in l.A), None)
+            if ref is None:  # check_compatible gives every LoRA every target; this is a LoRA it did not see
+                raise UserError(f"none of the LoRAs {', '.join(self.names)} covers the target {m}")
             L, _, d_in = ref.A[m].shape
             d_out = ref.B[m].shape[1]
             A = np.zeros((n, L, self.rank, d_in), np.float32)
@@ -152,7 +182,8 @@ def arrow_weights(scores: np.ndarray, top_k: int, temperature: float = 1.0) -> n
     """peft's Arrow routing from raw scores x·v [..., N]: |score|, keep the top-k per token,
     softmax(|score| / T) over the kept ones, 0 elsewhere."""
     s = np.abs(scores) / temperature
-    kth = np.partition(s, -top_k, axis=-1)[..., -top_k, None]
+    k = min(top_k, s.shape[-1])  # a library smaller than top-k keeps all of it
+    kth = np.partition(s, -k, axis=-1)[..., -k, None]
     keep = s >= kth
     e = np.where(keep, np.exp(s - s.max(-1, keepdims=True)), 0.0)
     return e / e.sum(-1, keepdims=True)
@@ -181,21 +212,21 @@ def from_peft(folder: str | Path, targets: dict[str, dict], layers: int, name: s
     for p in (cfg_path, st_path):
         if not p.is_file():
             raise UserError(f"{folder}: not a PEFT LoRA folder (no {p.name})")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{cfg_path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    cfg = read_json(cfg_path)
     if cfg.get("peft_type", "LORA") != "LORA":
         raise UserError(f"{cfg_path}: peft_type {cfg.get('peft_type')} is not a LoRA")
     if cfg.get("use_dora"):
         raise UserError(f"{cfg_path}: DoRA adapters cannot be composed as plain LoRAs")
-    rank, alpha = int(cfg["r"]), float(cfg.get("lora_alpha", cfg["r"]))
+    rank, alpha = cfg.get("r"), cfg.get("lora_alpha", cfg.get("r"))
+    if not (isinstance(rank, int) and rank >= 1 and isinstance(alpha, (int, float)) and np.isfinite(alpha)):
+        raise UserError(f"{cfg_path}: r must be a positive integer and lora_alpha a finite number")
+    alpha = float(alpha)
     if cfg.get("use_rslora"):
         alpha = alpha * rank ** 0.5  # keep scale = alpha / r
     try:
         tensors = load_file(st_path)
-    except (SafetensorError, OSError) as e:
-        raise UserError(f"{st_path}: not a readable safetensors file ({e})") from None
+    except SAFETENSORS_ERRORS as e:
+        raise unreadable(st_path, e) from None
     found = {k.split(".lora_")[0].rsplit(".", 1)[-1] for k in tensors if ".lora_" in k}
     for m in sorted(found - set(targets)):
         raise UserError(f"{folder}: module {m} is not a LoRA target of this bundle "

@@ -1,5 +1,5 @@
-"""What `adapt` leaves in its output folder, each file written atomically:
-weights.json, the merged adapter in PEFT's layout, and a loss-curve SVG."""
+"""What `adapt` leaves in its output folder: weights.json, the merged adapter in PEFT's layout,
+a loss-curve SVG and the adapted model, the folder built aside and swapped in whole."""
 from __future__ import annotations
 
 import platform
@@ -7,9 +7,11 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from .bundle import Bundle
-from .io import atomic_write, atomic_write_json, sha256_file
+from .errors import UserError
+from .io import atomic_write, atomic_write_json, building, check_replaceable, read_json, sha256_file
 from .lora import to_peft
 from .search import AdaptResult
+from .writeback import write_model
 
 
 def versions() -> dict[str, str]:
@@ -63,12 +65,31 @@ def loss_curve_svg(result: AdaptResult, width: int = 640, height: int = 360) -> 
             f'{dots}<polyline points="{line}" fill="none" stroke="#c0392b" stroke-width="2"/></svg>\n')
 
 
-def write_outputs(result: AdaptResult, bundle: Bundle, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    A, B = result.merged()
-    to_peft(out / "adapter", A, B, bundle.targets, bundle.manifest["base"]["name"])
-    atomic_write(out / "loss_curve.svg", loss_curve_svg(result))
-    atomic_write_json(out / "weights.json", weights_json(result, bundle))
+def is_adapt_output(folder: Path) -> bool:
+    """Whether `folder` holds an `edgelora adapt` output, which a new run may replace."""
+    try:
+        return {"weights", "history", "settings"} <= read_json(folder / "weights.json").keys()
+    except UserError:
+        return False
+
+
+def check_out(out: Path) -> None:
+    """Refuse an --out that is not empty and not an adapt output: it would be replaced whole."""
+    check_replaceable(out, is_adapt_output, "--out")
+
+
+def write_outputs(result: AdaptResult, bundle: Bundle, out: Path, quant: str | None = None) -> None:
+    """Write the whole output folder aside and swap it in (io.building), so `out` is never a new
+    weights.json beside an older model: after a kill or a full disk it is the previous output or
+    the new one. `quant` None writes no model (--no-model, or an interrupted search)."""
+    check_out(out)
+    with building(out) as tmp:
+        A, B = result.merged()
+        to_peft(tmp / "adapter", A, B, bundle.targets, bundle.manifest["base"]["name"])
+        atomic_write(tmp / "loss_curve.svg", loss_curve_svg(result))
+        atomic_write_json(tmp / "weights.json", weights_json(result, bundle))
+        if quant:
+            write_model(bundle, A, B, tmp, quant, weights_sha256=sha256_file(tmp / "weights.json"))
 
 
 def summary_table(result: AdaptResult, top: int = 10) -> str:

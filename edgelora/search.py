@@ -18,7 +18,7 @@ import numpy as np
 
 from .bundle import Bundle
 from .errors import UserError
-from .examples import Batch, Example, encode_pairs, load_examples
+from .examples import Batch, Example, check_batch_size, encode_pairs, load_examples
 from .lora import Lora, LoraStack, arrow_weights, check_compatible, load_lora, load_prototypes, routing_slots
 from .scorer import Scorer
 
@@ -260,6 +260,14 @@ def run_optimizer(name: str, f: Objective, x0: np.ndarray, seed: int) -> str:
     return "converged" if r.success else f"optimizer stopped: {r.message}"
 
 
+def load_checked(paths: list[Path], bundle: Bundle) -> list[Lora]:
+    """The LoRAs at `paths`, each refused with one line unless the bundle can take it."""
+    loras = [load_lora(p) for p in paths]
+    for lora, p in zip(loras, paths):
+        check_compatible(lora, bundle.targets, bundle.arch["layers"], str(p))
+    return loras
+
+
 def adapt(examples: str | Path | list[Example], bundle: Bundle | str | Path | None = None,
           loras: list[str] | str | Path | None = None, config: AdaptConfig | None = None, *,
           on_eval=None, on_rank=None, warn=print, **overrides) -> AdaptResult:
@@ -282,9 +290,12 @@ def adapt(examples: str | Path | list[Example], bundle: Bundle | str | Path | No
     for i in truncated:
         warn(f"warning: {examples[i].where or f'example {i + 1}'}: longer than the bundle's "
              f"{bundle.arch['max_len']} tokens; the start of its prompt was cut")
+    check_batch_size(len(examples), batch.padded_tokens, source)
     timings["tokenise"] = time.perf_counter() - t0
     ranked = cfg.select != "random" and loras is None
     paths = choose_loras(bundle, loras, len(bundle.lora_paths()) if ranked else cfg.n_loras, cfg.seed)
+    if not ranked:  # named or sampled: read and checked before the session is built (seconds)
+        loras_ = load_checked(paths, bundle)
     t0 = time.perf_counter()
     scorer = Scorer(bundle)
     scorer.bind(batch)
@@ -299,9 +310,8 @@ def adapt(examples: str | Path | list[Example], bundle: Bundle | str | Path | No
         selection_forwards = 1
         paths = [paths[i] for i in np.argsort(-mass, kind="stable")[:n]]
         known.append((np.zeros(n), base_loss, secs))
-    loras_ = [load_lora(p) for p in paths]
-    for lora, p in zip(loras_, paths):
-        check_compatible(lora, bundle.targets, bundle.arch["layers"], str(p))
+    if ranked:
+        loras_ = load_checked(paths, bundle)
     if ranked and cfg.select == "loss":
         losses = rank_by_loss(scorer, n_tokens, loras_, list(bundle.targets), on_rank)
         selection_forwards = len(loras_)

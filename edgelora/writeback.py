@@ -15,9 +15,9 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .bundle import Bundle
+from .bundle import Bundle, check_schema, sha256_cached
 from .errors import UserError
-from .io import atomic_write_json, sha256_file
+from .io import atomic_write_json, read_json, sha256_file
 from .lora import delta
 
 QUANTS = ("none", "int8", "int4")
@@ -102,9 +102,10 @@ def quantize(model: onnx.ModelProto, dst: Path, quant: str, exclude: list[str], 
 
 
 def write_model(bundle: Bundle, A: dict | None, B: dict | None, out: Path, quant: str = DEFAULT_QUANT,
-                merged: bool = True, block_size: int = INT4_BLOCK) -> Path:
+                merged: bool = True, block_size: int = INT4_BLOCK, weights_sha256: str | None = None) -> Path:
     """A standard ONNX causal-LM folder (optimum's ORTModelForCausalLM loads it) plus
-    `edgelora.json` (prompt format, stop ids) so `edgelora generate/eval` can use it.
+    `edgelora.json` (prompt format, stop ids, the model's sha256 and that of the weights.json it
+    was made from) so `edgelora generate/eval` can use it and refuse it when the two disagree.
     `merged=False`: the LoRA beside the quantized base, in fp32, as two small MatMuls per
     target (the default before the 8-bit targets: less accurate at int4, and no faster, by
     bench/results/quant_accuracy.md and generate_adapted.json; benchmarks compare against it)."""
@@ -137,5 +138,31 @@ def write_model(bundle: Bundle, A: dict | None, B: dict | None, out: Path, quant
         "lora": None if A is None else "merged" if merged else "unmerged fp32",
         "eight_bit_targets": bool(eight_bit) and quant == "int4",
         "prompt": m["prompt"], "eos_ids": m["eos_ids"],
-        "pad_id": m["pad_id"], "max_len": m["arch"]["max_len"], "tokenizer": "tokenizer.json"})
+        "pad_id": m["pad_id"], "max_len": m["arch"]["max_len"], "tokenizer": "tokenizer.json",
+        "model_sha256": sha256_file(out / "model.onnx"), "weights_sha256": weights_sha256})
     return out / "model.onnx"
+
+
+# What `generate` and `eval` read from edgelora.json, and the JSON type of each.
+MODEL_SCHEMA = {"prompt": {"head": str, "mid": str, "end": str, "next_user": str, "stop": str},
+                "eos_ids": list, "pad_id": int, "max_len": int, "tokenizer": str, "model_sha256": str}
+
+
+def check_model(folder: Path) -> dict:
+    """edgelora.json of an adapt output, once its model.onnx is the one it names (sha256, cached
+    by size and mtime) and, where weights.json is beside it, was made from that weights.json:
+    a model never runs beside weights it does not hold."""
+    meta_path = folder / MODEL_META
+    meta = read_json(meta_path)
+    check_schema(meta, MODEL_SCHEMA, meta_path, "re-run edgelora adapt to rewrite the model")
+    if Path(meta["tokenizer"]).name != meta["tokenizer"]:
+        raise UserError(f"{meta_path}: tokenizer {meta['tokenizer']!r} is not a file of this folder")
+    model = folder / "model.onnx"
+    if not model.is_file():
+        raise UserError(f"{model}: missing; re-run edgelora adapt to rewrite the model")
+    if sha256_cached(model) != meta["model_sha256"]:
+        raise UserError(f"{model}: sha256 differs from {meta_path} (damaged or replaced); re-run edgelora adapt")
+    weights = folder / "weights.json"
+    if weights.is_file() and sha256_file(weights) != meta.get("weights_sha256"):
+        raise UserError(f"{model}: made from other weights than {weights}; re-run edgelora adapt to rewrite the model")
+    return meta

@@ -2,6 +2,7 @@
 real onnxruntime, in well under a minute."""
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -10,6 +11,15 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny import build_tiny_llama  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def edgelora_home(tmp_path_factory) -> Path:
+    """EDGELORA_HOME (the hash cache, the default bundle) in a temporary folder, never the
+    user's; subprocesses inherit it."""
+    home = tmp_path_factory.mktemp("home")
+    os.environ["EDGELORA_HOME"] = str(home)
+    return home
 
 
 @pytest.fixture(scope="session")

@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edgelora.bundle import FORMAT, FORMAT_VERSION, write_manifest
+from edgelora.bundle import FORMAT, FORMAT_VERSION, is_bundle, write_manifest
 from edgelora.errors import UserError
+from edgelora.io import check_replaceable, replace_dir
 from edgelora.lora import load_lora, save_lora
 from .model import ScoringModel, load_base, target_shapes
 
@@ -123,9 +124,10 @@ def decoder_weight_map(onnx_path: Path, model, shapes: dict) -> dict[str, list[d
 
 def export_base(source, out: Path, targets: list[str], force: bool = False, log=print) -> Path:
     out = Path(out)
-    if (out / "manifest.json").exists() and not force:
+    if is_bundle(out) and not force:
         log(f"{out}: bundle exists (--force rebuilds it)")
         return out
+    check_replaceable(out, is_bundle, "-o")  # never wipe a folder that is not a bundle
     t0 = time.time()
     model, tok, name = load_base(source)
     shapes = target_shapes(model, targets)
@@ -168,9 +170,7 @@ def export_base(source, out: Path, targets: list[str], force: bool = False, log=
             "prompt": fmt,
         }
         write_manifest(bundle, manifest)
-        if out.exists():
-            shutil.rmtree(out)
-        bundle.rename(out)
+        replace_dir(bundle, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log(f"bundle written to {out} in {time.time() - t0:.0f}s")

@@ -41,6 +41,9 @@ def parser() -> argparse.ArgumentParser:
         t.add_argument("--batch", type=int, default=TrainConfig.batch)
         t.add_argument("--max-len", type=int, default=TrainConfig.max_len)
         t.add_argument("--seed", type=int, default=TrainConfig.seed)
+        t.add_argument("--eval-every", type=int, default=TrainConfig.eval_every, help="steps between held-out losses")
+        t.add_argument("--patience", type=int, default=TrainConfig.patience,
+                       help="held-out evaluations without a new best before training stops")
         if name == "train":
             t.add_argument("--bundle", type=Path, help="also add the LoRA to this bundle")
     return p
@@ -50,7 +53,7 @@ def train_config(args):
     from .train import TrainConfig
     return TrainConfig(rank=args.rank, alpha=args.alpha, targets=tuple(args.targets.split(",")), lr=args.lr,
                        loraplus_ratio=args.loraplus_ratio, steps=args.steps, batch=args.batch,
-                       max_len=args.max_len, seed=args.seed)
+                       max_len=args.max_len, seed=args.seed, eval_every=args.eval_every, patience=args.patience)
 
 
 def run(args) -> None:

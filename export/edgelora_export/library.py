@@ -5,7 +5,6 @@ Output: `<task>.safetensors` (bundle format, fp16: what ships and what `base` in
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -13,10 +12,10 @@ from pathlib import Path
 import numpy as np
 
 from edgelora.errors import UserError
-from edgelora.io import atomic_write, atomic_write_json
+from edgelora.io import atomic_write, atomic_write_json, read_json
 from edgelora.lora import from_peft, save_lora
 from .model import target_shapes
-from .train import TrainConfig, load_for_training, train_lora
+from .train import TrainConfig, check_same_config, load_for_training, train_lora
 
 HELD_OUT_SUITES = ("bbh", "near")
 
@@ -52,7 +51,12 @@ def train_library(tasks_dir: Path, out: Path, cfg: TrainConfig, source=None, log
     out.mkdir(parents=True, exist_ok=True)
     # Resume task by task: a task is done when its LoRA file and its report row both exist.
     report = out / "report.json"
-    done = {r["task"]: r for r in json.loads(report.read_text())["tasks"]} if report.exists() else {}
+    done = {}
+    if report.exists():
+        saved = read_json(report)
+        check_same_config(saved.get("config", {}), cfg, report,
+                          "pass the same settings to resume this library, or use another -o")
+        done = {r["task"]: r for r in saved.get("tasks", []) if isinstance(r, dict) and "task" in r}
     base, tok, fmt, _ = load_for_training(source)
     shapes = target_shapes(base, list(cfg.targets))
     layers = len(base.model.layers)

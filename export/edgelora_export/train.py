@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from edgelora.errors import UserError
 from edgelora.examples import PromptFormat, load_examples
-from edgelora.io import atomic_write_json, peak_rss_mb
+from edgelora.io import atomic_write_json, peak_rss_mb, read_json
 from .model import DEFAULT_TARGETS
 
 
@@ -33,8 +33,8 @@ class TrainConfig:
     steps: int = 30               # ~4 s a step on 2 cores: 39 LoRAs in ~1.5 h
     max_len: int = 192            # tokens per example: the prompt loses its start beyond it
     heldout: int = 32             # examples kept apart for early stopping
-    eval_every: int = 10
-    patience: int = 3
+    eval_every: int = 5           # held-out loss every 5 steps; stop after `patience` evaluations
+    patience: int = 2             # without a new best (10 steps: it can fire within the 30)
     seed: int = 0
 
 
@@ -81,11 +81,13 @@ def lora_state(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(path: Path, model, opt, meta: dict) -> None:
-    """LoRA weights + AdamW moments as safetensors, progress as JSON: resumable without pickle."""
+def save_checkpoint(path: Path, model, opt, meta: dict, best_state: dict[str, torch.Tensor]) -> None:
+    """LoRA weights, the best held-out step's weights and AdamW moments as safetensors, progress
+    as JSON: resumable without pickle, and a resumed run saves the same best weights."""
     from safetensors.torch import save_file
     names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
     tensors = {f"w/{n}": p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    tensors.update({f"best/{n}": t.contiguous() for n, t in best_state.items()})
     for p, st in opt.state.items():
         for k in ("exp_avg", "exp_avg_sq"):
             tensors[f"{k}/{names[id(p)]}"] = st[k].contiguous()
@@ -97,10 +99,21 @@ def save_checkpoint(path: Path, model, opt, meta: dict) -> None:
     atomic_write_json(path.with_suffix(".json"), meta)
 
 
-def load_checkpoint(path: Path, model, opt) -> dict:
+def check_same_config(saved: dict, cfg: TrainConfig, where: Path, hint: str) -> None:
+    """Refuse to continue work made with other settings: its weights would not be this run's."""
+    now = json.loads(json.dumps(asdict(cfg)))  # tuples as JSON lists, as saved
+    changed = [f"{k} {saved.get(k)!r} → {now[k]!r}" for k in now if saved.get(k) != now[k]]
+    if changed:
+        raise UserError(f"{where}: made with other settings ({', '.join(changed)}); {hint}")
+
+
+def load_checkpoint(path: Path, model, opt, cfg: TrainConfig) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(progress, best weights) of an interrupted run with the same configuration."""
     from safetensors.torch import load_file
+    meta = read_json(path.with_suffix(".json"))
+    check_same_config(meta.get("config", {}), cfg, path.with_suffix(".json"),
+                      "delete it to start over, or pass the same settings to resume")
     tensors = load_file(str(path))
-    meta = json.loads(path.with_suffix(".json").read_text())
     params = dict(model.named_parameters())
     with torch.no_grad():
         for n, p in params.items():
@@ -109,7 +122,7 @@ def load_checkpoint(path: Path, model, opt) -> dict:
                 if n in meta.get("opt_step", {}):
                     opt.state[p] = {"step": torch.tensor(meta["opt_step"][n]), "exp_avg": tensors[f"exp_avg/{n}"].clone(),
                                     "exp_avg_sq": tensors[f"exp_avg_sq/{n}"].clone()}
-    return meta
+    return meta, {n[len("best/"):]: t for n, t in tensors.items() if n.startswith("best/")}
 
 
 def train_lora(base, tok, fmt: PromptFormat, task: Path, out: Path, cfg: TrainConfig, log=print) -> dict:
@@ -135,10 +148,10 @@ def train_lora(base, tok, fmt: PromptFormat, task: Path, out: Path, cfg: TrainCo
                                         loraplus_lr_ratio=cfg.loraplus_ratio, weight_decay=0.0)
         ckpt = out.with_name(out.name + ".ckpt.safetensors")
         meta = {"step": 0, "curve": [], "held": [], "best": None, "config": asdict(cfg)}
-        if ckpt.exists():
-            meta = load_checkpoint(ckpt, model, opt)
-            log(f"resuming {task.stem} at step {meta['step']}")
         best_state = lora_state(model)
+        if ckpt.exists():
+            meta, best_state = load_checkpoint(ckpt, model, opt, cfg)
+            log(f"resuming {task.stem} at step {meta['step']}")
         if meta["best"] is None:
             meta["best"] = {"step": 0, "loss": evaluate(model, held, pad_id, cfg.batch)}
             meta["held"].append([0, meta["best"]["loss"]])
@@ -165,7 +178,7 @@ def train_lora(base, tok, fmt: PromptFormat, task: Path, out: Path, cfg: TrainCo
                 if h < meta["best"]["loss"]:
                     meta["best"] = {"step": meta["step"], "loss": h}
                     best_state = lora_state(model)
-                save_checkpoint(ckpt, model, opt, meta)
+                save_checkpoint(ckpt, model, opt, meta, best_state)
                 evals_since_best = (meta["step"] - meta["best"]["step"]) // cfg.eval_every
                 if evals_since_best >= cfg.patience:
                     break

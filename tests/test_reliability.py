@@ -1,0 +1,300 @@
+"""Issue 15, items 1-4 and files as people save them: each test failed on the code before it."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import make_peft_lora
+from test_adapt import PROMPTS, library  # noqa: F401  (library: a fixture)
+
+from edgelora.errors import UserError
+from edgelora.examples import Example, load_examples
+from edgelora.search import adapt
+
+
+def cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def assert_refused(r, *words):
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+def task_file(folder: Path, name: str = "task.jsonl") -> Path:
+    f = folder / name
+    f.write_text("".join(json.dumps({"input": p, "output": "yes"}) + "\n" for p in PROMPTS))
+    return f
+
+
+# -- 1. data loss ---------------------------------------------------------------------------
+def test_export_base_refuses_a_folder_that_is_not_a_bundle(tiny_hf, tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    r = cli("edgelora_export.cli", "base", str(tiny_hf), "-o", str(mine), "--force")
+    assert_refused(r, str(mine), "not an edgelora output")
+    assert (mine / "thesis.tex").read_text() == "years of work" and len(list(tmp_path.iterdir())) == 1
+
+
+def test_force_rebuilds_a_bundle_by_swapping_it(tiny_hf, tiny_bundle):
+    from edgelora.bundle import Bundle
+    from edgelora_export.base import export_base
+    (tiny_bundle / "loras" / "stale.txt").write_text("from the old bundle")
+    export_base(tiny_hf, tiny_bundle, ["q_proj", "v_proj"], force=True, log=lambda *a: None)
+    assert not (tiny_bundle / "loras" / "stale.txt").exists() and Bundle.open(tiny_bundle).verify() == []
+    assert [p.name for p in tiny_bundle.parent.iterdir()] == [tiny_bundle.name]
+
+
+def test_replace_dir_swaps_a_folder_whole(tmp_path):
+    from edgelora.io import replace_dir
+    dst, new = tmp_path / "out", tmp_path / "new"
+    dst.mkdir(), new.mkdir()
+    (dst / "old.txt").write_text("old")
+    (new / "new.txt").write_text("new")
+    replace_dir(new, dst)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and [p.name for p in dst.iterdir()] == ["new.txt"]
+
+
+def test_what_killed_runs_left_is_tidied(tmp_path):
+    """A killed run's temporary folder is deleted unless a live run holds it; a previous output
+    renamed aside just before a kill is put back."""
+    from edgelora.io import _locked, tidy_beside
+    dst = tmp_path / "out"
+    for name in (".out.dead.tmp", ".out.live.tmp", ".out.prev.old"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "weights.json").write_text(name)
+    live = _locked(tmp_path / ".out.live.tmp")
+    try:
+        tidy_beside(dst)
+    finally:
+        os.close(live)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.live.tmp", "out"]
+    assert (dst / "weights.json").read_text() == ".out.prev.old"
+
+
+# -- 2. stale model -------------------------------------------------------------------------
+def test_no_model_run_leaves_no_stale_model(library, tmp_path):  # noqa: F811
+    bundle, _ = library
+    f, out = task_file(tmp_path), tmp_path / "out"
+    base = ["edgelora.cli", "adapt", str(f), "--bundle", str(bundle.path), "--out", str(out), "--budget", "3"]
+    assert cli(*base, "--quant", "int8").returncode == 0
+    assert cli("edgelora.cli", "generate", str(out), "hi", "--max-new-tokens", "2").returncode == 0
+    r = cli(*base, "--no-model", "--l1", "0.5")  # other weights, no model
+    assert r.returncode == 0, r.stderr
+    assert_refused(cli("edgelora.cli", "generate", str(out), "hi"), str(out), "no model")
+
+
+def test_model_beside_other_weights_is_refused(library, tmp_path):  # noqa: F811
+    bundle, _ = library
+    f, out = task_file(tmp_path), tmp_path / "out"
+    r = cli("edgelora.cli", "adapt", str(f), "--bundle", str(bundle.path), "--out", str(out), "--budget", "3",
+            "--quant", "int8")
+    assert r.returncode == 0, r.stderr
+    data = json.loads((out / "weights.json").read_text())
+    data["weights"] = {k: 1.0 for k in data["weights"]}
+    (out / "weights.json").write_text(json.dumps(data))
+    assert_refused(cli("edgelora.cli", "generate", str(out), "hi"), "model.onnx", "other weights", "weights.json")
+    assert_refused(cli("edgelora.cli", "eval", str(f), "--model", str(out)), "other weights")
+
+
+def test_adapt_refuses_an_out_folder_that_is_not_an_output(library, tmp_path):  # noqa: F811
+    bundle, _ = library
+    f = task_file(tmp_path)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    r = cli("edgelora.cli", "adapt", str(f), "--bundle", str(bundle.path), "--out", str(tmp_path / "mine"),
+            "--budget", "2", "--no-model")
+    assert_refused(r, "mine", "not an edgelora output")
+    assert "search" not in r.stderr and [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
+
+
+# -- 3. tracebacks for user mistakes ----------------------------------------------------------
+def test_lora_on_some_targets_only_adapts(tiny_bundle, tiny_hf, tmp_path):
+    from edgelora_export.lora import add_lora
+    add_lora(make_peft_lora(tiny_hf, tmp_path / "q", seed=4, targets=("q_proj",)), tiny_bundle, "q_only")
+    add_lora(make_peft_lora(tiny_hf, tmp_path / "qv", seed=5), tiny_bundle, "both")
+    r = cli("edgelora.cli", "adapt", str(task_file(tmp_path)), "--bundle", str(tiny_bundle), "--out",
+            str(tmp_path / "out"), "--budget", "3", "--no-model")
+    assert r.returncode == 0, r.stderr
+
+
+def test_arrow_routing_over_fewer_loras_than_top_k():
+    from edgelora.lora import arrow_weights
+    w = arrow_weights(np.array([[1.0, -2.0]]), top_k=3)
+    np.testing.assert_allclose(w.sum(-1), 1.0)
+    assert (w > 0).all()
+
+
+def test_eval_limit_zero_is_refused(library, tmp_path):  # noqa: F811
+    bundle, _ = library
+    assert_refused(cli("edgelora.cli", "eval", str(task_file(tmp_path)), "--model", str(bundle.path), "--limit", "0"),
+                   "--limit 0")
+
+
+def test_corrupt_model_metadata_is_one_line(library, tmp_path):  # noqa: F811
+    bundle, _ = library
+    out = tmp_path / "out"
+    r = cli("edgelora.cli", "adapt", str(task_file(tmp_path)), "--bundle", str(bundle.path), "--out", str(out),
+            "--budget", "2", "--quant", "int8")
+    assert r.returncode == 0, r.stderr
+    (out / "edgelora.json").write_text('{"base": "x",\n "quant": ')
+    assert_refused(cli("edgelora.cli", "generate", str(out), "hi"), "edgelora.json:2", "not valid JSON")
+
+
+@pytest.mark.parametrize("name,command", [("scoring.onnx", "adapt"), ("decoder/model.onnx", "generate")])
+def test_same_size_damage_to_an_onnx_file_is_caught_before_onnxruntime(tiny_bundle, tmp_path, name, command):
+    path = tiny_bundle / name
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    args = {"adapt": ["adapt", str(task_file(tmp_path)), "--bundle", str(tiny_bundle), "--budget", "2"],
+            "generate": ["generate", str(tiny_bundle), "hi"]}[command]
+    assert_refused(cli("edgelora.cli", *args, cwd=tmp_path), name, "sha256")
+
+
+@pytest.mark.parametrize("bad,message", [("nope", "no LoRA named nope"),
+                                         ("junk.safetensors", "not a readable safetensors file")])
+def test_bad_loras_are_reported_before_the_scoring_session_is_built(library, monkeypatch, tmp_path, bad,  # noqa: F811
+                                                                    message):
+    from edgelora import search
+
+    def no_session(*a, **kw):
+        raise AssertionError("the scoring session was built before --loras was checked")
+
+    monkeypatch.setattr(search, "Scorer", no_session)
+    if bad.endswith(".safetensors"):
+        bad = tmp_path / bad
+        bad.write_bytes(b"\x10" * 64)
+    with pytest.raises(UserError, match=message):
+        adapt([Example(PROMPTS[0], "yes")], library[0], loras=[str(bad)])
+
+
+def test_verify_lists_every_damaged_file(tiny_bundle):
+    for name in ("tokenizer.json", "decoder/config.json"):
+        data = bytearray((tiny_bundle / name).read_bytes())
+        data[5] ^= 1
+        (tiny_bundle / name).write_bytes(bytes(data))
+    assert_refused(cli("edgelora.cli", "verify", "--bundle", str(tiny_bundle)), "decoder/config.json, tokenizer.json")
+
+
+def test_bundle_hashes_are_cached_by_size_and_mtime(tiny_bundle, monkeypatch):
+    from edgelora import bundle as bundle_mod
+    bundle_mod.Bundle.open(tiny_bundle)
+    hashed = []
+    real = bundle_mod.sha256_file
+    monkeypatch.setattr(bundle_mod, "sha256_file", lambda p: hashed.append(Path(p).name) or real(p))
+    bundle_mod.Bundle.open(tiny_bundle)
+    assert hashed == []
+    (tiny_bundle / "tokenizer.json").touch()  # a new mtime: hashed again
+    bundle_mod.Bundle.open(tiny_bundle)
+    assert hashed == ["tokenizer.json"]
+
+
+# -- 4. training resume ---------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def train_base(tiny_hf):
+    from edgelora_export.train import load_for_training
+    return load_for_training(str(tiny_hf))
+
+
+@pytest.fixture(scope="module")
+def colors(tmp_path_factory) -> Path:
+    f = tmp_path_factory.mktemp("task") / "colors.jsonl"
+    names = ["red", "green", "blue", "orange", "purple", "white", "black"]
+    f.write_text("".join(json.dumps({"input": f"What is colour {i}?", "output": names[i % 7]}) + "\n" for i in range(40)))
+    return f
+
+
+def test_resume_saves_the_best_steps_weights(train_base, colors, tmp_path, monkeypatch):
+    """The best held-out loss is at step 2; an interrupted run resumed after step 4 must still
+    save step 2's weights, as the uninterrupted run does."""
+    from safetensors.numpy import load_file
+    from edgelora_export import train as train_mod
+    from edgelora_export.train import TrainConfig, train_lora
+    cfg = TrainConfig(rank=4, alpha=8, steps=6, batch=4, eval_every=2, heldout=8, patience=100, lr=1e-2)
+    def fake_eval(model, rows, pad_id, batch):
+        return next(held)
+
+    monkeypatch.setattr(train_mod, "evaluate", fake_eval)
+    held = iter([5.0, 1.0, 2.0, 3.0])  # steps 0, 2, 4, 6
+    full = train_lora(*train_base[:3], colors, tmp_path / "full", cfg, log=lambda *a: None)
+    assert full["best_step"] == 2
+    real_save, saves = train_mod.save_checkpoint, []
+
+    def save_then_die(*a, **kw):
+        real_save(*a, **kw)
+        saves.append(1)
+        if len(saves) == 2:  # after step 4's checkpoint
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "save_checkpoint", save_then_die)
+    held = iter([5.0, 1.0, 2.0])
+    with pytest.raises(KeyboardInterrupt):
+        train_lora(*train_base[:3], colors, tmp_path / "part", cfg, log=lambda *a: None)
+    monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
+    held = iter([3.0])
+    part = train_lora(*train_base[:3], colors, tmp_path / "part", cfg, log=lambda *a: None)
+    assert part["best_step"] == 2
+    wf, wp = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("full", "part"))
+    for k in wf:
+        np.testing.assert_allclose(wp[k], wf[k], rtol=1e-5, atol=1e-7)
+
+
+def test_early_stopping_can_fire_with_the_defaults(train_base, colors, tmp_path, monkeypatch):
+    from edgelora_export import train as train_mod
+    from edgelora_export.train import TrainConfig, train_lora
+    cfg = dataclasses.replace(TrainConfig(), rank=4, alpha=8, batch=4, heldout=8)
+    assert cfg.patience * cfg.eval_every < cfg.steps
+    monkeypatch.setattr(train_mod, "evaluate", lambda *a: 1.0)  # never better than before training
+    row = train_lora(*train_base[:3], colors, tmp_path / "o", cfg, log=lambda *a: None)
+    assert row["steps"] == cfg.patience * cfg.eval_every < cfg.steps and row["best_step"] == 0
+
+
+def test_resume_refuses_a_changed_configuration(train_base, colors, tmp_path, monkeypatch):
+    from edgelora_export import train as train_mod
+    from edgelora_export.train import TrainConfig, train_lora
+    cfg = TrainConfig(rank=4, alpha=8, steps=4, batch=4, eval_every=2, heldout=8, patience=100)
+
+    def die(*a, **kw):
+        raise KeyboardInterrupt
+
+    real_save = train_mod.save_checkpoint
+    monkeypatch.setattr(train_mod, "save_checkpoint", lambda *a, **kw: real_save(*a, **kw) or die())
+    with pytest.raises(KeyboardInterrupt):
+        train_lora(*train_base[:3], colors, tmp_path / "o", cfg, log=lambda *a: None)
+    monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
+    with pytest.raises(UserError, match=r"o.ckpt.json: made with other settings \(lr 0.0003 → 0.001\)"):
+        train_lora(*train_base[:3], colors, tmp_path / "o", dataclasses.replace(cfg, lr=1e-3), log=lambda *a: None)
+
+
+def test_library_refuses_a_report_made_with_other_settings(tmp_path, colors):
+    from edgelora_export.library import train_library
+    from edgelora_export.train import TrainConfig
+    out = tmp_path / "lib"
+    out.mkdir()
+    (out / "report.json").write_text(json.dumps({"config": {**json.loads(json.dumps(dataclasses.asdict(TrainConfig()))),
+                                                            "patience": 3}, "tasks": []}))
+    with pytest.raises(UserError, match=r"report.json: made with other settings \(patience 3 → 2\)"):
+        train_library(colors.parent, out, TrainConfig(), source="unused")
+
+
+# -- files as people save them ----------------------------------------------------------------
+def test_bom_and_windows_line_ends_adapt_exactly_alike(library, tmp_path):  # noqa: F811
+    bundle, _ = library
+    lines = [json.dumps({"input": p, "output": "yes"}) for p in PROMPTS]
+    plain, excel = tmp_path / "plain.jsonl", tmp_path / "excel.jsonl"
+    plain.write_bytes(("\n".join(lines) + "\n").encode())
+    excel.write_bytes("\ufeff".encode() + ("\r\n".join(lines) + "\r\n").encode())
+    assert load_examples(excel) == load_examples(plain)
+    a, b = adapt(plain, bundle, budget=4), adapt(excel, bundle, budget=4)
+    assert a.loras == b.loras and np.array_equal(a.weights, b.weights) and a.loss == b.loss
