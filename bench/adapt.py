@@ -29,7 +29,7 @@ from common import DATA, alternate, base_source, median, padded_feeds, padded_gr
 
 from edgelora.bundle import Bundle, default_bundle_path, home  # noqa: E402
 from edgelora.examples import encode_pairs, load_examples  # noqa: E402
-from edgelora.lora import Lora, load_lora, save_lora, to_peft, zero_slots  # noqa: E402
+from edgelora.lora import Lora, load_lora, save_lora, to_peft  # noqa: E402
 from edgelora.search import AdaptConfig, choose_loras  # noqa: E402
 
 MARK = "RESULT "

@@ -268,6 +268,34 @@ def load_checked(paths: list[Path], bundle: Bundle) -> list[Lora]:
     return loras
 
 
+@dataclass
+class Selection:
+    """The LoRAs a search composes, and the points the selection already scored (w over them,
+    loss, seconds), which the search takes as its first points instead of scoring them again."""
+
+    paths: list[Path]
+    loras: list[Lora]
+    known: list[tuple[np.ndarray, float, float]] = field(default_factory=list)
+    forwards: int = 0
+
+
+def select_loras(cfg: AdaptConfig, scorer: Scorer, bundle: Bundle, paths: list[Path], n_tokens: float,
+                 on_rank=None) -> Selection:
+    """The library's `cfg.n_loras` by `cfg.select`: "arrow" from one base forward, which is the
+    point w = 0; "loss" from one forward per LoRA, the best LoRA alone being the search's start."""
+    n = min(cfg.n_loras, len(paths))
+    if cfg.select == "arrow":
+        mass, base_loss, secs = rank_by_arrow(scorer, n_tokens, [load_prototypes(p) for p in paths], bundle, cfg.top_k)
+        paths = [paths[i] for i in np.argsort(-mass, kind="stable")[:n]]
+        return Selection(paths, load_checked(paths, bundle), [(np.zeros(n), base_loss, secs)], 1)
+    loras = load_checked(paths, bundle)
+    losses = rank_by_loss(scorer, n_tokens, loras, list(bundle.targets), on_rank)
+    keep = np.argsort(losses, kind="stable")[:n]
+    start = np.eye(n)[0] * min(1.0, cfg.bounds)  # the best LoRA alone
+    return Selection([paths[i] for i in keep], [loras[i] for i in keep], [(start, float(losses[keep[0]]), 0.0)],
+                     len(loras))
+
+
 def adapt(examples: str | Path | list[Example], bundle: Bundle | str | Path | None = None,
           loras: list[str] | str | Path | None = None, config: AdaptConfig | None = None, *,
           on_eval=None, on_rank=None, warn=print, **overrides) -> AdaptResult:
@@ -294,38 +322,23 @@ def adapt(examples: str | Path | list[Example], bundle: Bundle | str | Path | No
     timings["tokenise"] = time.perf_counter() - t0
     ranked = cfg.select != "random" and loras is None
     paths = choose_loras(bundle, loras, len(bundle.lora_paths()) if ranked else cfg.n_loras, cfg.seed)
-    if not ranked:  # named or sampled: read and checked before the session is built (seconds)
-        loras_ = load_checked(paths, bundle)
+    loras_ = [] if ranked else load_checked(paths, bundle)  # named or sampled: checked before the session is built
     t0 = time.perf_counter()
     scorer = Scorer(bundle)
     scorer.bind(batch)
     timings["session"] = time.perf_counter() - t0
     n_tokens = float(batch.target_mask.sum())
-    n = min(cfg.n_loras, len(paths)) if ranked else len(paths)
-    known: list[tuple[np.ndarray, float, float]] = []  # (w over the chosen LoRAs, loss, seconds) already scored
     t0 = time.perf_counter()
-    selection_forwards = 0
-    if ranked and cfg.select == "arrow":
-        mass, base_loss, secs = rank_by_arrow(scorer, n_tokens, [load_prototypes(p) for p in paths], bundle, cfg.top_k)
-        selection_forwards = 1
-        paths = [paths[i] for i in np.argsort(-mass, kind="stable")[:n]]
-        known.append((np.zeros(n), base_loss, secs))
-    if ranked:
-        loras_ = load_checked(paths, bundle)
-    if ranked and cfg.select == "loss":
-        losses = rank_by_loss(scorer, n_tokens, loras_, list(bundle.targets), on_rank)
-        selection_forwards = len(loras_)
-        keep = np.argsort(losses, kind="stable")[:n]
-        paths, loras_ = [paths[i] for i in keep], [loras_[i] for i in keep]
-        known.append((np.eye(n)[0] * min(1.0, cfg.bounds), float(losses[keep[0]]), 0.0))  # the best LoRA alone
+    sel = select_loras(cfg, scorer, bundle, paths, n_tokens, on_rank) if ranked else Selection(paths, loras_)
     timings["select"] = time.perf_counter() - t0
+    paths, loras_, n = sel.paths, sel.loras, len(sel.paths)
     stack = LoraStack(loras_, list(bundle.targets))
     f = Objective(scorer, stack, n_tokens, cfg, on_eval)
-    x0 = known[-1][0] if known else np.zeros(n)
+    x0 = sel.known[-1][0] if sel.known else np.zeros(n)
     interrupted = False
     t0 = time.perf_counter()
     try:
-        for w, loss, secs in known:
+        for w, loss, secs in sel.known:
             f.record(w, loss, secs)
         f(np.zeros(n))  # the base model's loss: the start loss, scored once
         stop = run_optimizer(cfg.optimizer, f, x0, cfg.seed)
@@ -341,8 +354,8 @@ def adapt(examples: str | Path | list[Example], bundle: Bundle | str | Path | No
     settings = {**asdict(cfg), "examples": source, "n_examples": len(examples), "tokens": batch.n_tokens,
                 "padded_tokens": batch.padded_tokens, "prefix_tokens": batch.prefix_len,
                 "target_tokens": int(n_tokens), "n_loras": len(paths), "select": cfg.select if ranked else
-                ("given" if loras is not None else "random"), "selection_forwards": selection_forwards,
-                "forwards": selection_forwards + f.forwards}
+                ("given" if loras is not None else "random"), "selection_forwards": sel.forwards,
+                "forwards": sel.forwards + f.forwards}
     zero = f.seen(np.zeros(n))
     return AdaptResult([p.stem for p in paths], np.array(best.weights), best.loss, best.objective,
                        zero.loss if zero else float("nan"), f.history, settings, interrupted,
