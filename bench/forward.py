@@ -1,116 +1,77 @@
-"""One scoring call on the real SmolLM2 bundle, 5 BBH examples: the graph with LoRA slots
-fed vs the same graph exported without slots vs torch eager (with slots), side by side.
+"""One evaluation's forward on the real SmolLM2 bundle, 5 BBH examples, side by side: the packed
+scoring graph (LoRA slots fed, fp32), the same graph with its base weights quantized weight-only
+by onnxruntime's MatMulNBits at 8 and at 4 bits (accuracy_level 4: int8 activations inside the
+kernel; the LoRA slots stay fp32), and the plain fp32 forward over the same examples right-padded
+(no slots): the yardstick. Where a quantized graph is not faster it is not worth a ranking study.
 
-Target (issue 3): slots cost <= 15% over no slots.
-    python bench/forward.py [--task date_understanding] [--rounds 7]
+Target: packed fp32 evaluation / plain padded forward <= 0.7.
+    python bench/forward.py [--tasks date_understanding,navigate] [--rounds 5]
 """
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+import logging
 
 import numpy as np
-from common import DATA, alternate, base_source, median, save
+from common import DATA, alternate, median, padded_feeds, padded_graph, save
 
-from edgelora.bundle import Bundle, default_bundle_path, home
+from edgelora.bundle import Bundle, home
 from edgelora.examples import encode_pairs, load_examples
-from edgelora.lora import zero_slots
-from edgelora.scorer import Scorer
+from edgelora.scorer import session_options
 
 
-def session_sweep(bundle, batch, A, B, rounds) -> dict:
-    """The scorer's session options, chosen by this measurement: threads, graph level, arena."""
-    import onnxruntime as ort
-    from edgelora.scorer import session_options
-    variants = {}
-    for threads in (1, 2):
-        for level in ("ORT_ENABLE_BASIC", "ORT_ENABLE_EXTENDED", "ORT_ENABLE_ALL"):
-            so = session_options(threads)
-            so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
-            variants[f"threads={threads} {level}"] = so
-    so = session_options(2)
-    so.enable_cpu_mem_arena = False
-    variants["threads=2 ORT_ENABLE_ALL no-arena"] = so
-    scorers = {k: Scorer(bundle, options=so) for k, so in variants.items()}
-    for s in scorers.values():
-        s.bind(batch)
-    times = alternate({k: (lambda s=s: s.losses(A, B)) for k, s in scorers.items()}, rounds)
-    med = {k: median(v) for k, v in times.items()}
-    for k, v in med.items():
-        print(f"  {k:<40} {v * 1000:8.1f} ms")
-    return {"median_s": med, "seconds": times}
+def quantized(bundle: Bundle, bits: int):
+    """The scoring graph with every base MatMul at `bits` (block 32), made once into the cache."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    path = home() / "bench" / f"scoring-q{bits}-{bundle.manifest['files']['scoring.onnx']['sha256'][:12]}.onnx"
+    if not path.exists():
+        logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
+        q = MatMulNBitsQuantizer(onnx.load(str(bundle.scoring_path)), bits=bits, block_size=32, is_symmetric=True,
+                                 accuracy_level=4)
+        q.process()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        onnx.save(q.model.model, str(path))
+    return path
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--bundle", type=Path, default=default_bundle_path())
-    ap.add_argument("--task", default="date_understanding")
-    ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--rank", type=int, default=8)
-    ap.add_argument("--sweep", action="store_true", help="also time session options (threads, graph level, arena)")
-    args = ap.parse_args()
-    import torch
-    from edgelora_export.base import export_scoring
-    from edgelora_export.model import ScoringModel, load_base
-
-    bundle = Bundle.open(args.bundle)
-    examples = load_examples(DATA / "bbh" / f"{args.task}.adapt.jsonl")
-    fmt = bundle.prompt_format
-    batch, _ = encode_pairs(bundle.tokenizer(), [(fmt.prompt(e.input), e.output + fmt.stop) for e in examples],
-                            bundle.arch["max_len"])
-    print(f"{len(examples)} examples, {batch.n_tokens} tokens packed ({batch.padded_tokens} padded)")
-
-    # The same graph without slots: exported once into the cache.
-    plain = home() / "bench" / "scoring-noslots-packed.onnx"
-    if not plain.exists():
-        plain.parent.mkdir(parents=True, exist_ok=True)
-        model, _, _ = load_base(base_source(bundle))
-        export_scoring(model, {}, plain)
-    rng = np.random.default_rng(0)
-    L = bundle.arch["layers"]
-    A = {m: (rng.normal(0, 0.02, (L, args.rank, t["in"]))).astype(np.float32) for m, t in bundle.targets.items()}
-    B = {m: (rng.normal(0, 0.02, (L, t["out"], args.rank))).astype(np.float32) for m, t in bundle.targets.items()}
-
-    slots = Scorer(bundle)
-    slots.bind(batch)
     import onnxruntime as ort
-    from edgelora.scorer import session_options
-    noslot = ort.InferenceSession(str(plain), session_options(), providers=["CPUExecutionProvider"])
-    feeds = batch.feeds()
-
-    model, _, _ = load_base(base_source(bundle))
-    from edgelora_export.model import target_shapes
-    eager = ScoringModel(model, target_shapes(model, list(bundle.targets))).eval()
-    torch.set_num_threads(slots.session.get_session_options().intra_op_num_threads)
-    t_in = [torch.from_numpy(feeds[k]) for k in batch.FEEDS]
-    t_lora = [torch.from_numpy(x) for m in bundle.targets for x in (A[m], B[m])]
-
-    def run_eager():
-        with torch.no_grad():
-            return eager(*t_in, *t_lora)
-
-    # parity first: what we time must compute the same thing
-    l_slots = slots.losses(A, B)
-    l_zero = slots.losses(*zero_slots(bundle.targets, L))
-    l_plain = noslot.run(["loss"], feeds)[0]
-    l_eager = run_eager()[0].numpy()
-    print("loss slots", l_slots.round(4), "eager", l_eager.round(4), "| zero slots", l_zero.round(4), "plain", l_plain.round(4))
-    times = alternate({"ort_slots": lambda: slots.losses(A, B), "ort_noslots": lambda: noslot.run(["loss"], feeds),
-                       "torch_eager_slots": run_eager}, args.rounds)
-    med = {k: median(v) for k, v in times.items()}
-    ratios = {"slots_over_noslots": med["ort_slots"] / med["ort_noslots"],
-              "torch_over_ort_slots": med["torch_eager_slots"] / med["ort_slots"]}
-    for k, v in med.items():
-        print(f"{k:<20} median {v * 1000:8.1f} ms   (min {min(times[k]) * 1000:.1f}, max {max(times[k]) * 1000:.1f})")
-    print(f"slots / no slots: {ratios['slots_over_noslots']:.3f}  (target <= 1.15)")
-    print(f"torch eager / ORT slots: {ratios['torch_over_ort_slots']:.3f}")
-    sweep = session_sweep(bundle, batch, A, B, args.rounds) if args.sweep else None
-    save(f"forward_{args.task}", {"session_sweep": sweep,
-        "task": args.task, "examples": len(examples), "tokens": batch.n_tokens, "padded_tokens": batch.padded_tokens,
-        "rank": args.rank, "rounds": args.rounds, "seconds": times, "median_s": med, "ratios": ratios,
-        "parity": {"max_abs_slots_vs_eager": float(np.abs(l_slots - l_eager).max()),
-                   "max_abs_zero_vs_plain": float(np.abs(l_zero - l_plain).max())},
-        "target": "slots_over_noslots <= 1.15"})
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tasks", default="date_understanding,navigate")
+    ap.add_argument("--rounds", type=int, default=5)
+    args = ap.parse_args()
+    bundle = Bundle.open()
+    L, fmt = bundle.arch["layers"], bundle.prompt_format
+    rng = np.random.default_rng(0)
+    lora = {}
+    for m, t in bundle.targets.items():
+        lora[f"lora_A_{m}"] = rng.normal(0, t["in"] ** -0.5, (L, 8, t["in"])).astype(np.float32)
+        lora[f"lora_B_{m}"] = rng.normal(0, 0.01, (L, t["out"], 8)).astype(np.float32)
+    new = lambda p: ort.InferenceSession(str(p), session_options(), providers=["CPUExecutionProvider"])
+    sessions = {"packed_fp32": new(bundle.scoring_path), "packed_8bit": new(quantized(bundle, 8)),
+                "packed_4bit": new(quantized(bundle, 4))}
+    plain = new(padded_graph(bundle))
+    rows = {}
+    for task in args.tasks.split(","):
+        ex = load_examples(DATA / "bbh" / f"{task}.adapt.jsonl")
+        batch, _ = encode_pairs(bundle.tokenizer(), [(fmt.prompt(e.input), e.output + fmt.stop) for e in ex],
+                                bundle.arch["max_len"])
+        feeds, pf = {**batch.feeds(), **lora}, padded_feeds(batch, bundle.manifest["pad_id"])
+        fns = {k: (lambda s=s: s.run(["logprob"], feeds)[0]) for k, s in sessions.items()}
+        fns["plain_padded"] = lambda: plain.run(["logprob"], pf)[0]
+        out = {k: fn() for k, fn in fns.items()}  # warm-up, and what each computes
+        times = alternate(fns, args.rounds)
+        med = {k: median(v) for k, v in times.items()}
+        rows[task] = {"tokens": batch.n_tokens, "padded_tokens": batch.padded_tokens, "prefix_tokens": batch.prefix_len,
+                      "seconds": times, "median_s": med,
+                      "over_plain_padded": {k: v / med["plain_padded"] for k, v in med.items()},
+                      "logprob_sum": {k: float(v.sum()) for k, v in out.items()}}
+        print(f"{task}: {batch.n_tokens} tokens packed, {batch.padded_tokens} padded (prefix {batch.prefix_len})")
+        for k, v in med.items():
+            print(f"  {k:<14}{v * 1000:8.0f} ms  {v / med['plain_padded']:5.2f}x plain padded   "
+                  f"target log-prob {rows[task]['logprob_sum'][k]:9.3f}")
+    save("forward", {"rounds": args.rounds, "tasks": rows, "target": "packed_fp32 / plain_padded <= 0.7"})
 
 
 if __name__ == "__main__":

@@ -171,10 +171,10 @@ def parser() -> argparse.ArgumentParser:
                    "(default: 20 of the bundle's library, chosen by --select)")
     d = AdaptConfig()
     a.add_argument("--select", choices=SELECTS, default=d.select,
-                   help=f"which {d.n_loras} library LoRAs to compose (default {d.select}): arrow, the most Arrow routing "
-                        "mass on the examples, from one forward that is also the search's first point; loss, the lowest "
-                        "loss alone (one forward per library LoRA), the search starting at the best; random, LoraHub's "
-                        "sample with --seed")
+                   help=f"which {d.n_loras} library LoRAs to compose (default {d.select}): loss, the lowest loss alone on "
+                        "the examples (one forward per library LoRA), the search starting at the best; arrow, the most "
+                        "Arrow routing mass on the examples, from one forward that is also the search's first point "
+                        "(faster, less accurate: bench/results/bbh.md); random, LoraHub's sample with --seed")
     a.add_argument("--n-loras", type=int, default=d.n_loras, help=f"LoRAs to compose (default {d.n_loras})")
     a.add_argument("--budget", type=int, default=d.budget,
                    help=f"points scored, one forward pass each, the start included (default {d.budget})")

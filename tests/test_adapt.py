@@ -246,7 +246,7 @@ def test_cli_adapt_json(library, tmp_path):
     assert (tmp_path / "task-adapted" / "weights.json").exists()
 
 
-@pytest.mark.parametrize("flags,select", [([], AdaptConfig().select), (["--select", "loss"], "loss"),
+@pytest.mark.parametrize("flags,select", [([], AdaptConfig().select), (["--select", "arrow"], "arrow"),
                                           (["--select", "random"], "random")])
 def test_cli_adapt_select(library, tmp_path, flags, select):
     bundle, _ = library
