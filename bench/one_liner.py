@@ -73,7 +73,8 @@ def main():
         print(f"{k:<9} {med[k]:6.1f} s whole process (adapt {r['seconds']:.1f} s), {r['evaluations']} points, "
               f"{r.get('forwards', '?')} forwards, loss {r['start_loss']:.4f} -> {r['loss']:.4f}")
     print(f"new / baseline: {ratio:.2f}x the time (target <= 0.3)")
-    save(f"one_liner_{args.examples.name.split('.')[0]}", {
+    suffix = "".join(f"_{a.lstrip('-').replace('-', '_')}" for a in args.args.split())  # e.g. _select_arrow
+    save(f"one_liner_{args.examples.name.split('.')[0]}{suffix}", {
         "examples": str(args.examples), "baseline": args.baseline, "baseline_args": args.baseline_args,
         "args": args.args, "rounds": args.rounds, "seconds": times, "median_s": med, "runs": results,
         "ratio_new_over_baseline": ratio, "target": "ratio <= 0.3"})
