@@ -160,6 +160,7 @@ class Batch:
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens two sequences share (the packed prefix; the decoder's reused cache)."""
     n = 0
     for x, y in zip(a, b):
         if x != y:

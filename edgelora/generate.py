@@ -11,7 +11,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .errors import UserError
-from .examples import PromptFormat
+from .examples import PromptFormat, common_prefix
 from .scorer import session_options
 from .writeback import MODEL_META, check_model
 
@@ -82,15 +82,6 @@ class Decoder:
                 lp += float(sum(lps[j, t] for j, t in enumerate(opt[1:])))
             out.append(lp)
         return out
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
