@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
-from .io import parse_json
+from .io import parse_json, read_text
 
 
 @dataclass(frozen=True)
@@ -66,12 +66,7 @@ def load_examples(path: str | Path, warn=lambda msg: print(msg, file=sys.stderr)
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such file")
-    try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except OSError as e:
-        raise UserError(f"{path}: cannot read ({e.strerror})") from None
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    text = read_text(path)
     examples: list[Example] = []
     seen: dict[str, int] = {}
     for lineno, line in enumerate(text.split("\n"), 1):  # not splitlines: JSON strings may hold U+2028

@@ -55,15 +55,20 @@ def parse_json(text: str, path: str | Path, line: int | None = None):
         raise UserError(f"{where}: not valid JSON ({reason})") from None
 
 
-def read_json(path: str | Path) -> dict:
-    """A JSON object from a file that may be missing, damaged or edited by hand."""
-    path = Path(path)
+def read_text(path: Path) -> str:
+    """A user's text file, with or without a UTF-8 byte-order mark; one line if it cannot be read."""
     try:
-        text = path.read_bytes().decode("utf-8-sig")
+        return path.read_bytes().decode("utf-8-sig")
     except OSError as e:
         raise UserError(f"{path}: cannot read ({e.strerror})") from None
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def read_json(path: str | Path) -> dict:
+    """A JSON object from a file that may be missing, damaged or edited by hand."""
+    path = Path(path)
+    text = read_text(path)
     obj = parse_json(text, path)
     if not isinstance(obj, dict):
         raise UserError(f"{path}: expected a JSON object, got {type(obj).__name__}")
