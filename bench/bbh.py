@@ -2,8 +2,10 @@
 
 Per task (5 `adapt` examples, the `test` file): zero-shot, 5-shot ICL (the same 5 examples as
 earlier chat turns), LoraHub (20 LoRAs, budget 40, --seeds seeds: mean ± std), LoraHub on the
-20 LoRAs that fit the 5 examples best alone (`adapt --select loss`, one run), LoraHub on the 20
-with the most Arrow routing mass (`adapt --select arrow`, one run, with its adapt seconds), the best single
+20 LoRAs that fit the 5 examples best alone (`adapt --select loss` as it was until 78da66f: the
+search started at the best LoRA with a 0.5 simplex; one run), today's default `adapt` (whatever
+AdaptConfig says, re-run when it changes; with its adapt seconds), LoraHub on the 20 with the most
+Arrow routing mass (`adapt --select arrow`, one run, with its adapt seconds), the best single
 LoRA (oracle: the LoRA under which the first --oracle-n test answers are likeliest — picked
 on the test set, an upper reference), and the uniform average of all LoRAs. Exact match on
 generated answers and option-ranking accuracy, with prompt tokens per example. Writes
@@ -24,6 +26,7 @@ import argparse
 import json
 import statistics
 import time
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -91,21 +94,30 @@ def lorahub_selected(bundle: Bundle, suite: str, task: str, args) -> dict:
     return row
 
 
-def lorahub_arrow(bundle: Bundle, suite: str, task: str, args) -> dict:
-    """`edgelora adapt --select arrow` (the other settings AdaptConfig's defaults), timed as a user
-    waits for it: the adapt call (session, selection, search), then the write-back apart. Written
-    back as the other columns are, so they compare."""
+def timed_adapt(bundle: Bundle, suite: str, task: str, args, key: str, label: str, **overrides) -> dict:
+    """`edgelora adapt` with AdaptConfig's defaults but `overrides`, timed as a user waits for it:
+    the adapt call (session, selection, search), then the write-back apart. Written back as the
+    other columns are, so they compare; the row keeps the config it ran with."""
     adapt_file, test, work = inputs(suite, task, args)
     t0 = time.perf_counter()
-    res = adapt(adapt_file, bundle, select="arrow", warn=lambda m: None)
+    res = adapt(adapt_file, bundle, warn=lambda m: None, **overrides)
     adapt_s = time.perf_counter() - t0
-    write_model(bundle, *res.merged(), work / "arrow", args.quant, merged=False)
-    row = {**score(work / "arrow", test), "loss": [res.start_loss, res.loss], "adapt_s": adapt_s,
+    write_model(bundle, *res.merged(), work / key, args.quant, merged=False)
+    row = {**score(work / key, test), "loss": [res.start_loss, res.loss], "adapt_s": adapt_s,
            "writeback_s": time.perf_counter() - t0 - adapt_s, "forwards": res.settings["forwards"],
-           "stop": res.stop, "config": {k: v for k, v in res.settings.items() if k in AdaptConfig.__dataclass_fields__},
+           "stop": res.stop, "config": run_config(**overrides),
            "weights": dict(zip(res.loras, res.weights.round(4).tolist()))}
-    log(task, f"LoraHub, Arrow-picked ({adapt_s:.0f}s)", row, t0)
+    log(task, f"{label} ({adapt_s:.0f}s)", row, t0)
     return row
+
+
+def run_config(**overrides) -> dict:
+    return asdict(replace(AdaptConfig(), **overrides))
+
+
+# Timed adapt columns: key, header, AdaptConfig overrides. "default" is re-run whenever
+# AdaptConfig's defaults change, so it is always today's default.
+TIMED = (("default", "default adapt", {}), ("arrow", "LoraHub, Arrow-picked", {"select": "arrow"}))
 
 
 def run_task(bundle: Bundle, suite: str, task: str, args) -> dict:
@@ -131,7 +143,8 @@ def run_task(bundle: Bundle, suite: str, task: str, args) -> dict:
                       **{f"{k}_std": statistics.pstdev(agg(k)) if agg(k) else None for k in ("exact", "options")},
                       "prompt_tokens": runs[0]["prompt_tokens"]}
     row["lorahub-loss"] = lorahub_selected(bundle, suite, task, args)
-    row["arrow"] = lorahub_arrow(bundle, suite, task, args)
+    for key, label, overrides in TIMED:
+        row[key] = timed_adapt(bundle, suite, task, args, key, label, **overrides)
     library = [load_lora(p) for p in bundle.lora_paths().values()]
     t0 = time.perf_counter()
     name = oracle_lora(bundle, library, test[: args.oracle_n])
@@ -152,8 +165,8 @@ def pct(v):
     return "–" if v is None else f"{100 * v:.1f}"
 
 
-def arrow_cell(row, k) -> str:
-    d = row.get("arrow")
+def timed_cell(row, key, k) -> str:
+    d = row.get(key)
     return "–" if d is None else f"{pct(d[k])} ({d['adapt_s']:.0f})"
 
 
@@ -172,22 +185,22 @@ def table(rows: list[dict]) -> str:
         if not rs:
             continue
         out += [f"**{title}**", "",
-                "| suite | task | n | zero-shot | ICL | LoraHub (mean ± std) | LoraHub, loss-picked | LoraHub, Arrow-picked (adapt s) | oracle LoRA | uniform | prompt tokens (0-shot / ICL) |",
-                "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                "| suite | task | n | zero-shot | ICL | LoraHub (mean ± std) | LoraHub, loss-picked | default adapt (adapt s) | LoraHub, Arrow-picked (adapt s) | oracle LoRA | uniform | prompt tokens (0-shot / ICL) |",
+                "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in rs:
             lh = r["lorahub"]
             out.append(f"| {r['suite']} | {r['task']} | {r['n_test']} | {pct(r['zero-shot'][k])} | {pct(r['icl'][k])} | "
                        f"{pct(lh[k + '_mean'])} ± {pct(lh[k + '_std'])} | {pct(r.get('lorahub-loss', {}).get(k))} | "
-                       f"{arrow_cell(r, k)} | "
+                       f"{timed_cell(r, 'default', k)} | {timed_cell(r, 'arrow', k)} | "
                        f"{pct(r['oracle'][k])} ({r['oracle']['lora']}) | "
                        f"{pct(r['uniform'][k])} | {r['zero-shot']['prompt_tokens']:.0f} / {r['icl']['prompt_tokens']:.0f}{shot_note(r)} |")
         for suite in sorted({r["suite"] for r in rs}):
             ss = [r for r in rs if r["suite"] == suite]
             m = lambda f: pct(statistics.mean(f(r) for r in ss))
             sel = pct(statistics.mean(r["lorahub-loss"][k] for r in ss)) if all("lorahub-loss" in r for r in ss) else "–"
-            arw = pct(statistics.mean(r["arrow"][k] for r in ss)) if all("arrow" in r for r in ss) else "–"
+            col = lambda key: pct(statistics.mean(r[key][k] for r in ss)) if all(key in r for r in ss) else "–"
             out.append(f"| {suite} | **mean of {len(ss)}** | | {m(lambda r: r['zero-shot'][k])} | {m(lambda r: r['icl'][k])} | "
-                       f"{m(lambda r: r['lorahub'][k + '_mean'])} | {sel} | {arw} | {m(lambda r: r['oracle'][k])} | "
+                       f"{m(lambda r: r['lorahub'][k + '_mean'])} | {sel} | {col('default')} | {col('arrow')} | {m(lambda r: r['oracle'][k])} | "
                        f"{m(lambda r: r['uniform'][k])} | |")
         out.append("")
     return "\n".join(out)
@@ -229,8 +242,10 @@ def main():
         else:  # a row from before a column was added: run just that column
             if "lorahub-loss" not in done[suite, task]:
                 done[suite, task]["lorahub-loss"] = lorahub_selected(bundle, suite, task, args)
-            if "arrow" not in done[suite, task] and not args.no_arrow:
-                done[suite, task]["arrow"] = lorahub_arrow(bundle, suite, task, args)
+            for key, label, overrides in TIMED:
+                stale = done[suite, task].get(key, {}).get("config") != run_config(**overrides)
+                if key == "default" and stale or key not in done[suite, task] and not args.no_arrow:
+                    done[suite, task][key] = timed_adapt(bundle, suite, task, args, key, label, **overrides)
         rows = list(done.values())
         print(table([done[suite, task]]), flush=True)
         note = (f"LoraHub: {args.seeds} seeds, budget {args.budget}, 20 of {len(bundle.lora_paths())} LoRAs; "

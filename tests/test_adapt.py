@@ -99,7 +99,7 @@ def test_budget_and_bounds_respected(library, optimizer, monkeypatch):
     assert res.history[0].weights == [0.0] * 4  # the search starts at 0: the base model
 
 
-def test_select_by_loss_keeps_the_best_single_loras_and_starts_at_the_best(library):
+def test_select_by_loss_keeps_the_best_single_loras_and_reuses_them_as_the_start_simplex(library):
     bundle, loras = library
     ex = [Example(p, "no") for p in PROMPTS]
     alone = {l.name: _loss_at(bundle, ex, [l], [1.0]) for l in loras}
@@ -108,12 +108,12 @@ def test_select_by_loss_keeps_the_best_single_loras_and_starts_at_the_best(libra
     assert ranked == [(1, 4), (2, 4), (3, 4), (4, 4)]
     assert sorted(res.loras) == sorted(sorted(alone, key=alone.get)[:2])
     best = min(alone, key=alone.get)
-    # the best LoRA alone is the first point, its ranking forward reused; w = 0 comes next
-    assert res.history[0].weights == [1.0 if n == best else 0.0 for n in res.loras]
-    assert res.history[0].loss == pytest.approx(alone[best], rel=1e-5)
-    assert res.history[1].weights == [0.0, 0.0]
+    # the kept LoRAs alone are the first points, their ranking forwards reused; w = 0 comes next,
+    # and COBYLA's start simplex (0 and each LoRA alone at step 1) costs no forward
+    assert [h.weights for h in res.history[:3]] == [[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]
+    assert res.loras[0] == best and res.history[0].loss == pytest.approx(alone[best], rel=1e-5)
     assert res.loss <= alone[best] + 1e-6 and res.settings["selection_forwards"] == 4
-    assert res.settings["forwards"] == 4 + 5 and len(res.history) == 6
+    assert res.settings["forwards"] == 4 + 1 + 3 and len(res.history) == 6
 
 
 @pytest.mark.parametrize("select", ["arrow", "loss", "random"])
@@ -127,7 +127,7 @@ def test_no_point_is_scored_twice(library, select, monkeypatch):
     res = adapt([Example(p, "yes") for p in PROMPTS], bundle, budget=12, n_loras=3, select=select, patience=0)
     points = [tuple(e.weights) for e in res.history]
     assert len(points) == len(set(points)) == 12
-    assert len(calls) == res.settings["forwards"] == {"arrow": 12, "loss": 4 + 11, "random": 12}[select]
+    assert len(calls) == res.settings["forwards"] == {"arrow": 12, "loss": 4 + 12 - 3, "random": 12}[select]
     assert res.stop == "budget"
 
 
