@@ -104,6 +104,27 @@ def test_optimum_loads_output_and_agrees(written, merged):
     assert out[0, len(ids):].tolist() == ours
 
 
+@pytest.mark.parametrize("quant", ["int4", "unmerged-int8"])
+def test_onnxruntime_genai_loads_output_and_agrees(written, merged, quant):
+    """The adapted folder carries the builder's genai_config.json, so onnxruntime-genai runs it
+    as it is: the same greedy tokens as edgelora's decoder."""
+    og = pytest.importorskip("onnxruntime_genai")
+    bundle, _, _ = merged
+    folder = written[quant].parent
+    ids = Model.load(folder).encode(bundle.prompt_format.prompt("The quick brown fox"))
+    model = og.Model(str(folder))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + 8, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(np.array(ids, dtype=np.int32))
+    out = []
+    while not gen.is_done() and len(out) < 8:
+        gen.generate_next_token()
+        out.append(int(gen.get_next_tokens()[0]))
+    ours = list(Decoder(written[quant], []).stream(ids, max_new_tokens=8))
+    assert out == ours[: len(out)] and len(out) >= 1
+
+
 def test_generation_stops_at_eos_and_budget(written):
     ids = [5, 6, 7]
     free = list(Decoder(written["none"], []).stream(ids, max_new_tokens=6))
