@@ -57,6 +57,21 @@ def test_scoring_matches_peft(tiny_bundle, tiny_hf, tmp_path):
     np.testing.assert_allclose(lp, ref_lp, rtol=1e-4)
 
 
+def test_scoring_graph_shares_the_decoders_weights(tiny_bundle_ro):
+    """The base weights are stored once: the scoring graph's weights are references into the
+    decoder's data file (the tied embedding through a Transpose), and every one of the tiny
+    model's weight matrices is found there; the graph's parity tests above run on this bundle."""
+    import onnx
+    bundle = Bundle.open(tiny_bundle_ro)
+    graph = onnx.load(str(bundle.scoring_path), load_external_data=False).graph
+    refs = [t for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert refs and {e.value for t in refs for e in t.external_data if e.key == "location"} == {"decoder/model.onnx.data"}
+    inline = sum(len(t.raw_data) for t in graph.initializer)
+    shared = sum(int(e.value) for t in refs for e in t.external_data if e.key == "length")
+    assert len(refs) >= 7 * bundle.arch["layers"] + 1  # every projection and the embedding
+    assert inline < 0.05 * shared
+
+
 def test_decoder_greedy_matches_transformers(tiny_bundle_ro, tiny_hf):
     import torch
     from transformers import AutoModelForCausalLM

@@ -77,6 +77,54 @@ def export_scoring(model, shapes: dict, path: Path) -> list[str]:
     return names
 
 
+def share_weights(scoring: Path, decoder_dir: Path, data_file: str = "model.onnx.data",
+                  min_bytes: int = 1024) -> int:
+    """Point the scoring graph's weights at the decoder's copy: every initializer whose bytes
+    (as stored, or transposed, as the tied embedding is) equal a tensor in the decoder's external
+    data file becomes a reference into that file, so the bundle holds the base weights once.
+    Returns the bytes saved. A weight with no twin stays inline."""
+    import hashlib
+    import mmap
+
+    import onnx
+    from onnx import helper, numpy_helper
+    data_path = decoder_dir / data_file
+    location = f"{decoder_dir.name}/{data_file}"  # relative to the bundle root, where scoring.onnx lies
+    twins: dict[str, tuple[int, int, list[int]]] = {}
+    with open(data_path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        for t in onnx.load(str(decoder_dir / "model.onnx"), load_external_data=False).graph.initializer:
+            ext = {e.key: e.value for e in t.external_data}
+            if t.data_location == onnx.TensorProto.EXTERNAL and ext.get("location") == data_file:
+                off, n = int(ext.get("offset", 0)), int(ext["length"])
+                twins[hashlib.sha256(data[off: off + n]).hexdigest()] = (off, n, list(t.dims))
+    model = onnx.load(str(scoring))
+    graph, saved, transposes = model.graph, 0, []
+    for t in list(graph.initializer):
+        a = numpy_helper.to_array(t)
+        if a.nbytes < min_bytes:
+            continue
+        for transposed, b in ((False, a), (True, a.T if a.ndim == 2 else None)):
+            hit = b is not None and twins.get(hashlib.sha256(np.ascontiguousarray(b).tobytes()).hexdigest())
+            if not hit:
+                continue
+            off, n, dims = hit
+            name = f"{t.name}.T" if transposed else t.name
+            ref = onnx.TensorProto(name=name, data_type=t.data_type, dims=dims,
+                                   data_location=onnx.TensorProto.EXTERNAL)
+            for k, v in (("location", location), ("offset", str(off)), ("length", str(n))):
+                ref.external_data.add(key=k, value=v)
+            graph.initializer.remove(t)
+            graph.initializer.append(ref)
+            if transposed:  # the graph still reads `t.name`: the twin transposed back (folded at load)
+                transposes.append(helper.make_node("Transpose", [name], [t.name], perm=[1, 0], name=f"{t.name}/untranspose"))
+            saved += n
+            break
+    for node in reversed(transposes):
+        graph.node.insert(0, node)
+    onnx.save(model, str(scoring))
+    return saved
+
+
 def export_decoder(hf_dir: Path, out: Path) -> None:
     """onnxruntime-genai's model builder: fused GroupQueryAttention (rotary inside), skip
     RMSNorm, about 500 nodes where optimum's export has 8,000, so decoding on a CPU is GEMM,
@@ -143,7 +191,8 @@ def export_base(source, out: Path, targets: list[str], force: bool = False, log=
         log(f"decoder graph exported ({time.time() - t0:.0f}s)")
         weights = decoder_weight_map(bundle / "decoder" / "model.onnx", model, shapes)
         inputs = export_scoring(model, shapes, bundle / "scoring.onnx")
-        log(f"scoring graph exported ({time.time() - t0:.0f}s)")
+        saved = share_weights(bundle / "scoring.onnx", bundle / "decoder")
+        log(f"scoring graph exported, {saved / 1e6:.0f} MB of weights shared with the decoder ({time.time() - t0:.0f}s)")
         shutil.copy(bundle / "decoder" / "tokenizer.json", bundle / "tokenizer.json")
         (bundle / "loras").mkdir()
         if source is None:  # the default base gets the library trained for it (see README)
