@@ -43,7 +43,8 @@ class AdaptConfig:
     select: str = "loss"       # which n of the library: loss | arrow | random (see SELECTS, bench/bbh.py)
     seed: int = 0              # for select=random and optimizer=cma
     top_k: int = 3             # Arrow routing: LoRAs kept per token (peft's default)
-    patience: int = 10         # after the first n + 1 points, stop once the best gained < 1e-4 over this many (0: never)
+    patience: int = 0          # after the first n + 1 points, stop once the best gained < 1e-4 over this many (0: never;
+                               # at 10 it cut COBYLA's first, wide steps short: bench/results/bbh.md)
     step: float = 1.0          # the start simplex's edge (COBYLA, Nelder-Mead): each LoRA alone at this weight,
                                # at 1 the very points the loss pick scored, so the search's first n + 1 cost one forward
 
