@@ -344,9 +344,15 @@ def adapt(examples: str | Path | list[Example], bundle: Bundle | str | Path | No
     interrupted = False
     t0 = time.perf_counter()
     try:
+        # w = 0 first, so the start loss is known however small the budget (the arrow pick's
+        # forward is that point); then the selection's other points, which the budget counts
         for w, loss, secs in sel.known:
-            f.record(w, loss, secs)
-        f(np.zeros(n))  # the base model's loss: the start loss, scored once
+            if not np.any(w):
+                f.record(w, loss, secs)
+        f(np.zeros(n))
+        for w, loss, secs in sel.known:
+            if np.any(w):
+                f.record(w, loss, secs)
         stop = run_optimizer(cfg.optimizer, f, np.zeros(n), cfg.seed)
     except _Stop as e:
         stop = e.reason

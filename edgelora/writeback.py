@@ -98,7 +98,47 @@ def quantize(model: onnx.ModelProto, dst: Path, quant: str, exclude: list[str], 
             q.process()
             model = q.model.model
             matmuls = [n for n in matmuls if n in keep]
+    if quant != "none":
+        quantize_embedding(model, block_size)
     onnx.save(model, str(dst))
+
+
+def quantize_embedding(model: onnx.ModelProto, block_size: int = INT4_BLOCK) -> bool:
+    """The embedding table at 8 bits (block-wise, symmetric, by onnxruntime's own weight-only
+    quantizer), read by GatherBlockQuantized. The builder ties the embedding to the LM head as a
+    Gather over Transpose(lm_head weight): MatMulNBits quantizes the head into a new tensor, but
+    the fp32 [hidden, vocab] table stayed for the Gather (113 MB for SmolLM2, and onnxruntime
+    folds a transposed copy at load). 8 bits, not the head's 4: the rows are the model's input.
+    Returns whether there was a fp32 table to replace."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, DefaultWeightOnlyQuantizer
+    nodes = list(model.graph.node)
+    inits = _initializers(model)
+    producer = {o: n for n in nodes for o in n.output}
+    users: dict[str, int] = {}
+    for n in nodes:
+        for i in n.input:
+            users[i] = users.get(i, 0) + 1
+    for g in (n for n in nodes if n.op_type == "Gather" and not any(a.name == "axis" and a.i for a in n.attribute)):
+        t = producer.get(g.input[0])
+        tied = t is not None and t.op_type == "Transpose" and t.input[0] in inits and users[g.input[0]] == 1
+        table = t.input[0] if tied else g.input[0]
+        if table not in inits or users[table] != 1 or len(inits[table].dims) != 2:
+            continue
+        W = numpy_helper.to_array(inits[table]).astype(np.float32)  # [hidden, vocab] if tied, else [vocab, hidden]
+        quantizer = DefaultWeightOnlyQuantizer(DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True, bits=8))
+        packed, scales, _ = quantizer.qbits_block_quant(np.ascontiguousarray(W if tied else W.T))
+        rows, sc = f"{table}/rows_Q8", f"{table}/rows_scales"
+        model.graph.initializer.extend([numpy_helper.from_array(packed.reshape(packed.shape[0], -1), rows),
+                                        numpy_helper.from_array(scales.reshape(packed.shape[0], -1), sc)])
+        q = helper.make_node("GatherBlockQuantized", [rows, g.input[1], sc], list(g.output), name=f"{g.name}_Q8",
+                             domain="com.microsoft", bits=8, block_size=block_size, gather_axis=0, quantize_axis=1)
+        at = nodes.index(g)
+        del model.graph.node[:]
+        model.graph.node.extend([n for n in nodes[:at] if n is not t or not tied] + [q] +
+                                [n for n in nodes[at + 1:] if n is not t or not tied])
+        model.graph.initializer.remove(inits[table])
+        return True
+    return False
 
 
 def write_model(bundle: Bundle, A: dict | None, B: dict | None, out: Path, quant: str = DEFAULT_QUANT,

@@ -108,12 +108,21 @@ def test_select_by_loss_keeps_the_best_single_loras_and_reuses_them_as_the_start
     assert ranked == [(1, 4), (2, 4), (3, 4), (4, 4)]
     assert sorted(res.loras) == sorted(sorted(alone, key=alone.get)[:2])
     best = min(alone, key=alone.get)
-    # the kept LoRAs alone are the first points, their ranking forwards reused; w = 0 comes next,
-    # and COBYLA's start simplex (0 and each LoRA alone at step 1) costs no forward
-    assert [h.weights for h in res.history[:3]] == [[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]
-    assert res.loras[0] == best and res.history[0].loss == pytest.approx(alone[best], rel=1e-5)
+    # w = 0 first, then the kept LoRAs alone, their ranking forwards reused: COBYLA's start
+    # simplex (0 and each LoRA alone at step 1) costs one forward
+    assert [h.weights for h in res.history[:3]] == [[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]]
+    assert res.loras[0] == best and res.history[1].loss == pytest.approx(alone[best], rel=1e-5)
     assert res.loss <= alone[best] + 1e-6 and res.settings["selection_forwards"] == 4
     assert res.settings["forwards"] == 4 + 1 + 3 and len(res.history) == 6
+
+
+def test_a_budget_below_the_selections_points_still_scores_the_start(library):
+    """The loss pick's points count against the budget, but w = 0 is scored first: a budget of 2
+    with 3 LoRAs kept still gives a start loss (it was NaN, and weights.json unreadable)."""
+    bundle, _ = library
+    res = adapt([Example(p, "no") for p in PROMPTS], bundle, budget=2, n_loras=3, select="loss")
+    assert np.isfinite(res.start_loss) and res.history[0].weights == [0.0, 0.0, 0.0]
+    assert res.settings["forwards"] == 4 + 1 and res.stop == "budget"
 
 
 @pytest.mark.parametrize("select", ["arrow", "loss", "random"])

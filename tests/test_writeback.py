@@ -76,8 +76,9 @@ def test_quantized_within_tolerance(merged, written, quant):
 
 
 def test_int4_keeps_the_merged_lora_targets_at_8_bits(merged, written):
-    """The default write-back: the base graph's nodes and no more, every MatMul weight-only
-    quantized, at 8 bits where the LoRA was merged and 4 bits elsewhere."""
+    """The default write-back: the base graph's nodes and no more (the tied embedding's
+    Transpose + Gather become one GatherBlockQuantized at 8 bits, and no fp32 table is left),
+    every MatMul weight-only quantized, at 8 bits where the LoRA was merged and 4 bits elsewhere."""
     import onnx
     bundle, _, _ = merged
     base = onnx.load(str(bundle.decoder_dir / bundle.manifest["decoder"]["file"]))
@@ -85,7 +86,11 @@ def test_int4_keeps_the_merged_lora_targets_at_8_bits(merged, written):
     target_nodes = {n.name for n in base.graph.node if n.op_type == "MatMul" and n.input[1] in targets}
     for quant in ("int4", "int8"):
         g = onnx.load(str(written[quant])).graph
-        assert len(g.node) == len(base.graph.node) and not [n for n in g.node if n.op_type == "MatMul"]
+        assert len(g.node) == len(base.graph.node) - 1 and not [n for n in g.node if n.op_type == "MatMul"]
+        assert [next(a.i for a in n.attribute if a.name == "bits") for n in g.node
+                if n.op_type == "GatherBlockQuantized"] == [8]
+        assert not [i for i in g.initializer if i.data_type == onnx.TensorProto.FLOAT
+                    and sorted(i.dims) == sorted([bundle.arch["vocab"], bundle.arch["hidden"]])]
         bits = {n.name: next(a.i for a in n.attribute if a.name == "bits") for n in g.node if n.op_type == "MatMulNBits"}
         want = {n.name: 8 if quant == "int8" or n.name in target_nodes else 4
                 for n in base.graph.node if n.op_type == "MatMul"}
