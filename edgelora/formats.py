@@ -24,9 +24,12 @@ from .outputs import is_adapt_output
 FORMATS = ("peft", "gguf", "onnx-adapter")
 # the default -o, beside the adapt output: FOLDER-peft/, FOLDER-lora.gguf, FOLDER.onnx_adapter
 DEFAULT_SUFFIX = {"peft": "-peft", "gguf": "-lora.gguf", "onnx-adapter": ".onnx_adapter"}
-# llama.cpp's converter permutes the rows of q and k (HF's rotate-half rotary layout to GGML's
-# interleaved one) in the base GGUF, so a LoRA's B on them is permuted the same way; the value
-# names the manifest's head count each uses (LlamaModel.permute's n_head, n_head_kv).
+# model_type -> llama.cpp's architecture for it, and whether its converter permutes the rows of q
+# and k (HF's rotate-half rotary layout to GGML's interleaved one): LlamaModel takes Llama and
+# Mistral and does; Qwen2Model keeps HF's layout (NEOX rotary). The base GGUF has them permuted,
+# so a LoRA's B on them is permuted the same way.
+GGUF_ARCHS = {"llama": ("LLAMA", True), "mistral": ("LLAMA", True), "qwen2": ("QWEN2", False)}
+# the manifest's head count each permuted module uses (LlamaModel.permute's n_head, n_head_kv)
 GGUF_PERMUTED = {"q_proj": "heads", "k_proj": "kv_heads"}
 
 
@@ -62,14 +65,20 @@ def rope_permute(B: np.ndarray, heads: int) -> np.ndarray:
     return B.reshape(heads, 2, out // heads // 2, rank).swapaxes(1, 2).reshape(out, rank)
 
 
+def gguf_arch(bundle: Bundle) -> tuple[str, bool]:
+    """llama.cpp's MODEL_ARCH name for the bundle's base, and whether q and k are permuted."""
+    model_type = bundle.manifest["base"]["model_type"]
+    if model_type not in GGUF_ARCHS:
+        raise UserError(f"{bundle.path}: --format gguf knows {', '.join(GGUF_ARCHS)} bases, this one is {model_type}")
+    return GGUF_ARCHS[model_type]
+
+
 def gguf_tensors(bundle: Bundle, A: dict, B: dict) -> dict[str, np.ndarray]:
     """`blk.N.<tensor>.weight.lora_a` [r, in] and `.lora_b` [out, r] per layer and module,
     named by gguf's own tensor map from the HF names, as convert_lora_to_gguf.py does."""
     import gguf
-    arch = bundle.manifest["base"]["model_type"]
-    if arch != "llama":
-        raise UserError(f"{bundle.path}: --format gguf writes llama adapters, this base is {arch}")
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, bundle.arch["layers"])
+    arch, permuted = gguf_arch(bundle)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch], bundle.arch["layers"])
     out = {}
     for m in A:
         for i in range(A[m].shape[0]):
@@ -77,7 +86,7 @@ def gguf_tensors(bundle: Bundle, A: dict, B: dict) -> dict[str, np.ndarray]:
             if name is None:
                 raise UserError(f"{bundle.path}: llama.cpp has no tensor for {bundle.targets[m]['path']}")
             b = B[m][i]
-            if m in GGUF_PERMUTED:
+            if permuted and m in GGUF_PERMUTED:
                 b = rope_permute(b, bundle.arch[GGUF_PERMUTED[m]])
             out[f"{name}.lora_a"] = np.ascontiguousarray(A[m][i], np.float32)
             out[f"{name}.lora_b"] = np.ascontiguousarray(b, np.float32)
@@ -94,7 +103,7 @@ def write_gguf(out: Path, bundle: Bundle, A: dict, B: dict) -> None:
     tensors = gguf_tensors(bundle, A, B)
     rank = next(iter(A.values())).shape[1]
     with writing(out) as tmp:
-        w = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+        w = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[gguf_arch(bundle)[0]]])
         w.add_type(gguf.GGUFType.ADAPTER)
         w.add_string(gguf.Keys.Adapter.TYPE, "lora")
         w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(rank))

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 from test_adapt import PROMPTS, library  # noqa: F401  (library: a fixture)
 
+from edgelora.bundle import Bundle
 from edgelora.errors import UserError
 from edgelora.examples import Example
-from edgelora.formats import export
+from edgelora.formats import export, gguf_tensors
 from edgelora.lora import delta
 from edgelora.outputs import write_outputs
 from edgelora.search import adapt
@@ -87,6 +88,24 @@ def test_gguf_is_a_llama_cpp_lora_adapter(adapted, tmp_path):
             ba = np.asarray(tb.data) @ np.asarray(ta.data)
             np.testing.assert_allclose(undo.process(ba, ta.name).weights, d[i], rtol=1e-5, atol=1e-6)
     assert not np.allclose(np.asarray(tensors["blk.0.attn_q.weight.lora_b"].data), B["q_proj"][0])  # q was permuted
+
+
+@pytest.mark.parametrize("model_type,permuted", [("llama", True), ("mistral", True), ("qwen2", False)])
+def test_gguf_permutes_q_where_llama_cpps_converter_does(tiny_bundle_ro, model_type, permuted):
+    """LlamaModel (Llama, Mistral) permutes q and k rows for GGML's rotary; Qwen2Model does not."""
+    bundle = Bundle.open(tiny_bundle_ro)
+    bundle.manifest["base"]["model_type"] = model_type
+    rng = np.random.default_rng(0)
+    L, t = bundle.arch["layers"], bundle.targets
+    A = {m: rng.normal(size=(L, 3, t[m]["in"])).astype(np.float32) for m in t}
+    B = {m: rng.normal(size=(L, t[m]["out"], 3)).astype(np.float32) for m in t}
+    tensors = gguf_tensors(bundle, A, B)
+    assert np.array_equal(tensors["blk.1.attn_q.weight.lora_b"], B["q_proj"][1]) != permuted
+    assert np.array_equal(tensors["blk.1.attn_v.weight.lora_b"], B["v_proj"][1])
+    assert np.array_equal(tensors["blk.1.attn_q.weight.lora_a"], A["q_proj"][1])
+    bundle.manifest["base"]["model_type"] = "gpt2"
+    with pytest.raises(UserError, match="knows llama, mistral, qwen2 bases, this one is gpt2"):
+        gguf_tensors(bundle, A, B)
 
 
 def test_gguf_without_the_package_says_how_to_install(adapted, tmp_path, monkeypatch):
