@@ -51,9 +51,12 @@ def load_adapted(folder: Path, bundle_path: Path | None = None) -> tuple[Bundle,
     return bundle, lora.A, {m: b * lora.scale for m, b in lora.B.items()}
 
 
+def is_peft_folder(folder: Path) -> bool:
+    return (folder / "adapter_config.json").is_file()
+
+
 def write_peft(out: Path, bundle: Bundle, A: dict, B: dict) -> None:
-    """A PEFT LoRA folder; an existing one at `out` is replaced whole, any other folder refused."""
-    check_replaceable(out, lambda p: (p / "adapter_config.json").is_file(), "-o")
+    """A PEFT LoRA folder, built aside and swapped in whole."""
     with building(out) as tmp:
         to_peft(tmp, A, B, bundle.targets, bundle.manifest["base"]["name"])
 
@@ -159,9 +162,11 @@ def export(folder: Path, fmt: str, out: Path | None = None, bundle_path: Path | 
     if fmt not in WRITERS:
         raise UserError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
     out = out or folder.resolve().with_name(folder.resolve().name + DEFAULT_SUFFIX[fmt])
-    if fmt != "peft":
-        if out.is_dir():
-            raise UserError(f"{out}: is a folder; -o names the {fmt} file to write")
+    if fmt == "peft":  # an earlier PEFT folder is replaced, any other non-empty folder refused
+        check_replaceable(out, is_peft_folder, "-o")
+    elif out.is_dir():
+        raise UserError(f"{out}: is a folder; -o names the {fmt} file to write")
+    else:
         check_writable(out, "-o")
     bundle, A, B = load_adapted(folder, bundle_path)
     WRITERS[fmt](out, bundle, A, B)

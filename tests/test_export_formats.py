@@ -181,7 +181,12 @@ def test_onnx_adapter_is_what_onnxruntime_genai_bakes_in_and_loads(adapted, tiny
     assert np.abs(base_logits - want_logits).max() > 1e-2  # the adapter changes the model
 
 
-def test_peft_refuses_a_folder_that_is_not_an_adapter(adapted, tmp_path):
+def test_peft_replaces_an_adapter_and_refuses_any_other_folder(adapted, tmp_path):
+    again = tmp_path / "again"
+    export(adapted[2], "peft", again)
+    (again / "README.md").write_text("PEFT writes one")
+    export(adapted[2], "peft", again)  # an earlier PEFT folder is replaced whole
+    assert sorted(p.name for p in again.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("keep")
