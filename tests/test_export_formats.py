@@ -15,7 +15,7 @@ from edgelora.bundle import Bundle
 from edgelora.errors import UserError
 from edgelora.examples import Example
 from edgelora.formats import export, gguf_tensors
-from edgelora.lora import delta
+from edgelora.lora import delta, zero_slots
 from edgelora.outputs import write_outputs
 from edgelora.search import adapt
 
@@ -54,6 +54,7 @@ def test_peft_loads_in_peft_and_scores_as_the_search_did(adapted, tiny_hf, tmp_p
     scorer = Scorer(bundle)
     scorer.bind(batch)
     loss, lp = scorer.run(A, B)  # edgelora's unmerged LoRA slots
+    assert np.abs(loss - scorer.losses(*zero_slots(bundle.targets, bundle.arch["layers"]))).max() > 1e-2
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-4)
     np.testing.assert_allclose(lp, ref_lp, rtol=1e-4)
     assert float(-lp.sum() / batch.target_mask.sum()) == pytest.approx(res.loss, rel=1e-4)
