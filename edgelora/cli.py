@@ -10,6 +10,7 @@ from pathlib import Path
 from .bundle import Bundle, default_bundle_path
 from .errors import UserError, interrupted_exit_code, run_command
 from .evaluate import MODES
+from .formats import FORMATS, export
 from .search import OPTIMIZERS, SELECTS, AdaptConfig
 from .writeback import DEFAULT_QUANT, QUANTS
 
@@ -99,6 +100,11 @@ def cmd_adapt(args) -> int:
         print(f"edgelora: interrupted; the best weights so far are in {out}/weights.json", file=sys.stderr)
         return interrupted_exit_code()
     return 0
+
+
+def cmd_export(args) -> None:
+    out = export(args.adapted, args.format, args.out, args.bundle)
+    print(f"{args.format}: {out}")
 
 
 def cmd_generate(args) -> None:
@@ -197,6 +203,16 @@ def parser() -> argparse.ArgumentParser:
                    help="write only the weights and the adapter, not the ONNX model")
     a.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     a.set_defaults(fn=cmd_adapt)
+    x = sub.add_parser("export", help="an adapt output's LoRA for other runtimes: PEFT, llama.cpp, onnxruntime")
+    x.add_argument("adapted", type=Path, help="an `edgelora adapt` output folder")
+    x.add_argument("--format", required=True, metavar="|".join(FORMATS),
+                   help="peft: a PEFT LoRA folder; gguf: a llama.cpp LoRA adapter; onnx-adapter: an onnxruntime "
+                        ".onnx_adapter file, named for onnxruntime-genai's builder")
+    x.add_argument("-o", "--out", type=Path,
+                   help="where to write (default: beside ADAPTED, <adapted>-peft/, <adapted>-lora.gguf or "
+                        "<adapted>.onnx_adapter)")
+    x.add_argument("--bundle", type=Path, help="the bundle it was adapted on (default: the one its weights.json names)")
+    x.set_defaults(fn=cmd_export)
     g = sub.add_parser("generate", help="generate text with an adapt output or a bundle's base")
     g.add_argument("model", type=Path, help="an `edgelora adapt` output folder or a bundle")
     g.add_argument("prompt", nargs="?", help="the prompt (default: all of standard input)")

@@ -17,20 +17,31 @@ from typing import Callable, Iterator
 from .errors import UserError
 
 
-def atomic_write(path: str | Path, data: bytes | str) -> None:
+@contextmanager
+def writing(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside `path`, for a library that writes a file itself (gguf,
+    onnxruntime); synced and renamed over `path` when the block ends, removed if it fails, so
+    `path` is the old file or the whole new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
+        yield Path(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
-    except BaseException:
+    finally:
         Path(tmp).unlink(missing_ok=True)
-        raise
+
+
+def atomic_write(path: str | Path, data: bytes | str) -> None:
+    with writing(path) as tmp:
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
 
 
 def atomic_write_json(path: str | Path, obj) -> None:
@@ -75,14 +86,19 @@ def read_json(path: str | Path) -> dict:
     return obj
 
 
+def check_writable(dst: Path, what: str) -> None:
+    """Refuse, before any work, an output path whose nearest existing parent is not a writable folder."""
+    parent = next(p for p in dst.absolute().parents if p.exists())
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise UserError(f"{dst}: cannot write here ({parent} is not a writable folder); choose another {what}")
+
+
 def check_replaceable(dst: Path, is_ours: Callable[[Path], bool], what: str) -> None:
     """Refuse to replace anything but a missing path, an empty folder or one of our own outputs
     (`is_ours`): a folder a user points -o/--out at by mistake is never wiped."""
     if dst.is_symlink() or (dst.exists() and not dst.is_dir()):
         raise UserError(f"{dst}: exists and is not a folder; choose another {what}")
-    parent = next(p for p in dst.absolute().parents if p.exists())
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise UserError(f"{dst}: cannot write here ({parent} is not a writable folder); choose another {what}")
+    check_writable(dst, what)
     if dst.is_dir() and any(dst.iterdir()) and not is_ours(dst):
         raise UserError(f"{dst}: a folder that is not an edgelora output, left untouched; "
                         f"choose another {what} or empty it")

@@ -119,6 +119,25 @@ def adapt_then_break(breaks):
     return setup
 
 
+def adapted_then_export(*extra: str):
+    """A complete adapt output without a model (written here, in-process), then `edgelora export`
+    of it with `extra`; `{tmp}` in `extra` is the work folder."""
+    def setup(tmp, bundle):
+        from edgelora.outputs import write_outputs
+        from edgelora.search import adapt
+        good_lora_then()(tmp, bundle)
+        res = adapt(tmp / "ex.jsonl", bundle, loras=[str(tmp / "good.safetensors")], budget=2, warn=lambda m: None)
+        write_outputs(res, Bundle.open(bundle), tmp / "done")
+        (tmp / "afile").write_text("")
+        return ["export", str(tmp / "done"), *(a.format(tmp=tmp) for a in extra)]
+    return setup
+
+
+def export_not_adapted(tmp, bundle):
+    (tmp / "folder").mkdir()
+    return ["export", str(tmp / "folder"), "--format", "peft"]
+
+
 def remove_decoder(tmp, bundle):
     (bundle / "decoder" / "model.onnx").unlink()
     return ["generate", str(bundle), "hi"]
@@ -169,6 +188,16 @@ CASES = [
     ("model: missing model file", adapt_then_break(lambda d: (d / "model.onnx").unlink()), ["model.onnx", "missing"]),
     ("model: damaged model file", adapt_then_break(lambda d: (d / "model.onnx").write_bytes(b"x")), ["model.onnx", "sha256"]),
     ("bundle: missing model file", remove_decoder, ["decoder/model.onnx", "missing"]),
+    ("export: not an adapt output", export_not_adapted, ["folder", "not an `edgelora adapt` output"]),
+    ("export: unknown format", adapted_then_export("--format", "zip"), ["--format zip", "peft, gguf, onnx-adapter"]),
+    ("export: output not writable", adapted_then_export("--format", "gguf", "-o", "{tmp}/afile/a.gguf"),
+     ["afile/a.gguf", "cannot write here", "not a writable folder"]),
+    ("export: peft output not writable", adapted_then_export("--format", "peft", "-o", "{tmp}/afile/peft"),
+     ["afile/peft", "cannot write here"]),
+    ("export: output is a folder", adapted_then_export("--format", "onnx-adapter", "-o", "{tmp}/done"),
+     ["done", "is a folder"]),
+    ("export: bundle missing", adapted_then_export("--format", "gguf", "--bundle", "{tmp}/nobundle"),
+     ["nobundle", "not a bundle"]),
 ]
 
 
