@@ -184,20 +184,25 @@ def read_clusters(path: Path) -> dict[str, list[str]]:
     return clusters
 
 
-def color(v: float) -> str:
-    """White at 0, red towards +1, blue towards -1."""
-    r, g, b = (192, 57, 43) if v >= 0 else (44, 123, 182)
-    t = min(abs(v), 1.0)
-    return "#%02x%02x%02x" % tuple(round(255 + (c - 255) * t) for c in (r, g, b))
+def color(t: float) -> str:
+    """White at 0 to dark red at 1."""
+    t = min(max(t, 0.0), 1.0)
+    return "#%02x%02x%02x" % tuple(round(255 + (c - 255) * t) for c in (165, 15, 21))
 
 
 def heatmap_svg(c: Clustering, title: str, cell: int = 14) -> str:
     """The similarity matrix with the LoRAs ordered by cluster, each cluster boxed on the
-    diagonal and named on the right, LoRA names on both axes; a cell's tooltip gives its pair."""
+    diagonal and named on the right, LoRA names on both axes; a cell's tooltip gives its pair.
+    The colours span the off-diagonal values, lowest to highest (the diagonal, 1, saturates):
+    LoRAs trained from one seed share most of A, so all pairs are alike and a -1..1 scale
+    would show one colour."""
     order = c.order()
     names = [html.escape(c.names[i]) for i in order]
     n = len(order)
-    label = 6 * max(len(x) for x in names) + 12  # ~6 px a character at font size 10
+    off = c.similarity[~np.eye(n, dtype=bool)] if n > 1 else c.similarity.ravel()
+    lo, hi = float(off.min()), float(off.max())
+    shade = lambda v: color((v - lo) / (hi - lo) if hi > lo else 1.0)
+    label = round(5.5 * max(len(x) for x in names)) + 12  # ~5.5 px a character at font size 10
     x0, y0 = label, label + 30
     grid = n * cell
     width, height = x0 + grid + 110, y0 + grid + 50
@@ -211,7 +216,7 @@ def heatmap_svg(c: Clustering, title: str, cell: int = 14) -> str:
                      f'font-size="10">{names[a]}</text>')
         for b, j in enumerate(order):
             v = float(c.similarity[i, j])
-            parts.append(f'<rect x="{x0 + b * cell}" y="{y}" width="{cell}" height="{cell}" fill="{color(v)}">'
+            parts.append(f'<rect x="{x0 + b * cell}" y="{y}" width="{cell}" height="{cell}" fill="{shade(v)}">'
                          f'<title>{names[a]} · {names[b]}: {v:.3f}</title></rect>')
     start = 0
     for name, members in c.clusters.items():
@@ -221,9 +226,9 @@ def heatmap_svg(c: Clustering, title: str, cell: int = 14) -> str:
         parts.append(f'<text x="{x0 + grid + 6}" y="{y0 + start * cell + size / 2 + 4}" font-size="10">'
                      f'{html.escape(name)}</text>')
         start += len(members)
-    for s, v in enumerate((-1.0, -0.5, 0.0, 0.5, 1.0)):  # the colour scale
-        x = x0 + s * 40
-        parts.append(f'<rect x="{x}" y="{y0 + grid + 12}" width="40" height="10" fill="{color(v)}" stroke="#888"/>'
-                     f'<text x="{x + 20}" y="{y0 + grid + 34}" text-anchor="middle" font-size="10">{v:g}</text>')
+    for s in range(5):  # the colour scale
+        x, v = x0 + s * 48, lo + (hi - lo) * s / 4
+        parts.append(f'<rect x="{x}" y="{y0 + grid + 12}" width="48" height="10" fill="{shade(v)}" stroke="#888"/>'
+                     f'<text x="{x + 24}" y="{y0 + grid + 34}" text-anchor="middle" font-size="10">{v:.2f}</text>')
     parts.append("</svg>\n")
     return "".join(parts)
