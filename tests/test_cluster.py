@@ -235,3 +235,13 @@ def test_missing_mbc_library_is_one_line(tiny_bundle_ro, tmp_path):
         assert_refused(cli("edgelora.cli", *args, "--library", "mbc"), b, "no mbc library", "edgelora-export library")
     r = cli("edgelora_export.cli", "library", str(tmp_path), "-o", str(tmp_path / "o"), "--bundle", str(tiny_bundle_ro))
     assert_refused(r, "--clusters")
+
+
+def test_export_lora_adds_to_the_mbc_library(tiny_bundle, tiny_hf, tmp_path):
+    from helpers import make_peft_lora
+    r = cli("edgelora_export.cli", "lora", str(make_peft_lora(tiny_hf, tmp_path / "peft", seed=2)), "--bundle",
+            str(tiny_bundle), "--name", "cluster_x", "--library", "mbc")
+    assert r.returncode == 0, r.stderr
+    b = Bundle.open(tiny_bundle)
+    assert list(b.lora_paths("mbc")) == ["cluster_x"] and b.lora_paths("per-task") == {}
+    assert "loras-mbc/cluster_x.safetensors" in b.manifest["files"]
