@@ -218,12 +218,14 @@ def test_cluster_library_resumes_and_refuses_other_clusters(tiny_hf, tasks_and_c
     ('{"clusters": {"../x": ["t_red"]}}', ["cluster name '../x'"]),
     ('{"clusters": {"c0": []}}', ["c0 must list"]),
 ])
-def test_bad_clusters_files_are_one_line(tasks_and_clusters, tmp_path, content, words):
+def test_bad_clusters_files_are_one_line(tasks_and_clusters, tmp_path, capsys, content, words):
+    """In-process (each case would otherwise pay torch's import): refused before the model loads."""
+    from edgelora_export.cli import main
     tasks, _ = tasks_and_clusters
     bad = tmp_path / "bad.json"
     bad.write_text(content)
-    r = cli("edgelora_export.cli", "library", str(tasks), "-o", str(tmp_path / "o"), "--clusters", str(bad))
-    assert_refused(r, str(bad), *words)
+    code = main(["library", str(tasks), "-o", str(tmp_path / "o"), "--clusters", str(bad)])
+    assert_refused(subprocess.CompletedProcess([], code, "", capsys.readouterr().err), str(bad), *words)
     assert not (tmp_path / "o").exists()
 
 
