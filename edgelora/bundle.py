@@ -65,9 +65,10 @@ def hash_files(root: Path, names: list[str]) -> dict[str, dict]:
 
 
 def write_manifest(root: Path, manifest: dict) -> None:
-    """(Re)hash every file in the bundle but the manifest itself, then write it atomically."""
+    """(Re)hash every file in the bundle but the manifest itself, then write it atomically. Hidden
+    paths are not the bundle's: the temporary files and folders of a write in progress."""
     names = [p.relative_to(root).as_posix() for p in root.rglob("*")
-             if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")]
+             if p.is_file() and p.name != MANIFEST and not any(s.startswith(".") for s in p.relative_to(root).parts)]
     manifest = {**manifest, "files": hash_files(root, names)}
     atomic_write_json(root / MANIFEST, manifest)
 
@@ -88,6 +89,14 @@ FILE_ENTRY = {"sha256": str, "size": int}
 TARGET_ENTRY = {"in": int, "out": int, "path": str}
 WEIGHT_ENTRY = {"name": str, "transposed": bool}
 REBUILD = "rebuild the bundle with edgelora-export base"
+# The bundle's LoRA libraries and their folders: one LoRA per upstream task (what `edgelora-export
+# base` installs), and one per MBC cluster of those tasks (seed 001; `edgelora cluster`).
+LIBRARIES = {"per-task": "loras", "mbc": "loras-mbc"}
+LIBRARY_HINT = {
+    "per-task": "add LoRAs with edgelora-export lora",
+    "mbc": "build it with edgelora cluster, then edgelora-export library TASKS_DIR -o DIR "
+           "--clusters clusters.json --bundle BUNDLE",
+}
 JSON_TYPE = {str: "a string", int: "an integer", bool: "true or false", dict: "an object", list: "a list"}
 
 
@@ -197,6 +206,20 @@ class Bundle:
         from tokenizers import Tokenizer
         return Tokenizer.from_file(str(self.path / self.manifest["tokenizer"]))
 
-    def lora_paths(self) -> dict[str, Path]:
-        files = sorted(n for n in self.manifest["files"] if n.startswith("loras/") and n.endswith(".safetensors"))
+    def lora_paths(self, library: str = "per-task") -> dict[str, Path]:
+        """The LoRAs of one of the bundle's libraries (LIBRARIES), by name; empty where the bundle has
+        none. Only files the manifest lists: they are hashed like every other file."""
+        if library not in LIBRARIES:
+            raise UserError(f"--library {library}: choose one of {', '.join(LIBRARIES)}")
+        folder = LIBRARIES[library] + "/"
+        files = sorted(n for n in self.manifest["files"]
+                       if n.startswith(folder) and n.endswith(".safetensors") and "/" not in n[len(folder):])
         return {Path(n).stem: self.path / n for n in files}
+
+    def library(self, library: str) -> dict[str, Path]:
+        """`lora_paths(library)`, refused with one line saying how to build it where it is empty."""
+        paths = self.lora_paths(library)
+        if not paths:
+            raise UserError(f"{self.path}: the bundle has no {library} library ({LIBRARIES[library]}/); "
+                            f"{LIBRARY_HINT[library]}")
+        return paths

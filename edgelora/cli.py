@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from .bundle import Bundle, default_bundle_path
+from .bundle import LIBRARIES, Bundle, default_bundle_path
 from .errors import UserError, interrupted_exit_code, run_command
 from .evaluate import MODES
 from .formats import FORMATS, export
@@ -18,16 +18,20 @@ from .writeback import DEFAULT_QUANT, QUANTS
 def cmd_info(args) -> None:
     from safetensors import safe_open
     bundle = Bundle.open(args.bundle)
-    loras = []
-    for name, path in bundle.lora_paths().items():
-        with safe_open(path, "np") as f:
-            meta = f.metadata() or {}
-        loras.append({"name": name, "rank": int(meta.get("rank", 0)), "alpha": float(meta.get("alpha", 0)),
-                      "source": meta.get("source", "")})
+    libraries = {}
+    for library in LIBRARIES:
+        libraries[library] = []
+        for name, path in bundle.lora_paths(library).items():
+            with safe_open(path, "np") as f:
+                meta = f.metadata() or {}
+            libraries[library].append({"name": name, "rank": int(meta.get("rank", 0)),
+                                       "alpha": float(meta.get("alpha", 0)), "source": meta.get("source", "")})
+    loras = libraries.pop("per-task")
     sizes = {n: i["size"] for n, i in bundle.manifest["files"].items()}
     info = {"bundle": str(bundle.path), "base": bundle.manifest["base"], "arch": bundle.arch,
             "targets": {m: {"in": t["in"], "out": t["out"]} for m, t in bundle.targets.items()},
-            "size_mb": round(sum(sizes.values()) / 1e6, 1), "loras": loras}
+            "size_mb": round(sum(sizes.values()) / 1e6, 1), "loras": loras,
+            "loras_mbc": libraries["mbc"]}
     if args.json:
         print(json.dumps(info))
         return
@@ -36,9 +40,11 @@ def cmd_info(args) -> None:
     print(f"base     {info['base']['name']}  [{info['base']['model_type']}]  from {info['base']['source']}")
     print(f"arch     {a['layers']} layers, hidden {a['hidden']}, vocab {a['vocab']}, max {a['max_len']} tokens")
     print("targets  " + ", ".join(f"{m} ({t['in']}→{t['out']})" for m, t in info["targets"].items()))
-    print(f"loras    {len(loras)}")
-    for l in loras:
-        print(f"  {l['name']:<48} rank {l['rank']:<3} alpha {l['alpha']:g}")
+    for title, lib in (("loras", loras), ("mbc", libraries["mbc"])):
+        if lib or title == "loras":
+            print(f"{title:<8} {len(lib)}")
+        for l in lib:
+            print(f"  {l['name']:<48} rank {l['rank']:<3} alpha {l['alpha']:g}")
 
 
 def cmd_verify(args) -> None:
@@ -107,6 +113,37 @@ def cmd_export(args) -> None:
     print(f"{args.format}: {out}")
 
 
+def cmd_cluster(args) -> None:
+    from .cluster import FORMAT, KEEP, N_INIT, cluster_loras, heatmap_svg
+    from .io import atomic_write, atomic_write_json, sha256_file
+    from .outputs import versions
+    from .search import load_checked
+    svg = args.out.with_suffix(".svg")
+    if svg == args.out:
+        raise UserError(f"-o {args.out}: the clusters are written as JSON beside the heat map {svg}; name a .json file")
+    bundle = Bundle.open(args.bundle)
+    paths = bundle.library("per-task")
+    c = cluster_loras(load_checked(list(paths.values()), bundle), args.k, args.seed, where=str(bundle.path))
+    atomic_write(svg, heatmap_svg(c, f"MBC: cosine similarity of {len(c.names)} LoRAs' parameters, "
+                                     f"{len(c.clusters)} clusters (k = {args.k}, seed {args.seed})"))
+    settings = {"k": args.k, "seed": args.seed, "keep": KEEP, "svd_dims": c.dims, "n_init": N_INIT,
+                "library": "per-task", "n_loras": len(c.names)}
+    atomic_write_json(args.out, {"format": FORMAT, **c.to_json(), "settings": settings, "heatmap": svg.name,
+                                 "bundle": {"path": str(bundle.path), "base": bundle.manifest["base"]["name"],
+                                            "manifest_sha256": sha256_file(bundle.path / "manifest.json")},
+                                 "versions": versions()})
+    if args.json:
+        print(json.dumps({"out": str(args.out), "svg": str(svg), "clusters": c.clusters}))
+        return
+    width = max(len(n) for n in c.clusters)
+    print(f"{'cluster':<{width}}  {'n':>2}  {'within':>6}  LoRAs (tasks)")
+    for name, members in c.clusters.items():
+        w = c.within(members)
+        print(f"{name:<{width}}  {len(members):>2}  {'-' if w is None else f'{w:.3f}':>6}  {', '.join(members)}")
+    print(f"\n{len(c.names)} LoRAs in {len(c.clusters)} clusters (within: mean cosine similarity of a cluster's pairs); "
+          f"written to {args.out} and {svg}")
+
+
 def cmd_generate(args) -> None:
     from .generate import Model
     model = Model.load(args.model)
@@ -117,6 +154,26 @@ def cmd_generate(args) -> None:
                                    temperature=args.temperature, top_p=args.top_p, seed=args.seed):
         print(piece, end="", flush=True)
     print()
+
+
+def eval_library(model: Path, adapted: bool, library: str | None) -> str | None:
+    """The library an adapt output composed (its weights.json says; older outputs: per-task), which
+    --library, if given, must name; for a bundle, --library must name one it holds. A model
+    written without a weights.json (bench scripts' write_model) says nothing: None."""
+    from .io import read_json
+    if not adapted:
+        if library:
+            Bundle.open(model).library(library)
+        return library
+    if not (model / "weights.json").is_file():
+        if library:
+            raise UserError(f"--library {library}: {model} has no weights.json to say which library it was made from")
+        return None
+    settings = read_json(model / "weights.json").get("settings")
+    used = settings.get("library", "per-task") if isinstance(settings, dict) else "per-task"
+    if library and library != used:
+        raise UserError(f"--library {library}: {model} was adapted with the {used} library ({model / 'weights.json'})")
+    return used
 
 
 def cmd_eval(args) -> None:
@@ -130,6 +187,7 @@ def cmd_eval(args) -> None:
         raise UserError(f"-k {args.k}: must be 0 or more")
     model = Model.load(args.model)
     adapted = (Path(args.model) / "edgelora.json").is_file()
+    library = eval_library(args.model, adapted, args.library)
     mode = args.mode or ("adapted" if adapted else "icl" if args.shots else "zero-shot")
     if mode == "adapted" and not adapted:
         raise UserError(f"--mode adapted: {args.model} is a bundle, not an `edgelora adapt` output")
@@ -145,7 +203,7 @@ def cmd_eval(args) -> None:
         print(f"note: some prompts were longer than the model's {model.max_len} tokens with all {len(shots)} shots; "
               f"their oldest shots were dropped (mean {res['shots_mean']:.1f} shots)", file=sys.stderr)
     res = {"task": str(args.task), "model": str(args.model), "mode": mode, "shots": len(shots),
-           "quant": model.meta.get("quant"), **res}
+           "quant": model.meta.get("quant"), "library": library, **res}
     out = args.out or Path(f"{args.task.name.removesuffix('.jsonl')}.eval-{mode}.json")
     atomic_write_json(out, res)
     if args.json:
@@ -196,6 +254,9 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--step", type=float, default=d.step,
                    help=f"the start simplex's edge: each LoRA alone at this weight (default {d.step}: the loss pick's "
                         "own points, not scored again)")
+    a.add_argument("--library", choices=LIBRARIES, default=d.library,
+                   help=f"the bundle's library to compose (default {d.library}): per-task, a LoRA per upstream task; "
+                        "mbc, a LoRA per cluster of them (edgelora cluster, then edgelora-export library --clusters)")
     a.add_argument("--quant", choices=QUANTS, default=DEFAULT_QUANT,
                    help=f"the adapted model's weights, LoRA merged: int4 (the LoRA's targets at 8 bits), int8, or fp32 "
                         f"(default {DEFAULT_QUANT}, chosen in bench/quant_accuracy.py)")
@@ -213,6 +274,14 @@ def parser() -> argparse.ArgumentParser:
                         "<adapted>.onnx_adapter)")
     x.add_argument("--bundle", type=Path, help="the bundle it was adapted on (default: the one its weights.json names)")
     x.set_defaults(fn=cmd_export)
+    c = sub.add_parser("cluster", help="group the bundle's LoRAs by parameter similarity (MBC, for a per-cluster library)")
+    c.add_argument("--bundle", type=Path, help=bundle_help)
+    c.add_argument("--k", type=int, default=10, help="clusters (default 10, the paper's)")
+    c.add_argument("--seed", type=int, default=0, help="k-means++ starts (default 0)")
+    c.add_argument("-o", "--out", type=Path, default=Path("clusters.json"),
+                   help="clusters JSON (default clusters.json); the heat map is written beside it as .svg")
+    c.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    c.set_defaults(fn=cmd_cluster)
     g = sub.add_parser("generate", help="generate text with an adapt output or a bundle's base")
     g.add_argument("model", type=Path, help="an `edgelora adapt` output folder or a bundle")
     g.add_argument("prompt", nargs="?", help="the prompt (default: all of standard input)")
@@ -232,6 +301,9 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--max-new-tokens", type=int, default=32)
     e.add_argument("--out", type=Path, help="JSON with per-example results (default: <task>.eval-<mode>.json)")
     e.add_argument("--json", action="store_true")
+    e.add_argument("--library", choices=LIBRARIES,
+                   help="the LoRA library the model must come from: an adapt output's (its weights.json), or one the "
+                        "bundle holds; recorded in the results")
     e.set_defaults(fn=cmd_eval)
     return p
 

@@ -16,7 +16,7 @@ from typing import Callable
 
 import numpy as np
 
-from .bundle import Bundle
+from .bundle import LIBRARIES, Bundle
 from .errors import UserError
 from .examples import Batch, Example, check_batch_size, encode_pairs, load_examples
 from .lora import Lora, LoraStack, arrow_weights, check_compatible, load_lora, load_prototypes, routing_slots
@@ -47,12 +47,15 @@ class AdaptConfig:
                                # at 10 it cut COBYLA's first, wide steps short: bench/results/bbh.md)
     step: float = 1.0          # the start simplex's edge (COBYLA, Nelder-Mead): each LoRA alone at this weight,
                                # at 1 the very points the loss pick scored, so the search's first n + 1 cost one forward
+    library: str = "per-task"  # the bundle's library to compose: per-task (a LoRA per upstream task) | mbc (per cluster)
 
     def check(self) -> "AdaptConfig":
         if self.optimizer not in OPTIMIZERS:
             raise UserError(f"--optimizer {self.optimizer}: choose one of {', '.join(OPTIMIZERS)}")
         if self.select not in SELECTS:
             raise UserError(f"--select {self.select}: choose one of {', '.join(SELECTS)}")
+        if self.library not in LIBRARIES:
+            raise UserError(f"--library {self.library}: choose one of {', '.join(LIBRARIES)}")
         for name in ("budget", "n_loras", "top_k"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
@@ -101,13 +104,12 @@ class AdaptResult:
         return {m: a.copy() for m, a in A.items()}, {m: b.copy() for m, b in B.items()}
 
 
-def choose_loras(bundle: Bundle, loras: list[str] | str | Path | None, n: int, seed: int) -> list[Path]:
+def choose_loras(bundle: Bundle, loras: list[str] | str | Path | None, n: int, seed: int,
+                 library_name: str = "per-task") -> list[Path]:
     """Named LoRAs, a folder of them, or `n` sampled from the bundle's library with the seed."""
-    library = bundle.lora_paths()
+    library = bundle.lora_paths(library_name)
     if loras is None:
-        names = sorted(library)
-        if not names:
-            raise UserError(f"{bundle.path}: the bundle has no LoRAs; add some with edgelora-export lora")
+        names = sorted(bundle.library(library_name))
         if len(names) > n:
             names = sorted(np.random.default_rng(seed).choice(names, n, replace=False).tolist())
         return [library[k] for k in names]
@@ -125,7 +127,7 @@ def choose_loras(bundle: Bundle, loras: list[str] | str | Path | None, n: int, s
         elif str(name) in library:
             out.append(library[str(name)])
         else:
-            raise UserError(f"--loras: no LoRA named {name} in {bundle.path} "
+            raise UserError(f"--loras: no LoRA named {name} in {bundle.path}'s {library_name} library "
                             f"(have: {', '.join(sorted(library)[:8])}{', ...' if len(library) > 8 else ''})")
     return out
 
@@ -327,8 +329,11 @@ def adapt(examples: str | Path | list[Example], bundle: Bundle | str | Path | No
              f"{bundle.arch['max_len']} tokens; the start of its prompt was cut")
     check_batch_size(len(examples), batch.padded_tokens, source)
     timings["tokenise"] = time.perf_counter() - t0
+    if cfg.library != "per-task":
+        bundle.library(cfg.library)  # a library the bundle lacks is one line, whatever --loras names
     ranked = cfg.select != "random" and loras is None
-    paths = choose_loras(bundle, loras, len(bundle.lora_paths()) if ranked else cfg.n_loras, cfg.seed)
+    paths = choose_loras(bundle, loras, len(bundle.lora_paths(cfg.library)) if ranked else cfg.n_loras, cfg.seed,
+                         cfg.library)
     loras_ = [] if ranked else load_checked(paths, bundle)  # named or sampled: checked before the session is built
     t0 = time.perf_counter()
     scorer = Scorer(bundle)

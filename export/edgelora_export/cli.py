@@ -5,8 +5,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from edgelora.bundle import default_bundle_path
-from edgelora.errors import run_command
+from edgelora.bundle import LIBRARIES, Bundle, default_bundle_path
+from edgelora.errors import UserError, run_command
 
 from .model import DEFAULT_TARGETS
 from .train import TrainConfig
@@ -26,6 +26,8 @@ def parser() -> argparse.ArgumentParser:
     l.add_argument("--name")
     l.add_argument("--dtype", choices=["fp16", "fp32"], default="fp16")
     l.add_argument("--force", action="store_true", help="replace a LoRA of the same name")
+    l.add_argument("--library", choices=LIBRARIES, default="per-task",
+                   help="the bundle's library to add it to (default per-task; mbc: a per-cluster LoRA)")
     for name, help_ in (("train", "train one LoRA with LoRA+ on a task file"),
                         ("library", "train one LoRA per task file in a folder (resumable)")):
         t = sub.add_parser(name, help=help_)
@@ -46,6 +48,11 @@ def parser() -> argparse.ArgumentParser:
                        help="held-out evaluations without a new best before training stops")
         if name == "train":
             t.add_argument("--bundle", type=Path, help="also add the LoRA to this bundle")
+        else:
+            t.add_argument("--clusters", type=Path, help="clusters JSON (edgelora cluster): one LoRA per cluster, "
+                           "trained on the union of its tasks (MBC), instead of one per task")
+            t.add_argument("--bundle", type=Path, help="with --clusters: then install the cluster LoRAs as this "
+                           "bundle's mbc library (loras-mbc/), replacing the one it has")
     return p
 
 
@@ -63,7 +70,7 @@ def run(args) -> None:
         export_base(args.source, args.out or default_bundle_path(), targets, force=args.force)
     elif args.cmd == "lora":
         from .lora import add_lora
-        print(add_lora(args.peft_dir, args.bundle, args.name, args.dtype, args.force))
+        print(add_lora(args.peft_dir, args.bundle, args.name, args.dtype, args.force, args.library))
     elif args.cmd == "train":
         from .library import check_trainable
         from .train import load_for_training, train_lora
@@ -77,7 +84,16 @@ def run(args) -> None:
             print(add_lora(args.out, args.bundle, args.task.stem, force=True))
     elif args.cmd == "library":
         from .library import train_library
-        train_library(args.tasks_dir, args.out, train_config(args), args.base)
+        if args.bundle:
+            if not args.clusters:
+                raise UserError("--bundle installs an MBC library: give --clusters (a per-task LoRA is added "
+                                "with edgelora-export lora)")
+            Bundle.open(args.bundle)  # before hours of training, not after
+        rows = train_library(args.tasks_dir, args.out, train_config(args), args.base, clusters_file=args.clusters)
+        if args.bundle:
+            from .lora import install_library
+            dst = install_library([args.out / f"{r['task']}.safetensors" for r in rows], args.bundle, "mbc")
+            print(f"{len(rows)} cluster LoRAs installed as the bundle's mbc library: {dst}")
 
 
 def main(argv=None) -> int:

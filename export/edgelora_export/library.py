@@ -1,7 +1,10 @@
-"""`edgelora-export library`: one LoRA+ LoRA per task file, resumable task by task, with a report.
+"""`edgelora-export library`: one LoRA+ LoRA per task file, resumable task by task, with a report;
+with `--clusters` (what `edgelora cluster` writes: MBC, seed 001), one LoRA per cluster instead,
+trained on the union of its tasks' examples.
 
-Output: `<task>.safetensors` (bundle format, fp16: what ships and what `base` installs),
-`peft/<task>/` (PEFT folders, loadable by peft), `report.json` and `report.md`.
+Output: `<task or cluster>.safetensors` (bundle format, fp16: what ships and what `base` installs),
+`peft/<name>/` (PEFT folders, loadable by peft), `report.json` and `report.md`; with `--clusters`,
+also `data/<cluster>.jsonl`, the union each cluster LoRA was trained on.
 """
 from __future__ import annotations
 
@@ -11,8 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
+from edgelora.cluster import read_clusters
 from edgelora.errors import UserError
-from edgelora.io import atomic_write, atomic_write_json, read_json
+from edgelora.io import atomic_write, atomic_write_json, read_json, read_text
 from edgelora.lora import from_peft, save_lora
 from .model import target_shapes
 from .train import TrainConfig, check_same_config, load_for_training, train_lora
@@ -26,12 +30,41 @@ def check_trainable(task: Path) -> None:
         raise UserError(f"{task}: a held-out evaluation task ({task.parent.name}/); never train a LoRA on it")
 
 
-def export_lora(peft_dir: Path, out: Path, shapes: dict, layers: int, name: str) -> None:
-    save_lora(out, from_peft(peft_dir, shapes, layers, name), np.float16)
+def export_lora(peft_dir: Path, out: Path, shapes: dict, layers: int, name: str, source: str | None = None) -> None:
+    lora = from_peft(peft_dir, shapes, layers, name)
+    lora.source = source or lora.source
+    save_lora(out, lora, np.float16)
 
 
-def write_report(out: Path, rows: list[dict], cfg: TrainConfig) -> None:
-    atomic_write_json(out / "report.json", {"config": asdict(cfg), "tasks": rows})
+def task_files(tasks_dir: Path) -> dict[str, Path]:
+    """The folder's task files by name, each one allowed to train a LoRA."""
+    tasks = sorted(Path(tasks_dir).glob("*.jsonl"))
+    if not tasks:
+        raise UserError(f"{tasks_dir}: no *.jsonl task files")
+    for t in tasks:
+        check_trainable(t)
+    return {t.stem: t for t in tasks}
+
+
+def check_members(clusters: dict[str, list[str]], where: Path, tasks: dict[str, Path], tasks_dir: Path) -> None:
+    unknown = sorted({t for members in clusters.values() for t in members} - set(tasks))
+    if unknown:
+        raise UserError(f"{where}: names tasks with no file in {tasks_dir}: {', '.join(unknown)}")
+
+
+def cluster_files(clusters: dict[str, list[str]], tasks: dict[str, Path], out: Path) -> dict[str, Path]:
+    """Each cluster's training file, `out/data/<cluster>.jsonl`: its tasks' files one after the other
+    (the union the paper trains a cluster's LoRA on), so resuming and `train` see the same data."""
+    files = {}
+    for name, members in clusters.items():
+        files[name] = out / "data" / f"{name}.jsonl"
+        atomic_write(files[name], "".join(read_text(tasks[t]).rstrip("\r\n") + "\n" for t in members))
+    return files
+
+
+def write_report(out: Path, rows: list[dict], cfg: TrainConfig, clusters: dict | None = None) -> None:
+    atomic_write_json(out / "report.json", {"config": asdict(cfg), "tasks": rows,
+                                            **({"clusters": clusters} if clusters else {})})
     lines = ["| task | examples | steps | best step | train loss | held-out loss (start → best) | minutes | peak RSS MB |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
@@ -39,38 +72,53 @@ def write_report(out: Path, rows: list[dict], cfg: TrainConfig) -> None:
                      f"{r['heldout_loss_start']:.3f} → {r['heldout_loss']:.3f} | {r['minutes']:.1f} | {r['peak_rss_mb']} |")
     total = sum(r["minutes"] for r in rows)
     lines.append(f"\n{len(rows)} LoRAs, {total:.0f} minutes of training in all.")
+    if clusters:
+        lines.append("\nMBC clusters (each LoRA trained on the union of its tasks):\n")
+        lines += [f"- {name}: {', '.join(members)}" for name, members in clusters.items()]
     atomic_write(out / "report.md", "\n".join(lines) + "\n")
 
 
-def train_library(tasks_dir: Path, out: Path, cfg: TrainConfig, source=None, log=print) -> list[dict]:
-    tasks = sorted(Path(tasks_dir).glob("*.jsonl"))
-    if not tasks:
-        raise UserError(f"{tasks_dir}: no *.jsonl task files")
-    for t in tasks:
-        check_trainable(t)
-    out.mkdir(parents=True, exist_ok=True)
-    # Resume task by task: a task is done when its LoRA file and its report row both exist.
+def check_resumable(out: Path, cfg: TrainConfig, clusters: dict | None) -> dict[str, dict]:
+    """The report rows of the LoRAs already trained in `out`, refused if made with other settings
+    or other clusters (their LoRAs would not be this run's)."""
     report = out / "report.json"
-    done = {}
-    if report.exists():
-        saved = read_json(report)
-        check_same_config(saved.get("config", {}), cfg, report,
-                          "pass the same settings to resume this library, or use another -o")
-        done = {r["task"]: r for r in saved.get("tasks", []) if isinstance(r, dict) and "task" in r}
+    if not report.exists():
+        return {}
+    saved = read_json(report)
+    hint = "pass the same settings to resume this library, or use another -o"
+    check_same_config(saved.get("config", {}), cfg, report, hint)
+    if saved.get("clusters") != clusters:
+        raise UserError(f"{report}: made with {'other clusters' if saved.get('clusters') else 'one LoRA per task'}; {hint}")
+    return {r["task"]: r for r in saved.get("tasks", []) if isinstance(r, dict) and "task" in r}
+
+
+def train_library(tasks_dir: Path, out: Path, cfg: TrainConfig, source=None, log=print,
+                  clusters_file: Path | None = None) -> list[dict]:
+    """One LoRA per task file of `tasks_dir`, or with `clusters_file` one per cluster, on the union
+    of its tasks. Resumes LoRA by LoRA: one is done when its file and its report row both exist."""
+    tasks = task_files(tasks_dir)
+    clusters = read_clusters(clusters_file) if clusters_file else None
+    if clusters:
+        check_members(clusters, clusters_file, tasks, tasks_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    done = check_resumable(out, cfg, clusters)
+    if clusters:
+        tasks = cluster_files(clusters, tasks, out)
     base, tok, fmt, _ = load_for_training(source)
     shapes = target_shapes(base, list(cfg.targets))
     layers = len(base.model.layers)
     rows = []
-    for i, task in enumerate(tasks, 1):
-        if task.stem in done and (out / f"{task.stem}.safetensors").exists():
-            rows.append(done[task.stem])
+    for i, (name, task) in enumerate(tasks.items(), 1):
+        if name in done and (out / f"{name}.safetensors").exists():
+            rows.append(done[name])
             continue
         t0 = time.time()
-        row = train_lora(base, tok, fmt, task, out / "peft" / task.stem, cfg, log=log)
-        export_lora(out / "peft" / task.stem, out / f"{task.stem}.safetensors", shapes, layers, task.stem)
+        row = train_lora(base, tok, fmt, task, out / "peft" / name, cfg, log=log)
+        source_ = f"MBC cluster of {', '.join(clusters[name])}" if clusters else None
+        export_lora(out / "peft" / name, out / f"{name}.safetensors", shapes, layers, name, source_)
         rows.append(row)
-        write_report(out, rows, cfg)
-        log(f"[{i}/{len(tasks)}] {task.stem}: {row['steps']} steps, held-out loss "
+        write_report(out, rows, cfg, clusters)
+        log(f"[{i}/{len(tasks)}] {name}: {row['steps']} steps, held-out loss "
             f"{row['heldout_loss_start']:.3f} → {row['heldout_loss']:.3f}, {time.time() - t0:.0f}s")
-    write_report(out, rows, cfg)
+    write_report(out, rows, cfg, clusters)
     return rows

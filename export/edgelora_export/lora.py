@@ -1,4 +1,6 @@
-"""`edgelora-export lora`: a PEFT LoRA folder becomes `BUNDLE/loras/<name>.safetensors`."""
+"""`edgelora-export lora`: a PEFT LoRA folder becomes `BUNDLE/loras/<name>.safetensors` (or a
+LoRA of the bundle's MBC library, `loras-mbc/`); `library --bundle` installs a whole trained
+library at once."""
 from __future__ import annotations
 
 import re
@@ -6,19 +8,37 @@ from pathlib import Path
 
 import numpy as np
 
-from edgelora.bundle import Bundle, write_manifest
+from edgelora.bundle import LIBRARIES, Bundle, write_manifest
 from edgelora.errors import UserError
-from edgelora.lora import from_peft, save_lora
+from edgelora.io import building
+from edgelora.lora import check_compatible, from_peft, load_lora, save_lora
+
+
+def install_library(files: list[Path], bundle_path: Path | None, library: str) -> Path:
+    """The bundle LoRAs `files` (an `edgelora-export library` output) become the bundle's `library`
+    whole: its folder is built aside and swapped in, so LoRAs of an earlier clustering do not
+    linger, then the manifest is re-hashed (`edgelora verify` checks them like every file)."""
+    bundle = Bundle.open(bundle_path)
+    if not files:
+        raise UserError("no trained LoRAs to install")
+    dst = bundle.path / LIBRARIES[library]
+    with building(dst) as tmp:
+        for f in files:
+            lora = load_lora(f)
+            check_compatible(lora, bundle.targets, bundle.arch["layers"], str(f))
+            save_lora(tmp / f.name, lora, np.float16)
+    write_manifest(bundle.path, bundle.manifest)
+    return dst
 
 
 def add_lora(peft_dir: Path, bundle_path: Path | None, name: str | None = None, dtype: str = "fp16",
-             force: bool = False) -> Path:
+             force: bool = False, library: str = "per-task") -> Path:
     bundle = Bundle.open(bundle_path)
     name = name or Path(peft_dir).resolve().name
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
         raise UserError(f"--name {name!r}: use letters, digits, '_', '-' and '.'")
     lora = from_peft(peft_dir, bundle.targets, bundle.arch["layers"], name)
-    out = bundle.path / "loras" / f"{name}.safetensors"
+    out = bundle.path / LIBRARIES[library] / f"{name}.safetensors"
     if out.exists() and not force:
         raise UserError(f"{out}: a LoRA named {name} is already in the bundle (--force replaces it)")
     save_lora(out, lora, np.float16 if dtype == "fp16" else np.float32)
