@@ -236,7 +236,7 @@ def parser() -> argparse.ArgumentParser:
     d = AdaptConfig()
     a.add_argument("--select", choices=SELECTS, default=d.select,
                    help=f"which {d.n_loras} library LoRAs to compose (default {d.select}): loss, the lowest loss alone on "
-                        "the examples (one forward per library LoRA; the kept ones are the search's start simplex); arrow, the most "
+                        "the examples (one forward per library LoRA), the search starting at the best; arrow, the most "
                         "Arrow routing mass on the examples, from one forward that is also the search's first point "
                         "(faster, less accurate: bench/results/bbh.md); random, LoraHub's sample with --seed")
     a.add_argument("--n-loras", type=int, default=d.n_loras, help=f"LoRAs to compose (default {d.n_loras})")
@@ -251,9 +251,6 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--patience", type=int, default=d.patience,
                    help=f"after the optimizer's first n+1 points, stop when the best objective gained < 1e-4 over this "
                         f"many points (default {d.patience}; 0: never)")
-    a.add_argument("--step", type=float, default=d.step,
-                   help=f"the start simplex's edge: each LoRA alone at this weight (default {d.step}: the loss pick's "
-                        "own points, not scored again)")
     a.add_argument("--library", choices=LIBRARIES, default=d.library,
                    help=f"the bundle's library to compose (default {d.library}): per-task, a LoRA per upstream task; "
                         "mbc, a LoRA per cluster of them (edgelora cluster, then edgelora-export library --clusters)")

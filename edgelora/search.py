@@ -43,10 +43,7 @@ class AdaptConfig:
     select: str = "loss"       # which n of the library: loss | arrow | random (see SELECTS, bench/bbh.py)
     seed: int = 0              # for select=random and optimizer=cma
     top_k: int = 3             # Arrow routing: LoRAs kept per token (peft's default)
-    patience: int = 0          # after the first n + 1 points, stop once the best gained < 1e-4 over this many (0: never;
-                               # at 10 it cut COBYLA's first, wide steps short: bench/results/bbh.md)
-    step: float = 1.0          # the start simplex's edge (COBYLA, Nelder-Mead): each LoRA alone at this weight,
-                               # at 1 the very points the loss pick scored, so the search's first n + 1 cost one forward
+    patience: int = 10         # after the first n + 1 points, stop once the best gained < 1e-4 over this many (0: never)
     library: str = "per-task"  # the bundle's library to compose: per-task (a LoRA per upstream task) | mbc (per cluster)
 
     def check(self) -> "AdaptConfig":
@@ -59,9 +56,8 @@ class AdaptConfig:
         for name in ("budget", "n_loras", "top_k"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
-        for name in ("bounds", "step"):
-            if getattr(self, name) <= 0:
-                raise UserError(f"--{name} {getattr(self, name)}: must be positive")
+        if self.bounds <= 0:
+            raise UserError(f"--bounds {self.bounds}: must be positive")
         if self.patience < 0:
             raise UserError(f"--patience {self.patience}: must be 0 (never stop early) or more")
         return self
@@ -238,16 +234,16 @@ def run_optimizer(name: str, f: Objective, x0: np.ndarray, seed: int) -> str:
     from scipy.optimize import minimize  # here, not at the top: the CLI reads this module's choices at start-up
     dim = len(x0)
     bounds, calls = f.cfg.bounds, 10 * (f.cfg.budget + dim + 2)
-    step = min(f.cfg.step, bounds)
     box = [(-bounds, bounds)] * dim
     if name == "cobyla":
-        # Linear models from n+1 points (x0 and x0 + step·e_i), then trust-region steps: a
-        # 40-evaluation budget in 20 dimensions is spent descending, where Nelder-Mead spends
-        # half of it on its simplex.
-        r = minimize(f, x0, method="COBYLA", bounds=box, options={"maxiter": calls, "rhobeg": step, "tol": 1e-4})
+        # Linear models from n+1 points, then trust-region steps: a 40-evaluation budget in
+        # 20 dimensions is spent descending, where Nelder-Mead spends half of it on its simplex.
+        # (A simplex of each LoRA alone at weight 1 around 0, the loss pick's own points, would cost
+        # no forward, but it searched worse: README, "Adapting".)
+        r = minimize(f, x0, method="COBYLA", bounds=box, options={"maxiter": calls, "rhobeg": 0.5, "tol": 1e-4})
     elif name == "nelder-mead":
-        # scipy's default simplex around 0 is 0.00025 wide: useless; take COBYLA's instead.
-        simplex = np.vstack([x0, x0 + step * np.eye(dim)])
+        # scipy's default simplex around 0 is 0.00025 wide: useless; step half a unit instead.
+        simplex = np.vstack([x0, x0 + 0.5 * np.eye(dim)])
         r = minimize(f, x0, method="Nelder-Mead", bounds=box,
                      options={"maxfev": calls, "initial_simplex": simplex, "xatol": 1e-4, "fatol": 1e-6})
     elif name == "powell":
@@ -290,8 +286,7 @@ class Selection:
 def select_loras(cfg: AdaptConfig, scorer: Scorer, bundle: Bundle, paths: list[Path], n_tokens: float,
                  on_rank=None) -> Selection:
     """The library's `cfg.n_loras` by `cfg.select`: "arrow" from one base forward, which is the
-    point w = 0; "loss" from one forward per LoRA: each kept LoRA alone at weight 1, which are
-    the points of the search's start simplex (at the default step)."""
+    point w = 0; "loss" from one forward per LoRA, the best LoRA alone being the search's start."""
     n = min(cfg.n_loras, len(paths))
     if cfg.select == "arrow":
         mass, base_loss, secs = rank_by_arrow(scorer, n_tokens, [load_prototypes(p) for p in paths], bundle, cfg.top_k)
@@ -300,8 +295,9 @@ def select_loras(cfg: AdaptConfig, scorer: Scorer, bundle: Bundle, paths: list[P
     loras = load_checked(paths, bundle)
     losses = rank_by_loss(scorer, n_tokens, loras, list(bundle.targets), on_rank)
     keep = np.argsort(losses, kind="stable")[:n]
-    known = [(np.eye(n)[i], float(losses[k]), 0.0) for i, k in enumerate(keep)] if cfg.bounds >= 1 else []
-    return Selection([paths[i] for i in keep], [loras[i] for i in keep], known, len(loras))
+    start = np.eye(n)[0] * min(1.0, cfg.bounds)  # the best LoRA alone
+    return Selection([paths[i] for i in keep], [loras[i] for i in keep], [(start, float(losses[keep[0]]), 0.0)],
+                     len(loras))
 
 
 def adapt(examples: str | Path | list[Example], bundle: Bundle | str | Path | None = None,
@@ -309,8 +305,8 @@ def adapt(examples: str | Path | list[Example], bundle: Bundle | str | Path | No
           on_eval=None, on_rank=None, warn=print, **overrides) -> AdaptResult:
     """Find LoRA weights for `examples`. `config` (or keyword overrides of its fields) holds every
     setting. Which n LoRAs: those named by `loras`; else by default (`select="loss"`) the library's n
-    with the lowest loss alone (a forward each), which are the search's start simplex, so it ends no
-    worse than the best of them; `select="arrow"`, the n with the most Arrow routing mass on the examples, from
+    with the lowest loss alone (a forward each), the search starting at the best, so it ends no worse
+    than that LoRA; `select="arrow"`, the n with the most Arrow routing mass on the examples, from
     one forward that also scores the start point w = 0 (about half the time, fewer points on
     bench/bbh.py); `select="random"`, LoraHub's seeded sample."""
     t_start = time.perf_counter()
@@ -358,7 +354,7 @@ def adapt(examples: str | Path | list[Example], bundle: Bundle | str | Path | No
         for w, loss, secs in sel.known:
             if np.any(w):
                 f.record(w, loss, secs)
-        stop = run_optimizer(cfg.optimizer, f, np.zeros(n), cfg.seed)
+        stop = run_optimizer(cfg.optimizer, f, sel.known[-1][0] if sel.known else np.zeros(n), cfg.seed)
     except _Stop as e:
         stop = e.reason
     except KeyboardInterrupt:

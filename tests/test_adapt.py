@@ -99,7 +99,7 @@ def test_budget_and_bounds_respected(library, optimizer, monkeypatch):
     assert res.history[0].weights == [0.0] * 4  # the search starts at 0: the base model
 
 
-def test_select_by_loss_keeps_the_best_single_loras_and_reuses_them_as_the_start_simplex(library):
+def test_select_by_loss_keeps_the_best_single_loras_and_starts_at_the_best(library):
     bundle, loras = library
     ex = [Example(p, "no") for p in PROMPTS]
     alone = {l.name: _loss_at(bundle, ex, [l], [1.0]) for l in loras}
@@ -108,19 +108,18 @@ def test_select_by_loss_keeps_the_best_single_loras_and_reuses_them_as_the_start
     assert ranked == [(1, 4), (2, 4), (3, 4), (4, 4)]
     assert sorted(res.loras) == sorted(sorted(alone, key=alone.get)[:2])
     best = min(alone, key=alone.get)
-    # w = 0 first, then the kept LoRAs alone, their ranking forwards reused: COBYLA's start
-    # simplex (0 and each LoRA alone at step 1) costs one forward
-    assert [h.weights for h in res.history[:3]] == [[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]]
-    assert res.loras[0] == best and res.history[1].loss == pytest.approx(alone[best], rel=1e-5)
+    # w = 0 first (the start loss), then the best LoRA alone, its ranking forward reused: the start
+    assert [h.weights for h in res.history[:2]] == [[0.0, 0.0], [1.0 if n == best else 0.0 for n in res.loras]]
+    assert res.history[1].loss == pytest.approx(alone[best], rel=1e-5)
     assert res.loss <= alone[best] + 1e-6 and res.settings["selection_forwards"] == 4
-    assert res.settings["forwards"] == 4 + 1 + 3 and len(res.history) == 6
+    assert res.settings["forwards"] == 4 + 5 and len(res.history) == 6
 
 
 def test_a_budget_below_the_selections_points_still_scores_the_start(library):
-    """The loss pick's points count against the budget, but w = 0 is scored first: a budget of 2
-    with 3 LoRAs kept still gives a start loss (it was NaN, and weights.json unreadable)."""
+    """The loss pick's start point counts against the budget, but w = 0 is scored first: a budget
+    of 1 still gives a start loss (a NaN there made weights.json unreadable)."""
     bundle, _ = library
-    res = adapt([Example(p, "no") for p in PROMPTS], bundle, budget=2, n_loras=3, select="loss")
+    res = adapt([Example(p, "no") for p in PROMPTS], bundle, budget=1, n_loras=3, select="loss")
     assert np.isfinite(res.start_loss) and res.history[0].weights == [0.0, 0.0, 0.0]
     assert res.settings["forwards"] == 4 + 1 and res.stop == "budget"
 
@@ -136,7 +135,7 @@ def test_no_point_is_scored_twice(library, select, monkeypatch):
     res = adapt([Example(p, "yes") for p in PROMPTS], bundle, budget=12, n_loras=3, select=select, patience=0)
     points = [tuple(e.weights) for e in res.history]
     assert len(points) == len(set(points)) == 12
-    assert len(calls) == res.settings["forwards"] == {"arrow": 12, "loss": 4 + 12 - 3, "random": 12}[select]
+    assert len(calls) == res.settings["forwards"] == {"arrow": 12, "loss": 4 + 11, "random": 12}[select]
     assert res.stop == "budget"
 
 
