@@ -2,9 +2,9 @@
 
 Per task (5 `adapt` examples, the `test` file): zero-shot, 5-shot ICL (the same 5 examples as
 earlier chat turns), LoraHub (20 LoRAs, budget 40, --seeds seeds: mean ± std), LoraHub on the
-20 LoRAs that fit the 5 examples best alone (`adapt --select loss` as it was until 78da66f: the
-search started at the best LoRA with a 0.5 simplex; one run), today's default `adapt` (whatever
-AdaptConfig says, re-run when it changes; with its adapt seconds), LoraHub on the 20 with the most
+20 LoRAs that fit the 5 examples best alone (`adapt --select loss`, the search starting at the
+best LoRA; one run), today's default `adapt` (whatever AdaptConfig says, re-run when it changes,
+so a candidate default shows beside the loss-picked column; with its adapt seconds), LoraHub on the 20 with the most
 Arrow routing mass (`adapt --select arrow`, one run, with its adapt seconds), the best single
 LoRA (oracle: the LoRA under which the first --oracle-n test answers are likeliest — picked
 on the test set, an upper reference), and the uniform average of all LoRAs. Exact match on
