@@ -26,6 +26,10 @@ QUANTS = ("none", "int8", "int4")
 # bits; onnxruntime's dynamic int8 (activations quantized per tensor) broke generation.
 DEFAULT_QUANT = "int4"
 INT4_BLOCK = 32
+# Above this a model's weights go to model.onnx.data beside it: protobuf cannot write 2 GB, which
+# a ~500M-parameter base reaches in fp32.
+EXTERNAL_ABOVE = 1 << 30
+DATA_FILE = "model.onnx.data"
 MODEL_META = "edgelora.json"
 
 
@@ -81,7 +85,7 @@ def add_lora_path(model: onnx.ModelProto, weights: dict, A: dict, B: dict) -> li
 
 
 def quantize(model: onnx.ModelProto, dst: Path, quant: str, exclude: list[str], eight_bit: list[str] = (),
-             block_size: int = INT4_BLOCK) -> None:
+             block_size: int = INT4_BLOCK, external_above: int = EXTERNAL_ABOVE) -> None:
     """onnxruntime's weight-only MatMulNBits with accuracy_level 4 (int8 activations inside the
     kernel: MLAS's fast path on x86): every MatMul at 8 bits (int8), or at 4 bits except
     `eight_bit` (int4). `exclude`: MatMuls left in fp32. `quant` is checked by `write_model`."""
@@ -100,7 +104,10 @@ def quantize(model: onnx.ModelProto, dst: Path, quant: str, exclude: list[str], 
             matmuls = [n for n in matmuls if n in keep]
     if quant != "none":
         quantize_embedding(model, block_size)
-    onnx.save(model, str(dst))
+    if model.ByteSize() > external_above:
+        onnx.save(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True, location=DATA_FILE)
+    else:
+        onnx.save(model, str(dst))
 
 
 def quantize_embedding(model: onnx.ModelProto, block_size: int = INT4_BLOCK) -> bool:
@@ -142,7 +149,8 @@ def quantize_embedding(model: onnx.ModelProto, block_size: int = INT4_BLOCK) -> 
 
 
 def write_model(bundle: Bundle, A: dict | None, B: dict | None, out: Path, quant: str = DEFAULT_QUANT,
-                merged: bool = True, block_size: int = INT4_BLOCK, weights_sha256: str | None = None) -> Path:
+                merged: bool = True, block_size: int = INT4_BLOCK, weights_sha256: str | None = None,
+                external_above: int = EXTERNAL_ABOVE) -> Path:
     """A standard ONNX causal-LM folder (optimum's ORTModelForCausalLM loads it) plus
     `edgelora.json` (prompt format, stop ids, the model's sha256 and that of the weights.json it
     was made from) so `edgelora generate/eval` can use it and refuse it when the two disagree.
@@ -165,8 +173,13 @@ def write_model(bundle: Bundle, A: dict | None, B: dict | None, out: Path, quant
         exclude = add_lora_path(model, weights, A, B)
     with tempfile.TemporaryDirectory(dir=out) as tmp:
         final = Path(tmp) / "model.onnx"
-        quantize(model, final, quant, exclude, eight_bit, block_size)
+        quantize(model, final, quant, exclude, eight_bit, block_size, external_above)
         del model
+        data = Path(tmp) / DATA_FILE
+        if data.exists():
+            data.replace(out / DATA_FILE)
+        else:
+            (out / DATA_FILE).unlink(missing_ok=True)
         final.replace(out / "model.onnx")
     for f in src_dir.iterdir():
         if f.is_file() and f.suffix not in (".onnx", ".onnx_data") and not f.name.endswith(".onnx.data"):
@@ -179,7 +192,8 @@ def write_model(bundle: Bundle, A: dict | None, B: dict | None, out: Path, quant
         "eight_bit_targets": bool(eight_bit) and quant == "int4",
         "prompt": m["prompt"], "eos_ids": m["eos_ids"],
         "pad_id": m["pad_id"], "max_len": m["arch"]["max_len"], "tokenizer": "tokenizer.json",
-        "model_sha256": sha256_file(out / "model.onnx"), "weights_sha256": weights_sha256})
+        "model_sha256": sha256_file(out / "model.onnx"), "weights_sha256": weights_sha256,
+        "data_sha256": sha256_file(out / DATA_FILE) if (out / DATA_FILE).exists() else None})
     return out / "model.onnx"
 
 
@@ -200,8 +214,13 @@ def check_model(folder: Path) -> dict:
     model = folder / "model.onnx"
     if not model.is_file():
         raise UserError(f"{model}: missing; re-run edgelora adapt to rewrite the model")
-    if sha256_cached(model) != meta["model_sha256"]:
-        raise UserError(f"{model}: sha256 differs from {meta_path} (damaged or replaced); re-run edgelora adapt")
+    for path, key in ((model, "model_sha256"), (folder / DATA_FILE, "data_sha256")):
+        if meta.get(key) is None:
+            continue
+        if not path.is_file():
+            raise UserError(f"{path}: missing; re-run edgelora adapt to rewrite the model")
+        if sha256_cached(path) != meta[key]:
+            raise UserError(f"{path}: sha256 differs from {meta_path} (damaged or replaced); re-run edgelora adapt")
     weights = folder / "weights.json"
     if weights.is_file() and sha256_file(weights) != meta.get("weights_sha256"):
         raise UserError(f"{model}: made from other weights than {weights}; re-run edgelora adapt to rewrite the model")

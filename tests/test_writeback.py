@@ -130,6 +130,28 @@ def test_onnxruntime_genai_loads_output_and_agrees(written, merged, quant):
     assert out == ours[: len(out)] and len(out) >= 1
 
 
+def test_a_large_model_is_written_with_external_data_and_checked(merged, written, tmp_path):
+    """Above `external_above` bytes (1 GiB by default: protobuf stops at 2 GB, which a ~500M
+    base reaches in fp32) the weights go to model.onnx.data beside model.onnx; the model is the
+    same, and a damaged data file is refused like a damaged model."""
+    from edgelora.errors import UserError
+    from edgelora.writeback import DATA_FILE, check_model
+    bundle, A, B = merged
+    path = write_model(bundle, A, B, tmp_path / "big", "int8", external_above=0)
+    data = path.parent / DATA_FILE
+    assert data.stat().st_size > path.stat().st_size
+    ids = [5, 6, 7, 8]
+    small, _ = Decoder(written["int8"], []).forward(ids, None, 0)
+    big, _ = Decoder(path, []).forward(ids, None, 0)
+    np.testing.assert_array_equal(big, small)
+    check_model(path.parent)
+    with open(data, "r+b") as f:
+        f.seek(100)
+        f.write(b"\xff\xfe")
+    with pytest.raises(UserError, match="model.onnx.data: sha256 differs"):
+        check_model(path.parent)
+
+
 def test_generation_stops_at_eos_and_budget(written):
     ids = [5, 6, 7]
     free = list(Decoder(written["none"], []).stream(ids, max_new_tokens=6))
