@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from unittest import mock
 
 from common import DATA, RESULTS, atomic_write, save
 
@@ -20,11 +21,21 @@ from edgelora.outputs import write_outputs
 from edgelora.search import adapt
 from edgelora.writeback import write_model
 
-VARIANTS = {"fp32": ("none", True), "int8": ("int8", True), "int4": ("int4", True), "int4+lora": ("int4", False)}
+VARIANTS = {"fp32": ("none", True), "int8": ("int8", True), "int4": ("int4", True), "int4+lora": ("int4", False),
+            "int4-fp32-embedding": ("int4", True)}  # int4 as before the 8-bit embedding table
+
+
+def write_variant(bundle, A, B, out, name: str) -> None:
+    quant, merged = VARIANTS[name]
+    if name == "int4-fp32-embedding":  # the write-back without its embedding step: what it replaced
+        with mock.patch("edgelora.writeback.quantize_embedding", lambda *a, **k: False):
+            write_model(bundle, A, B, out, quant, merged=merged)
+    else:
+        write_model(bundle, A, B, out, quant, merged=merged)
 
 
 def markdown(table: dict, limit: int) -> str:
-    names = ["base-fp32", *VARIANTS]
+    names = ["base-fp32", *(v for v in VARIANTS if any(v in row for row in table.values()))]
     pct = lambda v: "–" if v is None else f"{100 * v:.1f}"
     lines = [f"Exact match / option-ranking accuracy (%), first {limit} test examples, adapted with the default "
              "search (budget 40); base-fp32 is the unadapted model.", "",
@@ -41,6 +52,8 @@ def main():
     ap.add_argument("--tasks", default="sports_understanding,date_understanding,navigate")
     ap.add_argument("--limit", type=int, default=60)
     ap.add_argument("--budget", type=int, default=40)
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--name", default="quant_accuracy", help="results file name (bench/results/NAME.md/.json)")
     args = ap.parse_args()
     bundle = Bundle.open()
     work = home() / "bench" / "quant_accuracy"
@@ -54,10 +67,10 @@ def main():
         row = {"loss": [res.start_loss, res.loss]}
         base = evaluate(Model.load(bundle.path), test)
         row["base-fp32"] = {"exact": base["exact_match"], "options": base["option_accuracy"]}
-        for name, (quant, merged) in VARIANTS.items():
+        for name in args.variants.split(","):
             out = work / task / name
             t = time.time()
-            write_model(bundle, A, B, out, quant, merged=merged)
+            write_variant(bundle, A, B, out, name)
             r = evaluate(Model.load(out), test)
             row[name] = {"exact": r["exact_match"], "options": r["option_accuracy"], "eval_s": r["seconds"],
                          "write_s": round(time.time() - t - r["seconds"], 1),
@@ -67,9 +80,9 @@ def main():
                   f"({row[name]['size_mb']} MB, {r['seconds']:.0f}s)", flush=True)
         table[task] = row
     md = markdown(table, args.limit)
-    atomic_write(RESULTS / "quant_accuracy.md", md)
+    atomic_write(RESULTS / f"{args.name}.md", md)
     print(md)
-    save("quant_accuracy", {"limit": args.limit, "budget": args.budget, "tasks": table})
+    save(args.name, {"limit": args.limit, "budget": args.budget, "tasks": table})
 
 
 if __name__ == "__main__":
