@@ -1,6 +1,9 @@
-"""Shared test helpers: random PEFT LoRAs on the tiny model, and torch reference losses."""
+"""Shared test helpers: random PEFT LoRAs on the tiny model, torch reference losses, and the
+CLI run as a user runs it (a refusal is one line, exit 2, no traceback)."""
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -42,3 +45,15 @@ def encode(bundle, examples):
     fmt, tok = bundle.prompt_format, bundle.tokenizer()
     pairs = [(fmt.prompt(e.input), e.output + fmt.stop) for e in examples]
     return encode_pairs(tok, pairs, bundle.arch["max_len"])[0]
+
+
+def cli(*args, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def assert_refused(r, *words):
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    for w in words:
+        assert w in lines[0], lines[0]

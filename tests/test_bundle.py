@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import encode, make_peft_lora, torch_losses
+from helpers import assert_refused, encode, make_peft_lora, torch_losses
 
 from edgelora.bundle import Bundle
 from edgelora.examples import Example
@@ -102,14 +102,6 @@ def test_peft_round_trip_is_bit_exact(tiny_bundle, tiny_hf, tmp_path):
             key = f"base_model.model.model.layers.{i}.self_attn.{m}.lora_%s.weight"
             assert np.array_equal(lora.A[m][i], src[key % "A"])
             assert np.array_equal(lora.B[m][i], src[key % "B"])
-
-
-def assert_refused(r, *words):
-    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
-    for w in words:
-        assert w in lines[0], lines[0]
 
 
 def test_refuses_lora_for_another_base(tiny_bundle, tmp_path):

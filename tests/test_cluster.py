@@ -5,30 +5,18 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import assert_refused, cli
 
 from edgelora.bundle import Bundle, write_manifest
 from edgelora.cluster import cluster_loras, keep_largest
 from edgelora.lora import Lora, load_lora, save_lora
 
 PROMPTS = ["What is 2 plus 3?", "red green blue", "Today is 01/02/1987."]
-
-
-def cli(*args, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=cwd)
-
-
-def assert_refused(r, *words):
-    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
-    for w in words:
-        assert w in lines[0], lines[0]
 
 
 def planted(shapes: dict[str, tuple[int, int]], layers: int, groups: int, per_group: int, seed: int = 0,

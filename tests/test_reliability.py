@@ -4,30 +4,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import make_peft_lora
+from helpers import assert_refused, cli, make_peft_lora
 from test_adapt import PROMPTS, library  # noqa: F401  (library: a fixture)
 
 from edgelora.errors import UserError
 from edgelora.examples import Example, load_examples
 from edgelora.search import adapt
-
-
-def cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=cwd)
-
-
-def assert_refused(r, *words):
-    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
-    for w in words:
-        assert w in lines[0], lines[0]
 
 
 def task_file(folder: Path, name: str = "task.jsonl") -> Path:
