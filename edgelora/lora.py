@@ -189,6 +189,59 @@ def arrow_weights(scores: np.ndarray, top_k: int, temperature: float = 1.0) -> n
     return e / e.sum(-1, keepdims=True)
 
 
+@dataclass(frozen=True)
+class ArrowRoute:
+    """Arrow routing at inference (seed 001, peft's ArrowConfig): per token, layer and target,
+    every library LoRA scored by |x·v|, the top-k kept, softmax(score / temperature) over them.
+    `gks`: GenKnowSub's general LoRAs, whose mean A and B is subtracted from every task LoRA
+    (and which are not routed themselves)."""
+    top_k: int = 3
+    temperature: float = 1.0
+    gks: tuple[str, ...] = ()
+
+
+@dataclass
+class ArrowLibrary:
+    """The routed LoRAs side by side, so one MatMul per target scores all of them and one more
+    gives every x·Aᵢᵀ: routing is then a weight per rank column, expanded from a weight per LoRA."""
+    names: list[str]
+    protos: dict[str, np.ndarray]  # module -> [L, in, N]: x·protos is every LoRA's score x·vᵢ
+    A: dict[str, np.ndarray]  # module -> [L, in, Σr]: every Aᵢᵀ side by side
+    B: dict[str, np.ndarray]  # module -> [L, Σr, out]: every scaleᵢ·Bᵢᵀ stacked
+    expand: np.ndarray  # [N, Σr]: 1 where rank column j belongs to LoRA i
+
+
+def gen_know_sub(tasks: list[Lora], general: list[Lora]) -> list[Lora]:
+    """GenKnowSub as peft applies it: the mean of the general LoRAs' A and of their B (raw,
+    unscaled) subtracted from each task LoRA's A and B. Element-wise, so every rank must agree."""
+    ranks = {l.rank for l in tasks + general}
+    if len(ranks) > 1:
+        raise UserError(f"--gks: GenKnowSub subtracts A and B element-wise, so every LoRA needs one rank; "
+                        f"the library has ranks {', '.join(map(str, sorted(ranks)))}")
+    mods = tasks[0].A
+    mean_A = {m: np.mean([g.A[m] for g in general], axis=0) for m in mods}
+    mean_B = {m: np.mean([g.B[m] for g in general], axis=0) for m in mods}
+    return [Lora(t.name, t.rank, t.alpha, {m: t.A[m] - mean_A[m] for m in mods},
+                 {m: t.B[m] - mean_B[m] for m in mods}, t.source) for t in tasks]
+
+
+def arrow_library(tasks: list[Lora], general: list[Lora] = ()) -> ArrowLibrary:
+    """GenKnowSub first (where general LoRAs are given), then the prototypes of what is left:
+    peft's order, so a prototype is the top singular vector of the LoRA that is routed."""
+    if general:
+        tasks = gen_know_sub(tasks, list(general))
+    ranks = [l.rank for l in tasks]
+    expand = np.repeat(np.eye(len(tasks), dtype=np.float32), ranks, axis=1)
+    protos = [prototypes(l) for l in tasks]
+    mods = list(tasks[0].A)
+    return ArrowLibrary(
+        [l.name for l in tasks],
+        {m: np.stack([p[m] for p in protos], axis=-1) for m in mods},
+        {m: np.concatenate([l.A[m].transpose(0, 2, 1) for l in tasks], axis=-1) for m in mods},
+        {m: np.concatenate([l.B[m].transpose(0, 2, 1) * np.float32(l.scale) for l in tasks], axis=1) for m in mods},
+        expand)
+
+
 def zero_slots(targets: dict[str, dict], layers: int, rank: int = 1):
     """A LoRA slot that adds nothing: the plain base model."""
     A = {m: np.zeros((layers, rank, t["in"]), np.float32) for m, t in targets.items()}

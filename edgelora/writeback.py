@@ -6,6 +6,7 @@ survives and the graph stays the plain base graph, with no extra nodes to slow d
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import shutil
 import tempfile
@@ -15,10 +16,10 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .bundle import Bundle, check_schema, sha256_cached
+from .bundle import Bundle, check_schema, home, sha256_cached
 from .errors import UserError
 from .io import atomic_write_json, read_json, sha256_file
-from .lora import delta
+from .lora import ArrowLibrary, ArrowRoute, arrow_library, check_compatible, delta, load_lora
 
 QUANTS = ("none", "int8", "int4")
 # Chosen by measurement (bench/results/quant_accuracy.md, int4_block.md): int4 block 32 for the
@@ -50,34 +51,132 @@ def matmuls_by_weight(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
     return {n.input[1]: n for n in model.graph.node if n.op_type == "MatMul" and len(n.input) == 2}
 
 
-def add_lora_path(model: onnx.ModelProto, weights: dict, A: dict, B: dict) -> list[str]:
-    """y = x·Wᵀ + (x·Aᵀ)·Bᵀ as extra nodes beside each target MatMul; returns their names
-    (kept out of quantization)."""
+def _beside_targets(model: onnx.ModelProto, weights: dict, what: str, nodes_for) -> None:
+    """Each target MatMul's output renamed `<out>/base`, and the nodes `nodes_for(m, i, x, base,
+    out)` returns (which must end by writing `out`) put right after it: ONNX wants nodes in
+    topological order. `what` names the feature in the error for a graph it cannot edit."""
     consumers = matmuls_by_weight(model)
-    after: dict[str, list] = {}  # base MatMul's (new) output -> the LoRA nodes that follow it
-    names = []
+    after: dict[str, list] = {}  # base MatMul's (new) output -> the nodes that follow it
     for m, layers in weights.items():
         for i, info in enumerate(layers):
             node = consumers.get(info["name"])
             if node is None or not info["transposed"]:
-                raise UserError(f"decoder graph: layer {i} {m} is not a MatMul on its weight; cannot keep the LoRA unmerged")
-            base_out, x = node.output[0], node.input[0]
-            node.output[0] = f"{base_out}/base"
-            a, b = f"lora/{m}/{i}/A", f"lora/{m}/{i}/B"
-            model.graph.initializer.extend([numpy_helper.from_array(np.ascontiguousarray(A[m][i].T), a),
-                                            numpy_helper.from_array(np.ascontiguousarray(B[m][i].T), b)])
-            after[node.output[0]] = [
-                helper.make_node("MatMul", [x, a], [f"{a}/out"], name=f"{a}/MatMul"),
-                helper.make_node("MatMul", [f"{a}/out", b], [f"{b}/out"], name=f"{b}/MatMul"),
-                helper.make_node("Add", [node.output[0], f"{b}/out"], [base_out], name=f"lora/{m}/{i}/Add")]
-            names += [f"{a}/MatMul", f"{b}/MatMul"]
-    # ONNX wants nodes in topological order: each LoRA triple right after its base MatMul.
+                raise UserError(f"decoder graph: layer {i} {m} is not a MatMul on its weight; {what}")
+            out = node.output[0]
+            node.output[0] = f"{out}/base"
+            after[node.output[0]] = nodes_for(m, i, node.input[0], node.output[0], out)
     order = []
     for node in model.graph.node:
         order += [node, *after.get(node.output[0] if node.output else "", [])]
     del model.graph.node[:]
     model.graph.node.extend(order)
+
+
+def add_lora_path(model: onnx.ModelProto, weights: dict, A: dict, B: dict) -> list[str]:
+    """y = x·Wᵀ + (x·Aᵀ)·Bᵀ as extra nodes beside each target MatMul; returns their names
+    (kept out of quantization)."""
+    names = []
+
+    def nodes_for(m, i, x, base, out):
+        a, b = f"lora/{m}/{i}/A", f"lora/{m}/{i}/B"
+        model.graph.initializer.extend([numpy_helper.from_array(np.ascontiguousarray(A[m][i].T), a),
+                                        numpy_helper.from_array(np.ascontiguousarray(B[m][i].T), b)])
+        names.extend([f"{a}/MatMul", f"{b}/MatMul"])
+        return [helper.make_node("MatMul", [x, a], [f"{a}/out"], name=f"{a}/MatMul"),
+                helper.make_node("MatMul", [f"{a}/out", b], [f"{b}/out"], name=f"{b}/MatMul"),
+                helper.make_node("Add", [base, f"{b}/out"], [out], name=f"lora/{m}/{i}/Add")]
+
+    _beside_targets(model, weights, "cannot keep the LoRA unmerged", nodes_for)
     return names
+
+
+def add_arrow_routing(model: onnx.ModelProto, weights: dict, lib: ArrowLibrary, route: ArrowRoute) -> list[str]:
+    """Arrow beside each target MatMul, exactly as peft's ArrowLoraLinearLayer: scores |x·V|,
+    TopK, softmax(top / T) scattered back to a weight per LoRA (0 off the top-k: peft's softmax
+    over -inf), expanded to the rank columns of x·A, then ·B (scales folded) added to x·Wᵀ.
+    Dense over the library (x·A for every LoRA) rather than gathering the top-k's A and B per
+    token: two small GEMMs, the same graph for prefill and decode. Returns the MatMuls' names."""
+    init = lambda name, arr: model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(arr), name))
+    init("arrow/k", np.array([route.top_k], np.int64))
+    init("arrow/temperature", np.array(route.temperature, np.float32))
+    init("arrow/expand", lib.expand)
+    names = []
+
+    def nodes_for(m, i, x, base, out):
+        p = f"arrow/{m}/{i}"
+        init(f"{p}/V", lib.protos[m][i])
+        init(f"{p}/A", lib.A[m][i])
+        init(f"{p}/B", lib.B[m][i])
+        names.extend(f"{p}/{n}/MatMul" for n in ("V", "A", "expand", "B"))
+        node = lambda op, ins, outs, n, **kw: helper.make_node(op, ins, outs, name=f"{p}/{n}", **kw)
+        return [
+            node("MatMul", [x, f"{p}/V"], [f"{p}/score"], "V/MatMul"),
+            node("Abs", [f"{p}/score"], [f"{p}/abs"], "Abs"),
+            node("Div", [f"{p}/abs", "arrow/temperature"], [f"{p}/logit"], "Div"),
+            node("TopK", [f"{p}/logit", "arrow/k"], [f"{p}/top", f"{p}/top_idx"], "TopK", axis=-1),
+            node("Softmax", [f"{p}/top"], [f"{p}/top_w"], "Softmax", axis=-1),
+            node("Shape", [f"{p}/logit"], [f"{p}/shape"], "Shape"),
+            node("ConstantOfShape", [f"{p}/shape"], [f"{p}/zeros"], "ConstantOfShape",
+                 value=numpy_helper.from_array(np.zeros(1, np.float32))),
+            node("ScatterElements", [f"{p}/zeros", f"{p}/top_idx", f"{p}/top_w"], [f"{p}/w"], "Scatter", axis=-1),
+            node("MatMul", [f"{p}/w", "arrow/expand"], [f"{p}/w_r"], "expand/MatMul"),
+            node("MatMul", [x, f"{p}/A"], [f"{p}/xa"], "A/MatMul"),
+            node("Mul", [f"{p}/xa", f"{p}/w_r"], [f"{p}/xa_w"], "Mul"),
+            node("MatMul", [f"{p}/xa_w", f"{p}/B"], [f"{p}/delta"], "B/MatMul"),
+            node("Add", [base, f"{p}/delta"], [out], "Add")]
+
+    _beside_targets(model, weights, "cannot route the library", nodes_for)
+    return names
+
+
+def check_route(route: ArrowRoute, library: list[str], where: Path) -> list[str]:
+    """The LoRAs `route` routes (the library less its GenKnowSub LoRAs), once its settings fit."""
+    if not library:
+        raise UserError(f"--route arrow: {where} has no LoRAs to route; add some with edgelora-export lora")
+    unknown = [g for g in route.gks if g not in library]
+    if unknown:
+        raise UserError(f"--gks {unknown[0]}: no LoRA of that name in {where} (edgelora info lists them)")
+    tasks = [n for n in library if n not in route.gks]
+    if not tasks:
+        raise UserError("--gks names every LoRA of the library: none is left to route")
+    if not 1 <= route.top_k <= len(tasks):
+        raise UserError(f"--top-k {route.top_k}: must be between 1 and the {len(tasks)} LoRAs routed")
+    if not route.temperature > 0:
+        raise UserError(f"Arrow temperature {route.temperature}: must be above 0")
+    return tasks
+
+
+def routed_decoder(bundle: Bundle, route: ArrowRoute) -> Path:
+    """The bundle's decoder with Arrow routing over its library (fp32, like the decoder), built at
+    the first use of a bundle and setting and kept in EDGELORA_HOME/routed/, never in the bundle:
+    one graph per bundle, rebuilt when the setting or the bundle changes."""
+    paths = bundle.lora_paths()
+    tasks = check_route(route, list(paths), bundle.path)
+    key = {"bundle": str(bundle.path.resolve()), "bundle_manifest_sha256": sha256_file(bundle.path / "manifest.json"),
+           "top_k": route.top_k, "temperature": route.temperature, "gks": list(route.gks), "loras": tasks}
+    folder = home() / "routed" / f"{bundle.path.name}-{hashlib.sha256(key['bundle'].encode()).hexdigest()[:8]}"
+    model_path, meta_path = folder / "model.onnx", folder / "route.json"
+    try:
+        meta = read_json(meta_path)
+        if meta.get("key") == key and sha256_cached(model_path) == meta.get("model_sha256"):
+            return model_path
+    except (UserError, OSError):
+        pass  # nothing cached yet, or something else: rebuild
+    layers, targets = bundle.arch["layers"], bundle.targets
+    loras = {}
+    for name in tasks + list(route.gks):
+        loras[name] = load_lora(paths[name])
+        check_compatible(loras[name], targets, layers, str(paths[name]))
+    lib = arrow_library([loras[n] for n in tasks], [loras[n] for n in route.gks])
+    model = onnx.load(str(bundle.decoder_dir / bundle.manifest["decoder"]["file"]))
+    add_arrow_routing(model, bundle.manifest["decoder"]["weights"], lib, route)
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        onnx.save(model, str(Path(tmp) / "model.onnx"))
+        del model
+        (Path(tmp) / "model.onnx").replace(model_path)
+    atomic_write_json(meta_path, {"key": key, "model_sha256": sha256_cached(model_path)})
+    return model_path
 
 
 def quantize(model: onnx.ModelProto, dst: Path, quant: str, exclude: list[str], eight_bit: list[str] = (),
