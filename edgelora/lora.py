@@ -204,7 +204,6 @@ class ArrowRoute:
 class ArrowLibrary:
     """The routed LoRAs side by side, so one MatMul per target scores all of them and one more
     gives every x·Aᵢᵀ: routing is then a weight per rank column, expanded from a weight per LoRA."""
-    names: list[str]
     protos: dict[str, np.ndarray]  # module -> [L, in, N]: x·protos is every LoRA's score x·vᵢ
     A: dict[str, np.ndarray]  # module -> [L, in, Σr]: every Aᵢᵀ side by side
     B: dict[str, np.ndarray]  # module -> [L, Σr, out]: every scaleᵢ·Bᵢᵀ stacked
@@ -235,7 +234,6 @@ def arrow_library(tasks: list[Lora], general: list[Lora] = ()) -> ArrowLibrary:
     protos = [prototypes(l) for l in tasks]
     mods = list(tasks[0].A)
     return ArrowLibrary(
-        [l.name for l in tasks],
         {m: np.stack([p[m] for p in protos], axis=-1) for m in mods},
         {m: np.concatenate([l.A[m].transpose(0, 2, 1) for l in tasks], axis=-1) for m in mods},
         {m: np.concatenate([l.B[m].transpose(0, 2, 1) * np.float32(l.scale) for l in tasks], axis=1) for m in mods},

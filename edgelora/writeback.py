@@ -90,24 +90,22 @@ def add_lora_path(model: onnx.ModelProto, weights: dict, A: dict, B: dict) -> li
     return names
 
 
-def add_arrow_routing(model: onnx.ModelProto, weights: dict, lib: ArrowLibrary, route: ArrowRoute) -> list[str]:
+def add_arrow_routing(model: onnx.ModelProto, weights: dict, lib: ArrowLibrary, route: ArrowRoute) -> None:
     """Arrow beside each target MatMul, exactly as peft's ArrowLoraLinearLayer: scores |x·V|,
     TopK, softmax(top / T) scattered back to a weight per LoRA (0 off the top-k: peft's softmax
     over -inf), expanded to the rank columns of x·A, then ·B (scales folded) added to x·Wᵀ.
     Dense over the library (x·A for every LoRA) rather than gathering the top-k's A and B per
-    token: two small GEMMs, the same graph for prefill and decode. Returns the MatMuls' names."""
+    token: two small GEMMs, the same graph for prefill and decode."""
     init = lambda name, arr: model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(arr), name))
     init("arrow/k", np.array([route.top_k], np.int64))
     init("arrow/temperature", np.array(route.temperature, np.float32))
     init("arrow/expand", lib.expand)
-    names = []
 
     def nodes_for(m, i, x, base, out):
         p = f"arrow/{m}/{i}"
         init(f"{p}/V", lib.protos[m][i])
         init(f"{p}/A", lib.A[m][i])
         init(f"{p}/B", lib.B[m][i])
-        names.extend(f"{p}/{n}/MatMul" for n in ("V", "A", "expand", "B"))
         node = lambda op, ins, outs, n, **kw: helper.make_node(op, ins, outs, name=f"{p}/{n}", **kw)
         return [
             node("MatMul", [x, f"{p}/V"], [f"{p}/score"], "V/MatMul"),
@@ -126,7 +124,6 @@ def add_arrow_routing(model: onnx.ModelProto, weights: dict, lib: ArrowLibrary, 
             node("Add", [base, f"{p}/delta"], [out], "Add")]
 
     _beside_targets(model, weights, "cannot route the library", nodes_for)
-    return names
 
 
 def check_route(route: ArrowRoute, library: list[str], where: Path) -> list[str]:

@@ -179,3 +179,11 @@ def test_route_needs_a_library(tiny_bundle_ro, tmp_path):
 def test_route_refuses_an_adapt_output(tmp_path):
     (tmp_path / "edgelora.json").write_text("{}")
     assert_refused(run_cli("generate", str(tmp_path), "hi", "--route", "arrow"), "not a bundle")
+
+
+def test_gks_needs_one_rank():
+    from edgelora.errors import UserError
+    from edgelora.lora import Lora
+    lora = lambda r: Lora(f"r{r}", r, 8.0, {"q_proj": np.zeros((2, r, 8), np.float32)}, {"q_proj": np.zeros((2, 8, r), np.float32)})
+    with pytest.raises(UserError, match="one rank"):
+        arrow_library([lora(4)], [lora(3)])
