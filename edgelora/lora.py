@@ -202,12 +202,11 @@ class ArrowRoute:
 
 @dataclass
 class ArrowLibrary:
-    """The routed LoRAs side by side, so one MatMul per target scores all of them and one more
-    gives every x·Aᵢᵀ: routing is then a weight per rank column, expanded from a weight per LoRA."""
+    """The routed LoRAs stacked so that each token's top-k can be gathered (ranks zero-padded to
+    the largest, which adds nothing): a decode step reads k LoRAs' A and B, not the library's."""
     protos: dict[str, np.ndarray]  # module -> [L, in, N]: x·protos is every LoRA's score x·vᵢ
-    A: dict[str, np.ndarray]  # module -> [L, in, Σr]: every Aᵢᵀ side by side
-    B: dict[str, np.ndarray]  # module -> [L, Σr, out]: every scaleᵢ·Bᵢᵀ stacked
-    expand: np.ndarray  # [N, Σr]: 1 where rank column j belongs to LoRA i
+    A: dict[str, np.ndarray]  # module -> [L, N, r, in]
+    B: dict[str, np.ndarray]  # module -> [L, N, r, out]: scaleᵢ·Bᵢᵀ
 
 
 def gen_know_sub(tasks: list[Lora], general: list[Lora]) -> list[Lora]:
@@ -229,15 +228,19 @@ def arrow_library(tasks: list[Lora], general: list[Lora] = ()) -> ArrowLibrary:
     peft's order, so a prototype is the top singular vector of the LoRA that is routed."""
     if general:
         tasks = gen_know_sub(tasks, list(general))
-    ranks = [l.rank for l in tasks]
-    expand = np.repeat(np.eye(len(tasks), dtype=np.float32), ranks, axis=1)
+    rank = max(l.rank for l in tasks)
     protos = [prototypes(l) for l in tasks]
-    mods = list(tasks[0].A)
-    return ArrowLibrary(
-        {m: np.stack([p[m] for p in protos], axis=-1) for m in mods},
-        {m: np.concatenate([l.A[m].transpose(0, 2, 1) for l in tasks], axis=-1) for m in mods},
-        {m: np.concatenate([l.B[m].transpose(0, 2, 1) * np.float32(l.scale) for l in tasks], axis=1) for m in mods},
-        expand)
+    lib = ArrowLibrary({}, {}, {})
+    for m, ref in tasks[0].A.items():
+        L, _, d_in = ref.shape
+        d_out = tasks[0].B[m].shape[1]
+        lib.protos[m] = np.stack([p[m] for p in protos], axis=-1)
+        lib.A[m] = np.zeros((L, len(tasks), rank, d_in), np.float32)
+        lib.B[m] = np.zeros((L, len(tasks), rank, d_out), np.float32)
+        for i, l in enumerate(tasks):
+            lib.A[m][:, i, : l.rank] = l.A[m]
+            lib.B[m][:, i, : l.rank] = l.B[m].transpose(0, 2, 1) * l.scale
+    return lib
 
 
 def zero_slots(targets: dict[str, dict], layers: int, rank: int = 1):

@@ -92,36 +92,48 @@ def add_lora_path(model: onnx.ModelProto, weights: dict, A: dict, B: dict) -> li
 
 def add_arrow_routing(model: onnx.ModelProto, weights: dict, lib: ArrowLibrary, route: ArrowRoute) -> None:
     """Arrow beside each target MatMul, exactly as peft's ArrowLoraLinearLayer: scores |x·V|,
-    TopK, softmax(top / T) scattered back to a weight per LoRA (0 off the top-k: peft's softmax
-    over -inf), expanded to the rank columns of x·A, then ·B (scales folded) added to x·Wᵀ.
-    Dense over the library (x·A for every LoRA) rather than gathering the top-k's A and B per
-    token: two small GEMMs, the same graph for prefill and decode."""
-    init = lambda name, arr: model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(arr), name))
-    init("arrow/k", np.array([route.top_k], np.int64))
-    init("arrow/temperature", np.array(route.temperature, np.float32))
-    init("arrow/expand", lib.expand)
+    TopK, softmax(top / T) over the kept (peft's softmax with -inf elsewhere), and each token's
+    k LoRAs' A and B gathered: Σ cᵢ·(x·Aᵢᵀ)·(scaleᵢ·Bᵢᵀ) added to x·Wᵀ. Gathering reads k LoRAs
+    per decode step where a dense sum over the library reads all of them (measured against that
+    dense sum on the default bundle, 2026-11-25: decode 1.2× at int4, 1.1× at fp32, prefill 0.94×)."""
+    added: set[str] = set()
+
+    def init(name: str, arr) -> str:
+        if name not in added:
+            added.add(name)
+            model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(arr), name))
+        return name
+
+    k, rank = route.top_k, next(iter(lib.A.values())).shape[2]
+    shape = lambda *dims: init(f"arrow/shape{list(dims)}", np.array(dims, np.int64))  # 0: keep that dim
+    last = init("arrow/axis-1", np.array([-1], np.int64))
 
     def nodes_for(m, i, x, base, out):
         p = f"arrow/{m}/{i}"
-        init(f"{p}/V", lib.protos[m][i])
-        init(f"{p}/A", lib.A[m][i])
-        init(f"{p}/B", lib.B[m][i])
-        node = lambda op, ins, outs, n, **kw: helper.make_node(op, ins, outs, name=f"{p}/{n}", **kw)
+        d_in, d_out = lib.A[m].shape[3], lib.B[m].shape[3]
+        V, A, B = init(f"{p}/V", lib.protos[m][i]), init(f"{p}/A", lib.A[m][i]), init(f"{p}/B", lib.B[m][i])
+        node = lambda op, ins, n, **kw: helper.make_node(op, ins, [f"{p}/{n}"], name=f"{p}/{n}", **kw)
+        topk = helper.make_node("TopK", [f"{p}/logit", init("arrow/k", np.array([k], np.int64))],
+                                [f"{p}/top", f"{p}/top_idx"], name=f"{p}/TopK", axis=-1)
         return [
-            node("MatMul", [x, f"{p}/V"], [f"{p}/score"], "V/MatMul"),
-            node("Abs", [f"{p}/score"], [f"{p}/abs"], "Abs"),
-            node("Div", [f"{p}/abs", "arrow/temperature"], [f"{p}/logit"], "Div"),
-            node("TopK", [f"{p}/logit", "arrow/k"], [f"{p}/top", f"{p}/top_idx"], "TopK", axis=-1),
-            node("Softmax", [f"{p}/top"], [f"{p}/top_w"], "Softmax", axis=-1),
-            node("Shape", [f"{p}/logit"], [f"{p}/shape"], "Shape"),
-            node("ConstantOfShape", [f"{p}/shape"], [f"{p}/zeros"], "ConstantOfShape",
-                 value=numpy_helper.from_array(np.zeros(1, np.float32))),
-            node("ScatterElements", [f"{p}/zeros", f"{p}/top_idx", f"{p}/top_w"], [f"{p}/w"], "Scatter", axis=-1),
-            node("MatMul", [f"{p}/w", "arrow/expand"], [f"{p}/w_r"], "expand/MatMul"),
-            node("MatMul", [x, f"{p}/A"], [f"{p}/xa"], "A/MatMul"),
-            node("Mul", [f"{p}/xa", f"{p}/w_r"], [f"{p}/xa_w"], "Mul"),
-            node("MatMul", [f"{p}/xa_w", f"{p}/B"], [f"{p}/delta"], "B/MatMul"),
-            node("Add", [base, f"{p}/delta"], [out], "Add")]
+            node("MatMul", [x, V], "score"),                                   # [b, s, N]
+            node("Abs", [f"{p}/score"], "abs"),
+            node("Div", [f"{p}/abs", init("arrow/temperature", np.array(route.temperature, np.float32))], "logit"),
+            topk,                                                              # [b, s, k] values and LoRA ids
+            node("Softmax", [f"{p}/top"], "top_w", axis=-1),
+            node("Gather", [A, f"{p}/top_idx"], "A_k", axis=0),               # [b, s, k, r, in]
+            node("Reshape", [f"{p}/A_k", shape(0, 0, -1, d_in)], "A_kr"),     # [b, s, k·r, in]
+            node("Unsqueeze", [x, last], "x_col"),                            # [b, s, in, 1]
+            node("MatMul", [f"{p}/A_kr", f"{p}/x_col"], "xa"),                # [b, s, k·r, 1]
+            node("Reshape", [f"{p}/xa", shape(0, 0, k, rank)], "xa_k"),       # [b, s, k, r]
+            node("Unsqueeze", [f"{p}/top_w", last], "w_col"),                 # [b, s, k, 1]
+            node("Mul", [f"{p}/xa_k", f"{p}/w_col"], "xa_w"),
+            node("Reshape", [f"{p}/xa_w", shape(0, 0, 1, k * rank)], "xa_row"),  # [b, s, 1, k·r]
+            node("Gather", [B, f"{p}/top_idx"], "B_k", axis=0),               # [b, s, k, r, out]
+            node("Reshape", [f"{p}/B_k", shape(0, 0, -1, d_out)], "B_kr"),    # [b, s, k·r, out]
+            node("MatMul", [f"{p}/xa_row", f"{p}/B_kr"], "delta_row"),        # [b, s, 1, out]
+            node("Reshape", [f"{p}/delta_row", shape(0, 0, d_out)], "delta"),
+            helper.make_node("Add", [base, f"{p}/delta"], [out], name=f"{p}/Add")]
 
     _beside_targets(model, weights, "cannot route the library", nodes_for)
 
@@ -144,6 +156,7 @@ def check_route(route: ArrowRoute, library: list[str], where: Path) -> list[str]
 
 
 ROUTED_FILES = ("model.onnx", "model.onnx.data")  # weights apart: onnxruntime then holds ~180 MB less
+ROUTED_GRAPH = 2  # add_arrow_routing's layout (2: the top-k gathered); a cached graph of another is rebuilt
 
 
 def _routed_cached(folder: Path, key: dict) -> bool:
@@ -163,7 +176,7 @@ def routed_decoder(bundle: Bundle, route: ArrowRoute) -> Path:
     one graph per bundle, swapped in whole, rebuilt when the setting or the bundle changes."""
     paths = bundle.lora_paths()
     tasks = check_route(route, list(paths), bundle.path)
-    key = {"bundle": str(bundle.path.resolve()), "bundle_manifest_sha256": sha256_file(bundle.path / "manifest.json"),
+    key = {"graph": ROUTED_GRAPH, "bundle": str(bundle.path.resolve()), "bundle_manifest_sha256": sha256_file(bundle.path / "manifest.json"),
            "top_k": route.top_k, "temperature": route.temperature, "gks": list(route.gks), "loras": tasks}
     folder = home() / "routed" / f"{bundle.path.name}-{hashlib.sha256(key['bundle'].encode()).hexdigest()[:8]}"
     if _routed_cached(folder, key):
