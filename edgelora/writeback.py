@@ -194,10 +194,12 @@ def routed_decoder(bundle: Bundle, route: ArrowRoute) -> Path:
     try:
         onnx.save(model, str(tmp / "model.onnx"), save_as_external_data=True, location=ROUTED_FILES[1])
         del model
-        atomic_write_json(tmp / "route.json", {"key": key, "sha256": {f: sha256_file(tmp / f) for f in ROUTED_FILES}})
         replace_dir(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    # hashed where they now lie, so the next use finds them in the sha256 cache; a process killed
+    # before this line leaves no route.json, and the next use rebuilds
+    atomic_write_json(folder / "route.json", {"key": key, "sha256": {f: sha256_cached(folder / f) for f in ROUTED_FILES}})
     return folder / "model.onnx"
 
 
