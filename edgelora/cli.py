@@ -144,9 +144,28 @@ def cmd_cluster(args) -> None:
           f"written to {args.out} and {svg}")
 
 
+def route_from(args):
+    """`--route arrow [--top-k K] [--gks LORA ...]` as an ArrowRoute (None without --route)."""
+    from .lora import ArrowRoute
+    if args.route is None:
+        if args.top_k is not None or args.gks:
+            raise UserError("--top-k and --gks set Arrow routing: add --route arrow")
+        return None
+    return ArrowRoute(top_k=ArrowRoute.top_k if args.top_k is None else args.top_k, gks=tuple(args.gks or ()))
+
+
+def add_route_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--route", choices=["arrow"],
+                   help="a bundle's base with Arrow routing over its library, per token and target module (zero-shot: "
+                        "no examples, no search; the routed graph is built once into EDGELORA_HOME/routed/)")
+    p.add_argument("--top-k", type=int, help="--route arrow: LoRAs kept per token (default 3)")
+    p.add_argument("--gks", nargs="+", metavar="LORA",
+                   help="--route arrow: GenKnowSub, subtract these general LoRAs' mean A and B from the others (not routed)")
+
+
 def cmd_generate(args) -> None:
     from .generate import Model
-    model = Model.load(args.model)
+    model = Model.load(args.model, route=route_from(args))
     prompt = args.prompt if args.prompt not in (None, "-") else sys.stdin.read().strip()
     if not prompt:
         raise UserError("no prompt: give one as an argument or on standard input")
@@ -185,7 +204,8 @@ def cmd_eval(args) -> None:
         raise UserError(f"--limit {args.limit}: must be at least 1")
     if args.k < 0:
         raise UserError(f"-k {args.k}: must be 0 or more")
-    model = Model.load(args.model)
+    route = route_from(args)
+    model = Model.load(args.model, route=route)
     adapted = (Path(args.model) / "edgelora.json").is_file()
     library = eval_library(args.model, adapted, args.library)
     mode = args.mode or ("adapted" if adapted else "icl" if args.shots else "zero-shot")
@@ -203,8 +223,8 @@ def cmd_eval(args) -> None:
         print(f"note: some prompts were longer than the model's {model.max_len} tokens with all {len(shots)} shots; "
               f"their oldest shots were dropped (mean {res['shots_mean']:.1f} shots)", file=sys.stderr)
     res = {"task": str(args.task), "model": str(args.model), "mode": mode, "shots": len(shots),
-           "quant": model.meta.get("quant"), "library": library, **res}
-    out = args.out or Path(f"{args.task.name.removesuffix('.jsonl')}.eval-{mode}.json")
+           "quant": model.meta.get("quant"), "library": library, "route": route and vars(route), **res}
+    out = args.out or Path(f"{args.task.name.removesuffix('.jsonl')}.eval-{mode}{'-arrow' if route else ''}.json")
     atomic_write_json(out, res)
     if args.json:
         print(json.dumps({k: v for k, v in res.items() if k != "examples"}))
@@ -287,6 +307,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0)
+    add_route_flags(g)
     g.set_defaults(fn=cmd_generate)
     e = sub.add_parser("eval", help="score a model on a task file: exact match and option ranking")
     e.add_argument("task", type=Path)
@@ -301,6 +322,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--library", choices=LIBRARIES,
                    help="the LoRA library the model must come from: an adapt output's (its weights.json), or one the "
                         "bundle holds; recorded in the results")
+    add_route_flags(e)
     e.set_defaults(fn=cmd_eval)
     return p
 

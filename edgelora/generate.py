@@ -13,7 +13,8 @@ import onnxruntime as ort
 from .errors import UserError
 from .examples import PromptFormat, common_prefix
 from .scorer import session_options
-from .writeback import MODEL_META, check_model
+from .lora import ArrowRoute
+from .writeback import MODEL_META, check_model, routed_decoder
 
 
 class Decoder:
@@ -102,10 +103,14 @@ class Model:
     meta: dict
 
     @classmethod
-    def load(cls, path: str | Path, threads: int | None = None) -> "Model":
+    def load(cls, path: str | Path, threads: int | None = None, route: ArrowRoute | None = None) -> "Model":
+        """`route`: a bundle's base with Arrow routing over its library at every target
+        (`routed_decoder`), zero-shot: no examples, no search."""
         from tokenizers import Tokenizer
         from .bundle import Bundle
         path = Path(path)
+        if route is not None and not (path / "manifest.json").is_file():
+            raise UserError(f"--route arrow: {path} is not a bundle; routing needs a bundle's decoder and library")
         if (path / MODEL_META).is_file():
             meta = check_model(path)
             onnx_path, tok_path = path / "model.onnx", path / meta["tokenizer"]
@@ -114,6 +119,9 @@ class Model:
             meta = {**{k: bundle.manifest[k] for k in ("prompt", "eos_ids", "pad_id")},
                     "max_len": bundle.arch["max_len"], "quant": "none", "lora": None}
             onnx_path, tok_path = bundle.decoder_dir / bundle.manifest["decoder"]["file"], bundle.path / bundle.manifest["tokenizer"]
+            if route is not None:
+                onnx_path = routed_decoder(bundle, route)
+                meta["lora"] = f"arrow top-{route.top_k}" + (f", GenKnowSub {', '.join(route.gks)}" if route.gks else "")
         elif (path / "weights.json").is_file():
             raise UserError(f"{path}: this adapt output has no model (written with --no-model, or interrupted); "
                             f"re-run edgelora adapt")
