@@ -4,13 +4,11 @@ decoding against the full sequence, and every refusal as one line with exit code
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import onnx
 import pytest
-from helpers import make_peft_lora
+from helpers import assert_refused, cli, make_peft_lora
 
 from edgelora.bundle import Bundle
 from edgelora.generate import Decoder
@@ -25,7 +23,6 @@ def peaked_lora(hf_dir, out, seed):
     """A random PEFT LoRA whose B·A has one clearly dominant singular value: peft finds the
     prototype by 15 steps of power iteration, which only converge (to the SVD's vector that
     edgelora computes exactly) when the top singular value stands apart."""
-    import torch
     from safetensors.torch import load_file, save_file
     make_peft_lora(hf_dir, out, seed=seed, r=4, alpha=8, std=0.3)
     f = out / "adapter_model.safetensors"
@@ -128,7 +125,7 @@ def test_cached_decode_equals_full_sequence(arrow_bundle):
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "edgelora.cli", *args], capture_output=True, text=True)
+    return cli("edgelora.cli", *args)
 
 
 def test_generate_routes_and_caches_outside_the_bundle(arrow_bundle, edgelora_home):
@@ -145,14 +142,6 @@ def test_generate_routes_and_caches_outside_the_bundle(arrow_bundle, edgelora_ho
         f.write(b"\0" * 64)
     third = run_cli("generate", str(path), "red green", "--route", "arrow", "--top-k", "2", "--max-new-tokens", "5")
     assert third.stdout == r.stdout and cached[0].stat().st_mtime_ns != stamp
-
-
-def assert_refused(r, *words):
-    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
-    for w in words:
-        assert w in lines[0], lines[0]
 
 
 @pytest.mark.parametrize("flags,words", [

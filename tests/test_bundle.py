@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 from helpers import assert_refused, encode, make_peft_lora, torch_losses
+from helpers import cli as run_cli
 
 from edgelora.bundle import Bundle
 from edgelora.examples import Example
@@ -18,10 +19,6 @@ from edgelora.scorer import Scorer
 
 EXAMPLES = [Example("What is 2 plus 3?", "5"), Example("Is the following sentence plausible?", "yes"),
             Example("red green blue", "orange purple white black"), Example("Today is 01/02/1987.", "01/03/1987")]
-
-
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True)
 
 
 def test_zero_slots_equal_plain_model(tiny_bundle_ro, tiny_hf):
