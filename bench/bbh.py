@@ -19,6 +19,7 @@ tasks already in bench/results/bbh.json and runs the rest, so the run can go on 
 background, across sessions and machines.
 
     python bench/bbh.py [--suites bbh,near] [--tasks a,b] [--limit N] [--seeds 5] [--quant int8] [--name bbh]
+                        [--library per-task|mbc]   # mbc: every LoraHub column over the cluster LoRAs
 """
 from __future__ import annotations
 
@@ -86,7 +87,7 @@ def lorahub_selected(bundle: Bundle, suite: str, task: str, args) -> dict:
     at the best one. Deterministic (COBYLA from a fixed start), so one run."""
     adapt_file, test, work = inputs(suite, task, args)
     t0 = time.perf_counter()
-    res = adapt(adapt_file, bundle, budget=args.budget, select="loss", warn=lambda m: None)
+    res = adapt(adapt_file, bundle, budget=args.budget, select="loss", library=args.library, warn=lambda m: None)
     write_model(bundle, *res.merged(), work / "select-loss", args.quant, merged=False)
     row = {**score(work / "select-loss", test), "loss": [res.start_loss, res.loss],
            "weights": dict(zip(res.loras, res.weights.round(4).tolist()))}
@@ -133,7 +134,8 @@ def run_task(bundle: Bundle, suite: str, task: str, args) -> dict:
     runs = []
     for seed in range(args.seeds):
         t0 = time.perf_counter()
-        res = adapt(adapt_file, bundle, budget=args.budget, seed=seed, select="random", warn=lambda m: None)
+        res = adapt(adapt_file, bundle, budget=args.budget, seed=seed, select="random", library=args.library,
+                    warn=lambda m: None)
         write_model(bundle, *res.merged(), work / f"seed{seed}", args.quant, merged=False)
         runs.append({**score(work / f"seed{seed}", test), "loss": [res.start_loss, res.loss],
                      "weights": dict(zip(res.loras, res.weights.round(4).tolist()))})
@@ -144,8 +146,8 @@ def run_task(bundle: Bundle, suite: str, task: str, args) -> dict:
                       "prompt_tokens": runs[0]["prompt_tokens"]}
     row["lorahub-loss"] = lorahub_selected(bundle, suite, task, args)
     for key, label, overrides in TIMED:
-        row[key] = timed_adapt(bundle, suite, task, args, key, label, **overrides)
-    library = [load_lora(p) for p in bundle.lora_paths().values()]
+        row[key] = timed_adapt(bundle, suite, task, args, key, label, **overrides, library=args.library)
+    library = [load_lora(p) for p in bundle.library(args.library).values()]
     t0 = time.perf_counter()
     name = oracle_lora(bundle, library, test[: args.oracle_n])
     lora = next(l for l in library if l.name == name)
@@ -225,13 +227,15 @@ def main():
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--budget", type=int, default=40)
     ap.add_argument("--quant", default=DEFAULT_QUANT)
-    ap.add_argument("--name", default="bbh", help="results file name (bench/results/NAME.md/.json)")
+    ap.add_argument("--name", help="results file name (bench/results/NAME.md/.json; default bbh, or bbh-mbc)")
+    ap.add_argument("--library", default="per-task", help="the bundle's library to compose: per-task | mbc")
     ap.add_argument("--oracle-n", type=int, default=50, help="test examples the oracle LoRA is picked on")
     ap.add_argument("--no-arrow", action="store_true", help="do not add the Arrow-picked column to finished rows")
     args = ap.parse_args()
+    args.name = args.name or ("bbh" if args.library == "per-task" else f"bbh-{args.library}")
     bundle = Bundle.open()
     settings = {"limit": args.limit, "oracle_n": args.oracle_n, "seeds": args.seeds, "budget": args.budget,
-                "quant": args.quant, "base": bundle.manifest["base"]["name"], "loras": sorted(bundle.lora_paths())}
+                "quant": args.quant, "base": bundle.manifest["base"]["name"], "loras": sorted(bundle.library(args.library))}
     todo = [(suite, f.name.removesuffix(".adapt.jsonl")) for suite in args.suites.split(",")
             for f in sorted((DATA / suite).glob("*.adapt.jsonl"))]
     todo = [(s, t) for s, t in todo if not args.tasks or t in args.tasks.split(",")]
@@ -243,12 +247,13 @@ def main():
             if "lorahub-loss" not in done[suite, task]:
                 done[suite, task]["lorahub-loss"] = lorahub_selected(bundle, suite, task, args)
             for key, label, overrides in TIMED:
+                overrides = {**overrides, "library": args.library}
                 stale = done[suite, task].get(key, {}).get("config") != run_config(**overrides)
                 if key == "default" and stale or key not in done[suite, task] and not args.no_arrow:
                     done[suite, task][key] = timed_adapt(bundle, suite, task, args, key, label, **overrides)
         rows = list(done.values())
         print(table([done[suite, task]]), flush=True)
-        note = (f"LoraHub: {args.seeds} seeds, budget {args.budget}, 20 of {len(bundle.lora_paths())} LoRAs; "
+        note = (f"LoraHub: {args.seeds} seeds, budget {args.budget}, 20 of {len(bundle.library(args.library))} {args.library} LoRAs; "
                 f"models written back as {args.quant} + an unmerged fp32 LoRA; zero-shot and ICL run on the "
                 f"bundle's fp32 base; test examples per task: "
                 f"{args.limit or 'all'}; tasks done: {len(rows)}.\n\n")
