@@ -89,6 +89,21 @@ def start_long_search(bundle: Path, tmp_path: Path) -> tuple[subprocess.Popen, l
     return proc, err, out
 
 
+def test_cli_ctrl_c_exits_130_with_weights(library, tmp_path):  # noqa: F811
+    """SIGINT once the progress bar shows a few evaluations: the best weights are written."""
+    bundle, _ = library
+    proc, err, out = start_long_search(bundle.path, tmp_path)
+    proc.send_signal(signal.SIGINT)
+    stdout = proc.stdout.read()
+    proc.wait(60)
+    proc.reader.join(10)
+    assert proc.returncode == 130, err
+    data = json.loads((out / "weights.json").read_text())
+    assert data["interrupted"] and data["evaluations"] >= 3
+    assert "interrupted" in err[0] and "weights.json" in err[0]
+    assert "LoRA" in stdout  # the summary table is still printed
+
+
 def test_sigterm_writes_the_best_weights_and_exits_143(library, tmp_path):  # noqa: F811
     bundle, _ = library
     proc, err, out = start_long_search(bundle.path, tmp_path)
