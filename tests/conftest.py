@@ -2,6 +2,7 @@
 real onnxruntime, in well under a minute."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -39,3 +40,18 @@ def tiny_bundle(tiny_bundle_ro, tmp_path) -> Path:
     dst = tmp_path / "bundle"
     shutil.copytree(tiny_bundle_ro, dst)
     return dst
+
+
+@pytest.fixture(scope="session")
+def train_base(tiny_hf):
+    from edgelora_export.train import load_for_training
+    return load_for_training(str(tiny_hf))
+
+
+@pytest.fixture(scope="session")
+def colors(tmp_path_factory) -> Path:
+    """A small upstream-like task for the trainer: 40 questions, 7 answers."""
+    f = tmp_path_factory.mktemp("task") / "colors.jsonl"
+    names = ["red", "green", "blue", "orange", "purple", "white", "black"]
+    f.write_text("".join(json.dumps({"input": f"What is colour {i}?", "output": names[i % 7]}) + "\n" for i in range(40)))
+    return f

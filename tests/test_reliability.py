@@ -187,20 +187,6 @@ def test_bundle_hashes_are_cached_by_size_and_mtime(tiny_bundle, monkeypatch):
 
 
 # -- 4. training resume ---------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def train_base(tiny_hf):
-    from edgelora_export.train import load_for_training
-    return load_for_training(str(tiny_hf))
-
-
-@pytest.fixture(scope="module")
-def colors(tmp_path_factory) -> Path:
-    f = tmp_path_factory.mktemp("task") / "colors.jsonl"
-    names = ["red", "green", "blue", "orange", "purple", "white", "black"]
-    f.write_text("".join(json.dumps({"input": f"What is colour {i}?", "output": names[i % 7]}) + "\n" for i in range(40)))
-    return f
-
-
 def test_resume_saves_the_best_steps_weights(train_base, colors, tmp_path, monkeypatch):
     """The best held-out loss is at step 2; an interrupted run resumed after step 4 must still
     save step 2's weights, as the uninterrupted run does."""

@@ -2,7 +2,6 @@
 only, an interrupted run resumes to the same weights, and held-out tasks are refused."""
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -13,22 +12,9 @@ import pytest
 from edgelora.errors import UserError
 from edgelora_export import train as train_mod
 from edgelora_export.library import check_trainable
-from edgelora_export.train import TrainConfig, load_for_training, train_lora
+from edgelora_export.train import TrainConfig, train_lora
 
 CFG = TrainConfig(rank=4, alpha=8, steps=6, batch=4, eval_every=2, heldout=8, patience=100, lr=1e-3)
-
-
-@pytest.fixture(scope="module")
-def task(tmp_path_factory) -> Path:
-    f = tmp_path_factory.mktemp("task") / "colors.jsonl"
-    colors = ["red", "green", "blue", "orange", "purple", "white", "black"]
-    f.write_text("".join(json.dumps({"input": f"What is colour {i}?", "output": colors[i % 7]}) + "\n" for i in range(40)))
-    return f
-
-
-@pytest.fixture(scope="module")
-def base(tiny_hf):
-    return load_for_training(str(tiny_hf))
 
 
 def lora_weights(folder: Path) -> dict[str, np.ndarray]:
@@ -36,7 +22,7 @@ def lora_weights(folder: Path) -> dict[str, np.ndarray]:
     return load_file(folder / "adapter_model.safetensors")
 
 
-def test_loraplus_groups_and_training_lowers_heldout(base, task, tmp_path, monkeypatch):
+def test_loraplus_groups_and_training_lowers_heldout(train_base, colors, tmp_path, monkeypatch):
     seen = {}
     from peft.optimizers import create_loraplus_optimizer as real
 
@@ -49,27 +35,27 @@ def test_loraplus_groups_and_training_lowers_heldout(base, task, tmp_path, monke
         return opt
 
     monkeypatch.setattr("peft.optimizers.create_loraplus_optimizer", spy)
-    row = train_lora(*base[:3], task, tmp_path / "out", CFG, log=lambda *a: None)
+    row = train_lora(*train_base[:3], colors, tmp_path / "out", CFG, log=lambda *a: None)
     a = {n: lr for n, lr in seen.items() if "lora_A" in n}
     b = {n: lr for n, lr in seen.items() if "lora_B" in n}
     assert a and b and set(a.values()) == {CFG.lr} and set(b.values()) == {CFG.lr * CFG.loraplus_ratio}
     assert row["heldout_loss"] < row["heldout_loss_start"]
     assert (tmp_path / "out" / "adapter_config.json").exists()
     # the base model is restored for the next task
-    assert not any("lora" in n for n, _ in base[0].named_parameters())
+    assert not any("lora" in n for n, _ in train_base[0].named_parameters())
 
 
-def test_loss_covers_answer_tokens_only(base):
-    model, tok, fmt, _ = base
+def test_loss_covers_answer_tokens_only(train_base):
+    model, tok, fmt, _ = train_base
     rows = train_mod.tokenize([type("E", (), {"input": "hi", "output": "red"})()], tok, fmt, 64)
     ids, mask, pos, tgt = train_mod.collate(rows, 0)
     p, t = rows[0]
     assert tgt.tolist() == t and pos[:, 1].tolist() == list(range(len(p) - 1, len(p) + len(t) - 1))
 
 
-def test_interrupted_training_resumes_to_same_weights(base, task, tmp_path, monkeypatch):
+def test_interrupted_training_resumes_to_same_weights(train_base, colors, tmp_path, monkeypatch):
     full = tmp_path / "full"
-    train_lora(*base[:3], task, full, CFG, log=lambda *a: None)
+    train_lora(*train_base[:3], colors, full, CFG, log=lambda *a: None)
     calls = []
     real_save = train_mod.save_checkpoint
 
@@ -82,11 +68,11 @@ def test_interrupted_training_resumes_to_same_weights(base, task, tmp_path, monk
     monkeypatch.setattr(train_mod, "save_checkpoint", save_then_die)
     part = tmp_path / "new" / "part"  # a folder that does not exist yet
     with pytest.raises(KeyboardInterrupt):
-        train_lora(*base[:3], task, part, CFG, log=lambda *a: None)
+        train_lora(*train_base[:3], colors, part, CFG, log=lambda *a: None)
     assert part.with_name("part.ckpt.safetensors").exists()
     monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
     logs = []
-    train_lora(*base[:3], task, part, CFG, log=logs.append)
+    train_lora(*train_base[:3], colors, part, CFG, log=logs.append)
     assert any("resuming" in l and "step 4" in l for l in logs)
     wf, wp = lora_weights(full), lora_weights(part)
     for k in wf:
