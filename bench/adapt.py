@@ -81,7 +81,7 @@ def worker_reference(args, bundle: Bundle) -> dict:
     from reference_lorahub import encode, get_loss, load_base_model_and_lora_modules, lorahub_learning
     fmt = bundle.prompt_format
     examples = load_examples(task_file(args.task))
-    prompts, targets = [fmt.prompt(e.input) for e in examples], [e.output + fmt.stop for e in examples]
+    prompts, targets = map(list, zip(*fmt.pairs(examples)))
     _, folders = lora_files(bundle, args.n_loras, args.seed)
     model, tok, _ = load_base(base_source(bundle))
     peft_model, cache = load_base_model_and_lora_modules(model, folders)
@@ -129,7 +129,7 @@ def worker_edgelora(args, bundle: Bundle) -> dict:
 
     fmt = bundle.prompt_format
     examples = load_examples(task_file(args.task))
-    batch, _ = encode_pairs(bundle.tokenizer(), [(fmt.prompt(e.input), e.output + fmt.stop) for e in examples],
+    batch, _ = encode_pairs(bundle.tokenizer(), fmt.pairs(examples),
                             bundle.arch["max_len"])
     scorer = Scorer(bundle)
     scorer.bind(batch)

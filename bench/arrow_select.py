@@ -45,7 +45,7 @@ def main():
             if args.tasks and task not in args.tasks.split(","):
                 continue
             ex = load_examples(f)
-            batch, _ = encode_pairs(bundle.tokenizer(), [(fmt.prompt(e.input), e.output + fmt.stop) for e in ex],
+            batch, _ = encode_pairs(bundle.tokenizer(), fmt.pairs(ex),
                                     bundle.arch["max_len"])
             scorer.bind(batch)
             t0 = time.perf_counter()

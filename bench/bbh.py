@@ -64,7 +64,7 @@ def oracle_lora(bundle: Bundle, loras, test) -> str:
     scoring graph): one sequence per example instead of one per option, so 39 LoRAs stay cheap."""
     fmt, tok = bundle.prompt_format, bundle.tokenizer()
     scorer = Scorer(bundle)
-    pairs = [(fmt.prompt(e.input), e.output + fmt.stop) for e in test]
+    pairs = fmt.pairs(test)
     batches = [encode_pairs(tok, pairs[i: i + 16], bundle.arch["max_len"])[0] for i in range(0, len(pairs), 16)]
     totals = {}
     for lora in loras:

@@ -55,7 +55,7 @@ def main():
     rows = {}
     for task in args.tasks.split(","):
         ex = load_examples(DATA / "bbh" / f"{task}.adapt.jsonl")
-        batch, _ = encode_pairs(bundle.tokenizer(), [(fmt.prompt(e.input), e.output + fmt.stop) for e in ex],
+        batch, _ = encode_pairs(bundle.tokenizer(), fmt.pairs(ex),
                                 bundle.arch["max_len"])
         feeds, pf = {**batch.feeds(), **lora}, padded_feeds(batch, bundle.manifest["pad_id"])
         fns = {k: (lambda s=s: s.run(["logprob"], feeds)[0]) for k, s in sessions.items()}

@@ -23,9 +23,9 @@ TASKS = ("date_understanding", "sports_understanding", "navigate", "boolean_expr
 def target_logprobs(dec: Decoder, bundle: Bundle, examples) -> np.ndarray:
     tok, fmt = bundle.tokenizer(), bundle.prompt_format
     out = []
-    for e in examples:
-        p = tok.encode(fmt.prompt(e.input), add_special_tokens=False).ids
-        t = tok.encode(e.output + fmt.stop, add_special_tokens=False).ids
+    for prompt, target in fmt.pairs(examples):
+        p = tok.encode(prompt, add_special_tokens=False).ids
+        t = tok.encode(target, add_special_tokens=False).ids
         lp = log_softmax(dec.forward(p + t, None, 0)[0])
         out += [lp[len(p) - 1 + j, x] for j, x in enumerate(t)]
     return np.array(out)

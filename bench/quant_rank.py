@@ -103,7 +103,7 @@ def scorer_batch(bundle: Bundle, suite: str, task: str):
     from edgelora.examples import encode_pairs, load_examples
     fmt = bundle.prompt_format
     ex = load_examples(DATA / suite / f"{task}.adapt.jsonl")
-    return encode_pairs(bundle.tokenizer(), [(fmt.prompt(e.input), e.output + fmt.stop) for e in ex],
+    return encode_pairs(bundle.tokenizer(), fmt.pairs(ex),
                         bundle.arch["max_len"])[0]
 
 

@@ -34,7 +34,7 @@ def main():
     scorer, fmt, rows = Scorer(bundle), bundle.prompt_format, {}
     for task in args.tasks.split(","):
         suite = next(s for s in ("bbh", "near") if (DATA / s / f"{task}.adapt.jsonl").exists())
-        pairs = [(fmt.prompt(e.input), e.output + fmt.stop) for e in load_examples(DATA / suite / f"{task}.adapt.jsonl")]
+        pairs = fmt.pairs(load_examples(DATA / suite / f"{task}.adapt.jsonl"))
         losses, tokens = {}, {}
         for name, max_len in (("full", bundle.arch["max_len"]), ("cut", args.max_len)):
             batch, _ = encode_pairs(bundle.tokenizer(), pairs, max_len)

@@ -119,6 +119,11 @@ class PromptFormat:
         parts += [text, self.mid]
         return "".join(parts)
 
+    def pairs(self, examples: list[Example]) -> list[tuple[str, str]]:
+        """(prompt, target) per example, as scoring and training see them: the answer and the
+        stop text are the target, so the loss also teaches the model to stop."""
+        return [(self.prompt(e.input), e.output + self.stop) for e in examples]
+
 
 @dataclass
 class Batch:

@@ -318,7 +318,7 @@ def adapt(examples: str | Path | list[Example], bundle: Bundle | str | Path | No
         examples = load_examples(examples, warn=warn)
     fmt = bundle.prompt_format
     t0 = time.perf_counter()
-    pairs = [(fmt.prompt(e.input), e.output + fmt.stop) for e in examples]
+    pairs = fmt.pairs(examples)
     batch, truncated = encode_pairs(bundle.tokenizer(), pairs, bundle.arch["max_len"])
     for i in truncated:
         warn(f"warning: {examples[i].where or f'example {i + 1}'}: longer than the bundle's "

@@ -76,7 +76,7 @@ def _loss_at(bundle, examples, loras, w) -> float:
     from edgelora.examples import encode_pairs
     from edgelora.scorer import Scorer
     fmt = bundle.prompt_format
-    batch, _ = encode_pairs(bundle.tokenizer(), [(fmt.prompt(e.input), e.output + fmt.stop) for e in examples],
+    batch, _ = encode_pairs(bundle.tokenizer(), fmt.pairs(examples),
                             bundle.arch["max_len"])
     s = Scorer(bundle)
     s.bind(batch)

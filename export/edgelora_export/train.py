@@ -40,9 +40,9 @@ class TrainConfig:
 
 def tokenize(examples, tok, fmt: PromptFormat, max_len: int) -> list[tuple[list[int], list[int]]]:
     rows = []
-    for ex in examples:
-        p = tok(fmt.prompt(ex.input), add_special_tokens=False)["input_ids"]
-        t = tok(ex.output + fmt.stop, add_special_tokens=False)["input_ids"][: max_len // 2]
+    for prompt, target in fmt.pairs(examples):
+        p = tok(prompt, add_special_tokens=False)["input_ids"]
+        t = tok(target, add_special_tokens=False)["input_ids"][: max_len // 2]
         rows.append((p[max(0, len(p) - (max_len - len(t))):], t))
     return rows
 
