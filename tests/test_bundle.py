@@ -83,6 +83,36 @@ def test_decoder_greedy_matches_transformers(tiny_bundle_ro, tiny_hf):
     assert ours == out[0, len(ids):].tolist()
 
 
+def test_decoder_position_ids_are_honoured_like_transformers(tiny_bundle_ro, tiny_hf):
+    """The decoder takes `position_ids` (optimum loads a decoder without it only as a legacy
+    model): a cached step placed 3 positions further on gives transformers' logits for that
+    position, not the ones of the next position."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    bundle = Bundle.open(tiny_bundle_ro)
+    sess = Decoder(bundle.decoder_dir / "model.onnx", eos_ids=[]).session
+    names = [i.name for i in sess.get_inputs()]
+    assert "position_ids" in names
+    ids = bundle.tokenizer().encode("The quick brown fox", add_special_tokens=False).ids
+    n, past = len(ids), [k for k in names if k.startswith("past_key_values.")]
+    kv = sess.get_inputs()[names.index(past[0])].shape
+    empty = {k: np.zeros((1, kv[1], 0, kv[3]), np.float32) for k in past}
+    out = sess.run(None, {"input_ids": np.array([ids]), "attention_mask": np.ones((1, n), np.int64),
+                          "position_ids": np.arange(n)[None], **empty})
+    cache = dict(zip(past, out[1:]))
+
+    def step(pos: int) -> np.ndarray:
+        return sess.run(["logits"], {"input_ids": np.array([[7]]), "attention_mask": np.ones((1, n + 1), np.int64),
+                                     "position_ids": np.array([[pos]]), **cache})[0][0, -1]
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_hf).eval()
+    for pos in (n, n + 3):
+        with torch.no_grad():
+            want = model(torch.tensor([ids + [7]]), position_ids=torch.tensor([[*range(n), pos]])).logits[0, -1].numpy()
+        np.testing.assert_allclose(step(pos), want, atol=1e-4)
+    assert np.abs(step(n) - step(n + 3)).max() > 1e-3
+
+
 def test_peft_round_trip_is_bit_exact(tiny_bundle, tiny_hf, tmp_path):
     from safetensors.numpy import load_file
     peft_dir = make_peft_lora(tiny_hf, tmp_path / "peft", seed=2, r=3, alpha=5)

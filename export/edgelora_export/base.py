@@ -138,6 +138,38 @@ def export_decoder(hf_dir: Path, out: Path) -> None:
     for f in ("config.json", "generation_config.json"):
         if (hf_dir / f).exists():
             shutil.copy(hf_dir / f, out / f)
+    add_position_ids(out)
+
+
+def add_position_ids(folder: Path) -> None:
+    """A `position_ids` input, wired into each GroupQueryAttention's own optional input: the
+    builder drops it when rotary is fused into GQA, and optimum-onnx loads a decoder without
+    one only as a deprecated "legacy" model. GQA rotates a token step by its position and a
+    prompt from its first position on (positions within a prompt are contiguous, as they are
+    for one unpadded sequence); genai_config.json names the input so onnxruntime-genai feeds it."""
+    import json
+
+    import onnx
+    from onnx import TensorProto, helper
+    path = folder / "model.onnx"
+    model = onnx.load(str(path), load_external_data=False)
+    graph = model.graph
+    if any(i.name == "position_ids" for i in graph.input):
+        return
+    where = [i.name for i in graph.input].index("attention_mask") + 1
+    graph.input.insert(where, helper.make_tensor_value_info("position_ids", TensorProto.INT64,
+                                                            ["batch_size", "sequence_length"]))
+    for node in graph.node:
+        if node.op_type == "GroupQueryAttention":
+            ins = list(node.input) + [""] * (10 - len(node.input))
+            ins[9] = "position_ids"
+            del node.input[:]
+            node.input.extend(ins)
+    onnx.save(model, str(path))
+    cfg_path = folder / "genai_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["model"]["decoder"]["inputs"]["position_ids"] = "position_ids"
+    cfg_path.write_text(json.dumps(cfg, indent=4))
 
 
 def decoder_weight_map(onnx_path: Path, model, shapes: dict) -> dict[str, list[dict]]:
