@@ -98,11 +98,10 @@ def worker(kind: str, new_tokens: int) -> dict:
         dec = Decoder(path, eos_ids=[])
 
         def prefill():
-            return dec.forward(ids, None, 0)
+            return dec.forward(ids, 0)
 
-        def step(state, n):
-            logits, past = state
-            return dec.forward([int(np.argmax(logits[-1]))], past, n)
+        def step(logits, n):
+            return dec.forward([int(np.argmax(logits[-1]))], n)
     elif kind == "genai-int4":
         import numpy as np
         import onnxruntime_genai as og

@@ -26,16 +26,16 @@ def target_logprobs(dec: Decoder, bundle: Bundle, examples) -> np.ndarray:
     for prompt, target in fmt.pairs(examples):
         p = tok.encode(prompt, add_special_tokens=False).ids
         t = tok.encode(target, add_special_tokens=False).ids
-        lp = log_softmax(dec.forward(p + t, None, 0)[0])
+        lp = log_softmax(dec.forward(p + t, 0))
         out += [lp[len(p) - 1 + j, x] for j, x in enumerate(t)]
     return np.array(out)
 
 
 def decode_speed(dec: Decoder, ids: list[int], n: int = 64) -> float:
-    logits, past = dec.forward(ids, None, 0)
+    logits = dec.forward(ids, 0)
     t = time.perf_counter()
     for k in range(n):
-        logits, past = dec.forward([int(np.argmax(logits[-1]))], past, len(ids) + k)
+        logits = dec.forward([int(np.argmax(logits[-1]))], len(ids) + k)
     return n / (time.perf_counter() - t)
 
 

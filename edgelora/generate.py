@@ -18,6 +18,13 @@ from .writeback import MODEL_META, check_model, routed_decoder
 
 
 class Decoder:
+    """One sequence's decoding with its KV cache in one preallocated buffer per layer, bound as
+    both GroupQueryAttention's past and present (the share-buffer layout onnxruntime-genai runs
+    the same graph with): a step writes its own keys and values in place, where a cache fed
+    and returned through numpy is copied whole at every token. `cache_ids` are the tokens the
+    buffer holds; a call may restart at any earlier position, which is how options branch
+    from one prompt and a new prompt reuses the prefix it shares with the last."""
+
     def __init__(self, model_path: str | Path, eos_ids: list[int], threads: int | None = None):
         self.session = ort.InferenceSession(str(model_path), session_options(threads),
                                             providers=["CPUExecutionProvider"])
@@ -28,58 +35,88 @@ class Decoder:
         shape = inputs[self.past_names[0]].shape  # [batch, kv_heads, past, head_dim]
         self.kv_heads, self.head_dim = int(shape[1]), int(shape[3])
         self.use_positions = "position_ids" in inputs
-        self._last: tuple[list[int], dict[str, np.ndarray]] | None = None  # see `prefill`
+        self.cache_ids: list[int] = []
+        self._buffers: dict[str, np.ndarray] = {}  # the numpy arrays own the memory the OrtValues wrap
+        self._values: dict[str, ort.OrtValue] = {}
+        self._io = self.session.io_binding()
+        self.first_room = 256  # positions reserved at the first call
 
-    def forward(self, ids: list[int], past: dict[str, np.ndarray] | None, start: int):
-        """Logits of every position of `ids` and the new cache, for `ids` after `start` cached tokens.
-        One sequence: GroupQueryAttention takes a batch only for single-token steps on a cache."""
-        if past is None:
-            past = {n: np.zeros((1, self.kv_heads, 0, self.head_dim), np.float32) for n in self.past_names}
-        feeds = {"input_ids": np.array([ids], np.int64),
-                 "attention_mask": np.ones((1, start + len(ids)), np.int64), **past}
+    def _reserve(self, n: int) -> None:
+        """Room for `n` positions, kept from call to call; grown by doubling, the cached part copied.
+        np.zeros pages are only resident once written, so the room costs nothing until used."""
+        have = next(iter(self._buffers.values())).shape[2] if self._buffers else 0
+        if n <= have:
+            return
+        size = max(self.first_room, 2 * have, n)
+        keep = len(self.cache_ids)
+        for name in self.past_names:
+            buf = np.zeros((1, self.kv_heads, size, self.head_dim), np.float32)
+            if keep:
+                buf[:, :, :keep] = self._buffers[name][:, :, :keep]
+            self._buffers[name] = buf
+            self._values[name] = ort.OrtValue.ortvalue_from_numpy(buf)
+        self._io.clear_binding_inputs()
+        for name in self.past_names:
+            self._io.bind_ortvalue_input(name, self._values[name])
+
+    def forward(self, ids: list[int], start: int) -> np.ndarray:
+        """Logits of every position of `ids`, placed after the first `start` cached tokens
+        (whatever the cache held from `start` on is overwritten)."""
+        if start > len(self.cache_ids):
+            raise ValueError(f"start {start} is past the {len(self.cache_ids)} cached tokens")
+        self.cache_ids = self.cache_ids[:start]
+        end = start + len(ids)
+        self._reserve(end)
+        io = self._io
+        io.bind_cpu_input("input_ids", np.array([ids], np.int64))
+        io.bind_cpu_input("attention_mask", np.ones((1, end), np.int64))
         if self.use_positions:
-            feeds["position_ids"] = np.arange(start, start + len(ids), dtype=np.int64)[None]
-        out = self.session.run(["logits", *self.present_names], feeds)
-        return out[0][0], dict(zip(self.past_names, out[1:]))
+            io.bind_cpu_input("position_ids", np.arange(start, end, dtype=np.int64)[None])
+        io.clear_binding_outputs()
+        io.bind_output("logits")
+        for past, present in zip(self.past_names, self.present_names):
+            io.bind_ortvalue_output(present, self._values[past])
+        self.session.run_with_iobinding(io)
+        self.cache_ids += list(ids)
+        return io.get_outputs()[0].numpy()[0]
 
-    def prefill(self, ids: list[int]):
-        """`forward` of a prompt from scratch, except the longest prefix it shares with the last
-        prompt, whose cache is reused: eval's prompts share the system turn, and ICL prompts
-        share every shot, so only the new tail is computed. The logits cover that tail."""
-        n = 0
-        if self._last is not None:
-            last_ids, last_past = self._last
-            n = min(common_prefix(last_ids, ids), len(ids) - 1)
-        past = {k: np.ascontiguousarray(v[:, :, :n]) for k, v in last_past.items()} if n else None
-        logits, past = self.forward(ids[n:], past, n)
-        self._last = (list(ids), past)
-        return logits, past
+    def prefill(self, ids: list[int]) -> np.ndarray:
+        """`forward` of a prompt, except the longest prefix it shares with what the cache holds,
+        which is kept: eval's prompts share the system turn, and ICL prompts share every shot,
+        so only the new tail is computed. The logits cover that tail."""
+        n = min(common_prefix(self.cache_ids, ids), len(ids) - 1)
+        return self.forward(ids[n:], n)
+
+    def _last_logits(self, prompt_ids: list[int], prefill: np.ndarray | None) -> np.ndarray:
+        """The prompt's next-token logits: `prefill`'s, while the cache still holds the prompt."""
+        if prefill is not None and self.cache_ids[: len(prompt_ids)] == list(prompt_ids):
+            return prefill[-1]
+        return self.prefill(prompt_ids)[-1]
 
     def stream(self, prompt_ids: list[int], max_new_tokens: int = 128, temperature: float = 0.0,
-               top_p: float = 1.0, seed: int = 0, prefill=None) -> Iterator[int]:
+               top_p: float = 1.0, seed: int = 0, prefill: np.ndarray | None = None) -> Iterator[int]:
         """`prefill`: this prompt's `prefill` output, when the caller already has it."""
         rng = np.random.default_rng(seed)
-        logits, past = prefill or self.prefill(prompt_ids)
+        logits = self._last_logits(prompt_ids, prefill)
         n = len(prompt_ids)
         for _ in range(max_new_tokens):
-            tok = pick(logits[-1], temperature, top_p, rng)
+            tok = pick(logits, temperature, top_p, rng)
             if tok in self.eos:
                 return
             yield tok
-            logits, past = self.forward([tok], past, n)
+            logits = self.forward([tok], n)[-1]
             n += 1
 
-    def option_logprobs(self, prompt_ids: list[int], options: list[list[int]], prefill=None) -> list[float]:
+    def option_logprobs(self, prompt_ids: list[int], options: list[list[int]],
+                        prefill: np.ndarray | None = None) -> list[float]:
         """Summed log-prob of each option's tokens after the prompt; the prompt is run once."""
-        logits, past = prefill or self.prefill(prompt_ids)
-        first = log_softmax(logits[-1])
+        first = log_softmax(self._last_logits(prompt_ids, prefill))
         n = len(prompt_ids)
         out = []
         for opt in options:
             lp = float(first[opt[0]])
             if len(opt) > 1:
-                more, _ = self.forward(opt[:-1], past, n)
-                lps = log_softmax(more)
+                lps = log_softmax(self.forward(opt[:-1], n))
                 lp += float(sum(lps[j, t] for j, t in enumerate(opt[1:])))
             out.append(lp)
         return out

@@ -27,9 +27,10 @@ QUANTS = ("none", "int8", "int4")
 # bits; onnxruntime's dynamic int8 (activations quantized per tensor) broke generation.
 DEFAULT_QUANT = "int4"
 INT4_BLOCK = 32
-# Above this a model's weights go to model.onnx.data beside it: protobuf cannot write 2 GB, which
-# a ~500M-parameter base reaches in fp32.
-EXTERNAL_ABOVE = 1 << 30
+# A model's weights lie in model.onnx.data beside it, never inside model.onnx: protobuf cannot
+# write 2 GB (a ~500M-parameter base in fp32), and onnxruntime maps an external file where it
+# copies a protobuf's tensors, so decoding the int4 model peaks ~30 MB lower
+# (bench/results/generate.json).
 DATA_FILE = "model.onnx.data"
 MODEL_META = "edgelora.json"
 
@@ -208,7 +209,7 @@ def routed_decoder(bundle: Bundle, route: ArrowRoute) -> Path:
 
 
 def quantize(model: onnx.ModelProto, dst: Path, quant: str, exclude: list[str], eight_bit: list[str] = (),
-             block_size: int = INT4_BLOCK, external_above: int = EXTERNAL_ABOVE) -> None:
+             block_size: int = INT4_BLOCK) -> None:
     """onnxruntime's weight-only MatMulNBits with accuracy_level 4 (int8 activations inside the
     kernel: MLAS's fast path on x86): every MatMul at 8 bits (int8), or at 4 bits except
     `eight_bit` (int4). `exclude`: MatMuls left in fp32. `quant` is checked by `write_model`."""
@@ -227,10 +228,7 @@ def quantize(model: onnx.ModelProto, dst: Path, quant: str, exclude: list[str], 
             matmuls = [n for n in matmuls if n in keep]
     if quant != "none":
         quantize_embedding(model, block_size)
-    if model.ByteSize() > external_above:
-        onnx.save(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True, location=DATA_FILE)
-    else:
-        onnx.save(model, str(dst))
+    onnx.save(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True, location=DATA_FILE)
 
 
 def quantize_embedding(model: onnx.ModelProto, block_size: int = INT4_BLOCK) -> bool:
@@ -272,8 +270,7 @@ def quantize_embedding(model: onnx.ModelProto, block_size: int = INT4_BLOCK) -> 
 
 
 def write_model(bundle: Bundle, A: dict | None, B: dict | None, out: Path, quant: str = DEFAULT_QUANT,
-                merged: bool = True, block_size: int = INT4_BLOCK, weights_sha256: str | None = None,
-                external_above: int = EXTERNAL_ABOVE) -> Path:
+                merged: bool = True, block_size: int = INT4_BLOCK, weights_sha256: str | None = None) -> Path:
     """A standard ONNX causal-LM folder (optimum's ORTModelForCausalLM loads it) plus
     `edgelora.json` (prompt format, stop ids, the model's sha256 and that of the weights.json it
     was made from) so `edgelora generate/eval` can use it and refuse it when the two disagree.
@@ -296,13 +293,9 @@ def write_model(bundle: Bundle, A: dict | None, B: dict | None, out: Path, quant
         exclude = add_lora_path(model, weights, A, B)
     with tempfile.TemporaryDirectory(dir=out) as tmp:
         final = Path(tmp) / "model.onnx"
-        quantize(model, final, quant, exclude, eight_bit, block_size, external_above)
+        quantize(model, final, quant, exclude, eight_bit, block_size)
         del model
-        data = Path(tmp) / DATA_FILE
-        if data.exists():
-            data.replace(out / DATA_FILE)
-        else:
-            (out / DATA_FILE).unlink(missing_ok=True)
+        (Path(tmp) / DATA_FILE).replace(out / DATA_FILE)
         final.replace(out / "model.onnx")
     for f in src_dir.iterdir():
         if f.is_file() and f.suffix not in (".onnx", ".onnx_data") and not f.name.endswith(".onnx.data"):
@@ -316,7 +309,7 @@ def write_model(bundle: Bundle, A: dict | None, B: dict | None, out: Path, quant
         "prompt": m["prompt"], "eos_ids": m["eos_ids"],
         "pad_id": m["pad_id"], "max_len": m["arch"]["max_len"], "tokenizer": "tokenizer.json",
         "model_sha256": sha256_file(out / "model.onnx"), "weights_sha256": weights_sha256,
-        "data_sha256": sha256_file(out / DATA_FILE) if (out / DATA_FILE).exists() else None})
+        "data_sha256": sha256_file(out / DATA_FILE)})
     return out / "model.onnx"
 
 

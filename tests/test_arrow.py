@@ -74,7 +74,7 @@ def test_routed_logits_match_peft(arrow_bundle, tiny_hf, route):
     path, peft = arrow_bundle
     bundle = Bundle.open(path)
     ids = prompt_ids(bundle)
-    ours, _ = Decoder(routed_decoder(bundle, route), eos_ids=[]).forward(ids, None, 0)
+    ours = Decoder(routed_decoder(bundle, route), eos_ids=[]).forward(ids, 0)
     ref = peft_logits(tiny_hf, peft, ids, route)
     with torch.no_grad():
         plain = AutoModelForCausalLM.from_pretrained(tiny_hf).eval()(input_ids=torch.tensor([ids])).logits[0].numpy()
@@ -97,6 +97,7 @@ def test_routing_matches_numpy_reference(arrow_bundle, tmp_path):
     dec = Decoder(tmp_path / "probe.onnx", eos_ids=[])
     ids = prompt_ids(bundle)
     feeds = {"input_ids": np.array([ids]), "attention_mask": np.ones((1, len(ids)), np.int64),
+             "position_ids": np.arange(len(ids))[None],
              **{n: np.zeros((1, dec.kv_heads, 0, dec.head_dim), np.float32) for n in dec.past_names}}
     x, idx, top_w, d = (a[0] for a in dec.session.run(probes, feeds))
     w = np.zeros((len(ids), len(bundle.lora_paths())), np.float32)
@@ -114,13 +115,9 @@ def test_cached_decode_equals_full_sequence(arrow_bundle):
     bundle = Bundle.open(path)
     dec = Decoder(routed_decoder(bundle, ArrowRoute(top_k=2)), eos_ids=[])
     ids = prompt_ids(bundle)
-    full, _ = dec.forward(ids, None, 0)
+    full = dec.forward(ids, 0)
     n = len(ids) // 2
-    logits, past = dec.forward(ids[:n], None, 0)
-    steps = [logits]
-    for k in range(n, len(ids)):
-        logits, past = dec.forward([ids[k]], past, k)
-        steps.append(logits)
+    steps = [dec.forward(ids[:n], 0)] + [dec.forward([ids[k]], k) for k in range(n, len(ids))]
     np.testing.assert_allclose(np.concatenate(steps), full, atol=1e-4, rtol=0)
 
 

@@ -5,10 +5,13 @@ optimum loads the output; generation stops at EOS; eval's numbers are exact."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 from helpers import encode
 
@@ -39,7 +42,7 @@ def decoder_logprob(model_path, bundle, batch) -> np.ndarray:
     dec = Decoder(model_path, bundle.manifest["eos_ids"])
     out = []
     for p, t in batch.rows:  # each example alone, unpacked
-        logits, _ = dec.forward(p + t, None, 0)
+        logits = dec.forward(p + t, 0)
         lp = log_softmax(logits)
         out.append(sum(lp[len(p) - 1 + k, tok] for k, tok in enumerate(t)))
     return np.array(out)
@@ -79,7 +82,6 @@ def test_int4_keeps_the_merged_lora_targets_at_8_bits(merged, written):
     """The default write-back: the base graph's nodes and no more (the tied embedding's
     Transpose + Gather become one GatherBlockQuantized at 8 bits, and no fp32 table is left),
     every MatMul weight-only quantized, at 8 bits where the LoRA was merged and 4 bits elsewhere."""
-    import onnx
     bundle, _, _ = merged
     base = onnx.load(str(bundle.decoder_dir / bundle.manifest["decoder"]["file"]))
     targets = {i["name"] for layers in bundle.manifest["decoder"]["weights"].values() for i in layers}
@@ -103,6 +105,7 @@ def test_optimum_loads_output_and_agrees(written, merged):
     bundle, _, _ = merged
     folder = written["none"].parent
     model = ORTModelForCausalLM.from_pretrained(folder, use_cache=True, use_io_binding=False)
+    assert "position_ids" in model.input_names  # not optimum's deprecated "legacy" layout
     ids = Model.load(folder).encode(bundle.prompt_format.prompt("The quick brown fox"))
     out = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
     ours = list(Decoder(written["none"], []).stream(ids, max_new_tokens=8))
@@ -130,20 +133,17 @@ def test_onnxruntime_genai_loads_output_and_agrees(written, merged, quant):
     assert out == ours[: len(out)] and len(out) >= 1
 
 
-def test_a_large_model_is_written_with_external_data_and_checked(merged, written, tmp_path):
-    """Above `external_above` bytes (1 GiB by default: protobuf stops at 2 GB, which a ~500M
-    base reaches in fp32) the weights go to model.onnx.data beside model.onnx; the model is the
-    same, and a damaged data file is refused like a damaged model."""
+def test_weights_lie_in_a_data_file_checked_like_the_model(written, tmp_path):
+    """The weights go to model.onnx.data beside model.onnx (protobuf stops at 2 GB, which a
+    ~500M base reaches in fp32; onnxruntime maps the file), and a damaged data file is
+    refused like a damaged model."""
     from edgelora.errors import UserError
     from edgelora.writeback import DATA_FILE, check_model
-    bundle, A, B = merged
-    path = write_model(bundle, A, B, tmp_path / "big", "int8", external_above=0)
+    path = Path(shutil.copytree(written["int8"].parent, tmp_path / "m")) / "model.onnx"  # damaged below
     data = path.parent / DATA_FILE
-    assert data.stat().st_size > path.stat().st_size
-    ids = [5, 6, 7, 8]
-    small, _ = Decoder(written["int8"], []).forward(ids, None, 0)
-    big, _ = Decoder(path, []).forward(ids, None, 0)
-    np.testing.assert_array_equal(big, small)
+    inits = onnx.load(str(path), load_external_data=False).graph.initializer
+    assert not [t.name for t in inits if len(t.raw_data) > 1024]  # onnx keeps tensors under 1 KB inline
+    assert sum(t.data_location == onnx.TensorProto.EXTERNAL for t in inits) > 10
     check_model(path.parent)
     with open(data, "r+b") as f:
         f.seek(100)
@@ -163,15 +163,27 @@ def test_generation_stops_at_eos_and_budget(written):
 def test_prefill_reuses_the_shared_prefix_and_agrees(written):
     """A prompt sharing its first tokens with the last one (the system turn, ICL shots) runs only
     its tail, and gets the logits and cache a full forward gives."""
-    dec = Decoder(written["unmerged-none"], [])
+    dec, ref = Decoder(written["unmerged-none"], []), Decoder(written["unmerged-none"], [])
     shared, a, b = list(range(5, 25)), [30, 31, 32], [40, 41, 42, 43]
     dec.prefill(shared + a)
-    logits, past = dec.prefill(shared + b)
-    ref_logits, ref_past = dec.forward(shared + b, None, 0)
-    assert len(logits) == len(b)
+    logits = dec.prefill(shared + b)
+    ref_logits = ref.forward(shared + b, 0)
+    assert len(logits) == len(b) and dec.cache_ids == shared + b
     np.testing.assert_allclose(logits, ref_logits[-len(b):], atol=1e-4)
-    for k in ref_past:
-        np.testing.assert_allclose(past[k], ref_past[k], atol=1e-4)
+    n = len(shared + b)  # the caches agree: so does the next step on each
+    np.testing.assert_allclose(dec.forward([50], n), ref.forward([50], n), atol=1e-4)
+
+
+def test_cache_grows_past_its_first_room_and_agrees(written):
+    """The KV buffer starts at `first_room` positions and doubles, the cached part copied: a
+    token-by-token decode across two growths gives the logits of one full forward."""
+    dec = Decoder(written["none"], [])
+    dec.first_room = 8
+    ids = [5 + k % 50 for k in range(40)]
+    steps = [dec.forward(ids[:6], 0)] + [dec.forward([ids[k]], k) for k in range(6, len(ids))]
+    assert dec._buffers[dec.past_names[0]].shape[2] == 64  # 8 → 16 → 32 → 64
+    full = Decoder(written["none"], []).forward(ids, 0)
+    np.testing.assert_allclose(np.concatenate(steps), full, atol=1e-4, rtol=0)
 
 
 def test_option_logprobs_match_one_forward_per_option(written):
@@ -181,7 +193,7 @@ def test_option_logprobs_match_one_forward_per_option(written):
     prompt, options = [5, 6, 7, 8], [[9], [10, 11], [12, 13, 14, 15], [16, 17, 18]]
     ref = []
     for opt in options:
-        lp = log_softmax(dec.forward(prompt + opt, None, 0)[0])
+        lp = log_softmax(dec.forward(prompt + opt, 0))
         ref.append(sum(lp[len(prompt) - 1 + j, t] for j, t in enumerate(opt)))
     dec.prefill(prompt[:2] + [99])  # a cached neighbour, as in eval
     np.testing.assert_allclose(dec.option_logprobs(prompt, options), ref, atol=1e-4)
