@@ -56,6 +56,41 @@ def matmuls_by_weight(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
     return {n.input[1]: n for n in model.graph.node if n.op_type == "MatMul" and len(n.input) == 2}
 
 
+def fuse_qkv(model: onnx.ModelProto) -> dict[str, str]:
+    """Each layer's q, k and v MatMuls (one input, fp32 weights) as one MatMul over the three
+    weights side by side, fed to GroupQueryAttention as its packed-QKV query: one kernel instead
+    of three per layer and token, as onnxruntime-genai's builder fuses them. Only for a merged
+    model: the bundle keeps them apart so each target weight is its own initializer, and an
+    unmerged LoRA adds to q and v alone. Returns each old MatMul's name → the fused one's."""
+    nodes, inits = list(model.graph.node), _initializers(model)
+    producer = {o: n for n in nodes for o in n.output}
+    users: dict[str, int] = {}
+    for n in nodes:
+        for i in n.input:
+            users[i] = users.get(i, 0) + 1
+    renamed: dict[str, str] = {}
+    for g in (n for n in nodes if n.op_type == "GroupQueryAttention" and all(n.input[1:3])):
+        mms = [producer.get(x) for x in g.input[:3]]
+        if any(m is None or m.op_type != "MatMul" or m.input[1] not in inits or users[m.output[0]] != 1
+               for m in mms) or len({m.input[0] for m in mms}) != 1:
+            continue
+        q = mms[0]
+        weight, name = f"{q.input[1]}_qkv", f"{q.name}_qkv"
+        W = np.concatenate([numpy_helper.to_array(inits[m.input[1]]) for m in mms], axis=1)
+        model.graph.initializer.append(numpy_helper.from_array(W.astype(np.float32), weight))
+        fused = helper.make_node("MatMul", [q.input[0], weight], [f"{name}/output_0"], name=name)
+        for m in mms:
+            model.graph.initializer.remove(inits[m.input[1]])
+            renamed[m.name] = name
+        nodes[nodes.index(q)] = fused
+        for m in mms[1:]:
+            nodes.remove(m)
+        g.input[0], g.input[1], g.input[2] = fused.output[0], "", ""
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return renamed
+
+
 def _beside_targets(model: onnx.ModelProto, weights: dict, what: str, nodes_for) -> None:
     """Each target MatMul's output renamed `<out>/base`, and the nodes `nodes_for(m, i, x, base,
     out)` returns (which must end by writing `out`) put right after it: ONNX wants nodes in
@@ -291,6 +326,9 @@ def write_model(bundle: Bundle, A: dict | None, B: dict | None, out: Path, quant
         eight_bit = [consumers[i["name"]].name for layers in weights.values() for i in layers if i["name"] in consumers]
     elif A is not None:
         exclude = add_lora_path(model, weights, A, B)
+    if A is None or merged:
+        renamed = fuse_qkv(model)
+        eight_bit = sorted({renamed.get(n, n) for n in eight_bit})
     with tempfile.TemporaryDirectory(dir=out) as tmp:
         final = Path(tmp) / "model.onnx"
         quantize(model, final, quant, exclude, eight_bit, block_size)

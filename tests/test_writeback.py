@@ -79,23 +79,31 @@ def test_quantized_within_tolerance(merged, written, quant):
 
 
 def test_int4_keeps_the_merged_lora_targets_at_8_bits(merged, written):
-    """The default write-back: the base graph's nodes and no more (the tied embedding's
-    Transpose + Gather become one GatherBlockQuantized at 8 bits, and no fp32 table is left),
-    every MatMul weight-only quantized, at 8 bits where the LoRA was merged and 4 bits elsewhere."""
+    """The default write-back: the base graph's nodes but each layer's q, k and v MatMuls as one
+    (fed to GroupQueryAttention as packed QKV), the tied embedding's Transpose + Gather as one
+    GatherBlockQuantized at 8 bits with no fp32 table left, every MatMul weight-only quantized:
+    at 8 bits where the LoRA was merged (a fused qkv holds q and v) and 4 bits elsewhere."""
     bundle, _, _ = merged
     base = onnx.load(str(bundle.decoder_dir / bundle.manifest["decoder"]["file"]))
     targets = {i["name"] for layers in bundle.manifest["decoder"]["weights"].values() for i in layers}
     target_nodes = {n.name for n in base.graph.node if n.op_type == "MatMul" and n.input[1] in targets}
+    producer = {o: n for n in base.graph.node for o in n.output}
+    fused = {producer[x].name: producer[gqa.input[0]].name + "_qkv"
+             for gqa in base.graph.node if gqa.op_type == "GroupQueryAttention" for x in gqa.input[:3]}
     for quant in ("int4", "int8"):
         g = onnx.load(str(written[quant])).graph
-        assert len(g.node) == len(base.graph.node) - 1 and not [n for n in g.node if n.op_type == "MatMul"]
+        layers = bundle.arch["layers"]
+        assert len(g.node) == len(base.graph.node) - 1 - 2 * layers and not [n for n in g.node if n.op_type == "MatMul"]
+        assert [n.input[1:3] for n in g.node if n.op_type == "GroupQueryAttention"] == [["", ""]] * layers
         assert [next(a.i for a in n.attribute if a.name == "bits") for n in g.node
                 if n.op_type == "GatherBlockQuantized"] == [8]
         assert not [i for i in g.initializer if i.data_type == onnx.TensorProto.FLOAT
                     and sorted(i.dims) == sorted([bundle.arch["vocab"], bundle.arch["hidden"]])]
         bits = {n.name: next(a.i for a in n.attribute if a.name == "bits") for n in g.node if n.op_type == "MatMulNBits"}
-        want = {n.name: 8 if quant == "int8" or n.name in target_nodes else 4
-                for n in base.graph.node if n.op_type == "MatMul"}
+        want: dict[str, int] = {}
+        for n in (n for n in base.graph.node if n.op_type == "MatMul"):
+            name = fused.get(n.name, n.name)
+            want[name] = max(want.get(name, 4), 8 if quant == "int8" or n.name in target_nodes else 4)
         assert {k.rsplit("_Q", 1)[0]: b for k, b in bits.items()} == want
 
 
