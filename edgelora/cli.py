@@ -11,7 +11,7 @@ from .bundle import LIBRARIES, Bundle, default_bundle_path
 from .errors import UserError, interrupted_exit_code, run_command
 from .evaluate import MODES
 from .formats import FORMATS, export
-from .search import OPTIMIZERS, SELECTS, AdaptConfig
+from .search import FINALISTS, OPTIMIZERS, SELECTS, AdaptConfig
 from .writeback import DEFAULT_QUANT, QUANTS
 
 
@@ -259,6 +259,10 @@ def parser() -> argparse.ArgumentParser:
                         "the examples (one forward per library LoRA), the search starting at the best; arrow, the most "
                         "Arrow routing mass on the examples, from one forward that is also the search's first point "
                         "(faster, less accurate: bench/results/bbh.md); random, LoraHub's sample with --seed")
+    a.add_argument("--select-len", type=int, default=d.select_len,
+                   help=f"--select loss: rank the library on each example's last N tokens after the shared chat header "
+                        f"(cheaper forwards), then score the best {FINALISTS} on the whole examples (default {d.select_len}: "
+                        "rank on the whole examples)")
     a.add_argument("--n-loras", type=int, default=d.n_loras, help=f"LoRAs to compose (default {d.n_loras})")
     a.add_argument("--budget", type=int, default=d.budget,
                    help=f"points scored, one forward pass each, the start included (default {d.budget})")

@@ -215,6 +215,15 @@ def pack(rows: list[tuple[list[int], list[int]]]) -> Batch:
                  target_pos, target_ids, target_mask, P, rows)
 
 
+def keep_ends(batch: Batch, keep: int) -> Batch:
+    """The same examples with each one's own tokens (after the shared chat header) cut to their
+    last `keep`, answer included: where the question and the answer lie, so a forward costing
+    a fraction of the tokens ranks the library much as the whole examples do
+    (bench/select_truncated.py). The header stays, so the model still reads a chat turn."""
+    P = batch.prefix_len
+    return pack([(p[:P] + p[max(P, len(p) - max(keep - len(t), 1)):], t) for p, t in batch.rows])
+
+
 def encode_pairs(tokenizer, pairs: list[tuple[str, str]], max_len: int) -> tuple[Batch, list[int]]:
     """Tokenise and pack (prompt, target) pairs: the one way prompts become scoring-graph inputs."""
     rows, truncated = tokenize_pairs(tokenizer, pairs, max_len)

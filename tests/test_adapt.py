@@ -72,12 +72,14 @@ def test_search_recovers_planted_mix(library, tiny_hf):
     assert res.loss <= f_loss + 0.2 * (res.start_loss - f_loss)
 
 
-def _loss_at(bundle, examples, loras, w) -> float:
-    from edgelora.examples import encode_pairs
+def _loss_at(bundle, examples, loras, w, keep: int = 0) -> float:
+    """The pooled loss at `w`; with `keep`, on the examples cut as the loss pick cuts them."""
+    from edgelora.examples import encode_pairs, keep_ends
     from edgelora.scorer import Scorer
     fmt = bundle.prompt_format
     batch, _ = encode_pairs(bundle.tokenizer(), fmt.pairs(examples),
                             bundle.arch["max_len"])
+    batch = keep_ends(batch, keep) if keep else batch
     s = Scorer(bundle)
     s.bind(batch)
     _, lp = s.run(*LoraStack(loras, list(bundle.targets)).compose(np.asarray(w)))
@@ -112,6 +114,45 @@ def test_select_by_loss_keeps_the_best_single_loras_and_starts_at_the_best(libra
     assert res.history[1].loss == pytest.approx(alone[best], rel=1e-5)
     assert res.loss <= alone[best] + 1e-6 and res.settings["selection_forwards"] == 4
     assert res.settings["forwards"] == 4 + 5 and len(res.history) == 6
+
+
+def test_keep_ends_keeps_the_header_and_each_examples_last_tokens(library):
+    from edgelora.examples import encode_pairs, keep_ends
+    bundle, _ = library
+    pairs = bundle.prompt_format.pairs([Example(p, "no") for p in PROMPTS])
+    batch, _ = encode_pairs(bundle.tokenizer(), pairs, bundle.arch["max_len"])
+    P, own = batch.prefix_len, [len(p) - batch.prefix_len for p, _ in batch.rows]
+    keep = sorted(own)[2] + 1  # longer than some examples' own tokens, shorter than others'
+    T = len(batch.rows[0][1])  # the answer's tokens, the same for every example here
+    cut = keep_ends(batch, keep + T)
+    for (p, t), (cp, ct), n in zip(batch.rows, cut.rows, own):
+        assert ct == t and cp[:P] == p[:P] and cp[P:] == p[len(p) - min(n, keep):]
+    assert cut.n_tokens < batch.n_tokens and keep_ends(batch, max(own) + T).rows == batch.rows
+
+
+def test_a_cut_ranking_scores_its_finalists_whole_and_starts_at_their_best(library):
+    """--select-len: the library ranked on each example's last 2 own tokens (the header kept),
+    the best 3 by it scored on the whole examples, and the best of those is the search's start;
+    the finalists' points are the search's first points. A cut no shorter than the examples is
+    the plain loss pick, forward for forward."""
+    bundle, loras = library
+    ex = [Example(p, "no") for p in PROMPTS]
+    whole = {l.name: _loss_at(bundle, ex, [l], [1.0]) for l in loras}
+    cut = {l.name: _loss_at(bundle, ex, [l], [1.0], keep=2) for l in loras}
+    assert sorted(cut, key=cut.get) != sorted(whole, key=whole.get)  # the cut ranks differently here
+    finalists = sorted(cut, key=cut.get)[:3]
+    best = min(finalists, key=whole.get)
+    res = adapt(ex, bundle, budget=8, n_loras=2, l1=0.0, select="loss", select_len=2, patience=0)
+    assert res.settings["selection_forwards"] == 4 + 3
+    assert res.loras[0] == best and res.loras[1] == next(n for n in sorted(cut, key=cut.get) if n != best)
+    known = res.history[1: 1 + sum(n in finalists for n in res.loras)]  # right after w = 0
+    assert known[-1].weights == [1.0, 0.0] and known[-1].loss == pytest.approx(whole[best], rel=1e-5)
+    for h in known:
+        assert h.loss == pytest.approx(whole[res.loras[h.weights.index(1.0)]], rel=1e-5)
+    plain = adapt(ex, bundle, budget=8, n_loras=2, l1=0.0, select="loss", patience=0)
+    long_cut = adapt(ex, bundle, budget=8, n_loras=2, l1=0.0, select="loss", select_len=500, patience=0)
+    assert [h.weights for h in long_cut.history] == [h.weights for h in plain.history]
+    assert long_cut.settings["selection_forwards"] == plain.settings["selection_forwards"] == 4
 
 
 def test_a_budget_below_the_selections_points_still_scores_the_start(library):

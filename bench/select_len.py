@@ -1,0 +1,99 @@
+"""Is a cut loss pick (`adapt --select-len N`) as good as the whole one, and how much faster?
+
+On every bbh/ and near/ task whose 5 examples the cut shortens (on the others the two runs are
+the same run, forward for forward: tests/test_adapt.py), `adapt` twice in one process,
+alternating which goes first: the default loss pick on whole examples, and the library
+ranked on each example's last N own tokens with its best 3 scored whole. Each run's
+seconds, forwards and final loss; where the two end on different weights, both are written
+back (the adapt default, int4) and evaluated on the task's test file; where they end on the
+same weights, the model is the same and is evaluated once. Resumable per task.
+
+    python bench/select_len.py [--len 64] [--tasks a,b] [--limit N]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+from common import DATA, RESULTS, save
+
+from edgelora.bundle import Bundle, home
+from edgelora.evaluate import evaluate
+from edgelora.examples import encode_pairs, keep_ends, load_examples
+from edgelora.generate import Model
+from edgelora.search import adapt
+from edgelora.writeback import write_model
+
+
+def cut_ratio(bundle: Bundle, path, n: int) -> float:
+    batch, _ = encode_pairs(bundle.tokenizer(), bundle.prompt_format.pairs(load_examples(path)), bundle.arch["max_len"])
+    return keep_ends(batch, n).n_tokens / batch.n_tokens
+
+
+def run(bundle: Bundle, path, select_len: int) -> tuple[dict, object]:
+    t0 = time.perf_counter()
+    res = adapt(path, bundle, select_len=select_len, warn=lambda m: None)
+    return {"adapt_s": time.perf_counter() - t0, "forwards": res.settings["forwards"],
+            "selection_forwards": res.settings["selection_forwards"], "loss": [res.start_loss, res.loss],
+            "stop": res.stop, "weights": dict(zip(res.loras, res.weights.round(4).tolist()))}, res
+
+
+def accuracy(bundle: Bundle, res, out, test) -> dict:
+    write_model(bundle, *res.merged(), out)
+    r = evaluate(Model.load(out), test)
+    return {"exact": r["exact_match"], "options": r["option_accuracy"]}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--len", type=int, default=64)
+    ap.add_argument("--tasks")
+    ap.add_argument("--limit", type=int)
+    args = ap.parse_args()
+    bundle = Bundle.open()
+    name = f"select_len_{args.len}"
+    last = json.loads((RESULTS / f"{name}.json").read_text()) if (RESULTS / f"{name}.json").exists() else {}
+    rows = {r["task"]: r for r in last.get("tasks", [])} if last.get("limit") == args.limit else {}
+    todo = []
+    for suite in ("bbh", "near"):
+        for f in sorted((DATA / suite).glob("*.adapt.jsonl")):
+            task = f.name.removesuffix(".adapt.jsonl")
+            if (not args.tasks or task in args.tasks.split(",")) and (r := cut_ratio(bundle, f, args.len)) < 1:
+                todo.append((r, suite, task, f))
+    for i, (ratio, suite, task, f) in enumerate(sorted(todo)):
+        if task in rows:
+            continue
+        test = load_examples(DATA / suite / f"{task}.test.jsonl")[: args.limit]
+        order = (0, args.len) if i % 2 == 0 else (args.len, 0)
+        runs = {n: run(bundle, f, n) for n in order}
+        row = {"suite": suite, "task": task, "token_ratio": ratio, "order": list(order)}
+        same = runs[0][0]["weights"] == runs[args.len][0]["weights"]
+        work = home() / "bench" / "select_len" / task
+        for n, key in ((0, "whole"), (args.len, "cut")):
+            row[key] = runs[n][0]
+            if n == 0 or not same:
+                row[key].update(accuracy(bundle, runs[n][1], work / key, test))
+        if same:
+            row["cut"].update({k: row["whole"][k] for k in ("exact", "options")})
+        row["same_weights"] = same
+        row["time_ratio"] = row["cut"]["adapt_s"] / row["whole"]["adapt_s"]
+        rows[task] = row
+        print(f"[{task}] tokens x{ratio:.2f}: adapt {row['whole']['adapt_s']:.0f}s -> {row['cut']['adapt_s']:.0f}s "
+              f"(x{row['time_ratio']:.2f}), forwards {row['whole']['forwards']} -> {row['cut']['forwards']}, "
+              f"loss {row['whole']['loss'][1]:.4f} -> {row['cut']['loss'][1]:.4f}, exact {row['whole']['exact']} -> "
+              f"{row['cut']['exact']}, options {row['whole']['options']} -> {row['cut']['options']}"
+              f"{' (same weights)' if same else ''}", flush=True)
+        rs = list(rows.values())
+        mean = lambda key, k: statistics.mean(r[key][k] for r in rs if r[key].get(k) is not None) if any(
+            r[key].get(k) is not None for r in rs) else None
+        save(name, {"len": args.len, "limit": args.limit, "tasks": rs,
+                    "summary": {"tasks": len(rs), "time_ratio_median": statistics.median(r["time_ratio"] for r in rs),
+                                "slowest_whole_s": max(r["whole"]["adapt_s"] for r in rs),
+                                "slowest_cut_s": max(r["cut"]["adapt_s"] for r in rs),
+                                **{f"{k}_{key}_mean": mean(key, k) for k in ("exact", "options") for key in ("whole", "cut")}}})
+
+
+if __name__ == "__main__":
+    main()
