@@ -136,21 +136,26 @@ def worker(kind: str, new_tokens: int) -> dict:
                 out = model(logits[:, -1:].argmax(-1), past_key_values=past, use_cache=True)
             return out.logits, out.past_key_values
     elif kind == "llamacpp":
+        import llama_cpp
         import numpy as np
-        from llama_cpp import Llama
         sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "export"))
         from edgelora_export.model import default_gguf
-        llm = Llama(model_path=str(default_gguf()), n_ctx=1024, n_threads=2, n_threads_batch=2, n_batch=512,
-                    verbose=False)
+        llm = llama_cpp.Llama(model_path=str(default_gguf()), n_ctx=1024, n_threads=2, n_threads_batch=2, n_batch=512,
+                              verbose=False)
+
+        def last_logits() -> np.ndarray:
+            # llm.scores is filled only with logits_all=True (zeros otherwise: every step decoded
+            # token 0 before this); read the last position's logits as its own sampler does
+            return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
 
         def prefill():
             llm.reset()
             llm.eval(ids)
-            return llm.scores[llm.n_tokens - 1]
+            return last_logits()
 
         def step(state, n):
             llm.eval([int(np.argmax(state))])
-            return llm.scores[llm.n_tokens - 1]
+            return last_logits()
     else:
         raise SystemExit(f"unknown worker {kind}")
     state = prefill()  # warm-up

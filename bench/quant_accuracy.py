@@ -22,13 +22,17 @@ from edgelora.search import adapt
 from edgelora.writeback import write_model
 
 VARIANTS = {"fp32": ("none", True), "int8": ("int8", True), "int4": ("int4", True), "int4+lora": ("int4", False),
-            "int4-fp32-embedding": ("int4", True)}  # int4 as before the 8-bit embedding table
+            "int4-fp32-embedding": ("int4", True),  # int4 as before the 8-bit embedding table
+            "int4-unfused-qkv": ("int4", True)}  # int4 as before q, k, v became one MatMul (k at 8 bits with them)
 
 
 def write_variant(bundle, A, B, out, name: str) -> None:
     quant, merged = VARIANTS[name]
     if name == "int4-fp32-embedding":  # the write-back without its embedding step: what it replaced
         with mock.patch("edgelora.writeback.quantize_embedding", lambda *a, **k: False):
+            write_model(bundle, A, B, out, quant, merged=merged)
+    elif name == "int4-unfused-qkv":
+        with mock.patch("edgelora.writeback.fuse_qkv", lambda *a, **k: {}):
             write_model(bundle, A, B, out, quant, merged=merged)
     else:
         write_model(bundle, A, B, out, quant, merged=merged)
@@ -74,7 +78,7 @@ def main():
             r = evaluate(Model.load(out), test)
             row[name] = {"exact": r["exact_match"], "options": r["option_accuracy"], "eval_s": r["seconds"],
                          "write_s": round(time.time() - t - r["seconds"], 1),
-                         "size_mb": round((out / "model.onnx").stat().st_size / 1e6, 1)}
+                         "size_mb": round(sum(f.stat().st_size for f in out.glob("model.onnx*")) / 1e6, 1)}
             opts = "-" if r["option_accuracy"] is None else f"{100 * r['option_accuracy']:.1f}%"
             print(f"{task:<24} {name:<10} exact {100 * r['exact_match']:5.1f}%  options {opts}  "
                   f"({row[name]['size_mb']} MB, {r['seconds']:.0f}s)", flush=True)
