@@ -145,13 +145,14 @@ def cmd_cluster(args) -> None:
 
 
 def route_from(args):
-    """`--route arrow [--top-k K] [--gks LORA ...]` as an ArrowRoute (None without --route)."""
+    """`--route arrow [--top-k K] [--gks LORA ...] [--library L]` as an ArrowRoute (None without --route)."""
     from .lora import ArrowRoute
     if args.route is None:
         if args.top_k is not None or args.gks:
             raise UserError("--top-k and --gks set Arrow routing: add --route arrow")
         return None
-    return ArrowRoute(top_k=ArrowRoute.top_k if args.top_k is None else args.top_k, gks=tuple(args.gks or ()))
+    return ArrowRoute(top_k=ArrowRoute.top_k if args.top_k is None else args.top_k, gks=tuple(args.gks or ()),
+                      library=args.library or ArrowRoute.library)
 
 
 def add_route_flags(p: argparse.ArgumentParser) -> None:
@@ -165,6 +166,8 @@ def add_route_flags(p: argparse.ArgumentParser) -> None:
 
 def cmd_generate(args) -> None:
     from .generate import Model
+    if args.library and args.route is None:
+        raise UserError("--library picks the library that --route arrow routes: add --route arrow")
     model = Model.load(args.model, route=route_from(args))
     prompt = args.prompt if args.prompt not in (None, "-") else sys.stdin.read().strip()
     if not prompt:
@@ -311,6 +314,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--library", choices=LIBRARIES, help="--route arrow: the bundle's library to route (default per-task)")
     add_route_flags(g)
     g.set_defaults(fn=cmd_generate)
     e = sub.add_parser("eval", help="score a model on a task file: exact match and option ranking")
@@ -325,7 +329,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true")
     e.add_argument("--library", choices=LIBRARIES,
                    help="the LoRA library the model must come from: an adapt output's (its weights.json), or one the "
-                        "bundle holds; recorded in the results")
+                        "bundle holds (with --route arrow: the library routed); recorded in the results")
     add_route_flags(e)
     e.set_defaults(fn=cmd_eval)
     return p

@@ -158,7 +158,8 @@ class Model:
             onnx_path, tok_path = bundle.decoder_dir / bundle.manifest["decoder"]["file"], bundle.path / bundle.manifest["tokenizer"]
             if route is not None:
                 onnx_path = routed_decoder(bundle, route)
-                meta["lora"] = f"arrow top-{route.top_k}" + (f", GenKnowSub {', '.join(route.gks)}" if route.gks else "")
+                meta["lora"] = (f"arrow top-{route.top_k} over the {route.library} library"
+                                + (f", GenKnowSub {', '.join(route.gks)}" if route.gks else ""))
         elif (path / "weights.json").is_file():
             raise UserError(f"{path}: this adapt output has no model (written with --no-model, or interrupted); "
                             f"re-run edgelora adapt")

@@ -194,10 +194,12 @@ class ArrowRoute:
     """Arrow routing at inference (seed 001, peft's ArrowConfig): per token, layer and target,
     every library LoRA scored by |x·v|, the top-k kept, softmax(score / temperature) over them.
     `gks`: GenKnowSub's general LoRAs, whose mean A and B is subtracted from every task LoRA
-    (and which are not routed themselves)."""
+    (and which are not routed themselves). `library`: which of the bundle's libraries is routed
+    (per-task, or mbc: seed 001's cluster LoRAs)."""
     top_k: int = 3
     temperature: float = 1.0
     gks: tuple[str, ...] = ()
+    library: str = "per-task"
 
 
 @dataclass

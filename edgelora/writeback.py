@@ -214,11 +214,13 @@ def routed_decoder(bundle: Bundle, route: ArrowRoute) -> Path:
     """The bundle's decoder with Arrow routing over its library (fp32, like the decoder), built at
     the first use of a bundle and setting and kept in EDGELORA_HOME/routed/, never in the bundle:
     one graph per bundle, swapped in whole, rebuilt when the setting or the bundle changes."""
-    paths = bundle.lora_paths()
+    paths = bundle.library(route.library)
     tasks = check_route(route, list(paths), bundle.path)
     key = {"graph": ROUTED_GRAPH, "bundle": str(bundle.path.resolve()), "bundle_manifest_sha256": sha256_file(bundle.path / "manifest.json"),
-           "top_k": route.top_k, "temperature": route.temperature, "gks": list(route.gks), "loras": tasks}
-    folder = home() / "routed" / f"{bundle.path.name}-{hashlib.sha256(key['bundle'].encode()).hexdigest()[:8]}"
+           "top_k": route.top_k, "temperature": route.temperature, "gks": list(route.gks), "library": route.library,
+           "loras": tasks}
+    suffix = "" if route.library == "per-task" else f"-{route.library}"  # one graph per bundle and library
+    folder = home() / "routed" / f"{bundle.path.name}-{hashlib.sha256(key['bundle'].encode()).hexdigest()[:8]}{suffix}"
     if _routed_cached(folder, key):
         return folder / "model.onnx"
     layers, targets = bundle.arch["layers"], bundle.targets

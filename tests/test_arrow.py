@@ -159,10 +159,37 @@ def test_route_flags_need_route(arrow_bundle):
 
 
 def test_route_needs_a_library(tiny_bundle_ro, tmp_path):
-    assert_refused(run_cli("generate", str(tiny_bundle_ro), "hi", "--route", "arrow"), "no LoRAs to route")
+    assert_refused(run_cli("generate", str(tiny_bundle_ro), "hi", "--route", "arrow"), "no per-task library")
     task = tmp_path / "task.jsonl"
     task.write_text('{"input": "hi", "output": "yes"}\n')
-    assert_refused(run_cli("eval", str(task), "--model", str(tiny_bundle_ro), "--route", "arrow"), "no LoRAs to route")
+    assert_refused(run_cli("eval", str(task), "--model", str(tiny_bundle_ro), "--route", "arrow"), "no per-task library")
+    assert_refused(run_cli("eval", str(task), "--model", str(tiny_bundle_ro), "--route", "arrow", "--library", "mbc"),
+                   "no mbc library", "edgelora-export library")
+    assert_refused(run_cli("generate", str(tiny_bundle_ro), "hi", "--library", "mbc"), "--library", "--route arrow")
+
+
+def test_route_over_the_mbc_library(arrow_bundle, tiny_bundle_ro, tmp_path, edgelora_home):
+    """`--library mbc` routes the bundle's second library, in a graph of its own: the same two
+    LoRAs routed as a bundle's mbc library and as another's per-task library give the same logits."""
+    from edgelora_export.lora import add_lora
+    _, peft = arrow_bundle
+    ids = None
+    logits = {}
+    for library in ("per-task", "mbc"):
+        path = tmp_path / library
+        shutil.copytree(tiny_bundle_ro, path)
+        for name in TASKS[:2]:
+            add_lora(peft[name], path, name, dtype="fp32", library=library)
+        bundle = Bundle.open(path)
+        ids = ids or prompt_ids(bundle)
+        graph = routed_decoder(bundle, ArrowRoute(top_k=1, library=library))
+        assert graph.parent.name.endswith("-mbc") == (library == "mbc")
+        logits[library] = Decoder(graph, eos_ids=[]).forward(ids, 0)
+    np.testing.assert_allclose(logits["mbc"], logits["per-task"], atol=1e-5, rtol=0)
+    r = run_cli("generate", str(tmp_path / "mbc"), "red green", "--route", "arrow", "--library", "mbc", "--top-k", "1",
+                "--max-new-tokens", "5")
+    assert r.returncode == 0, r.stderr
+    assert_refused(run_cli("generate", str(tmp_path / "mbc"), "hi", "--route", "arrow"), "no per-task library")
 
 
 def test_route_refuses_an_adapt_output(tmp_path):
