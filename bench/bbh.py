@@ -1,7 +1,8 @@
 """LoraHub against zero-shot and in-context learning on every bbh/ and near/ task.
 
 Per task (5 `adapt` examples, the `test` file): zero-shot, 5-shot ICL (the same 5 examples as
-earlier chat turns), LoraHub (20 LoRAs, budget 40, --seeds seeds: mean ± std), LoraHub on the
+earlier chat turns), Arrow zero-shot (`eval --route arrow`: the library routed per token, top-3,
+fp32, no example seen), LoraHub (20 LoRAs, budget 40, --seeds seeds: mean ± std), LoraHub on the
 20 LoRAs that fit the 5 examples best alone (`adapt --select loss`, the search starting at the
 best LoRA; one run), today's default `adapt` (whatever AdaptConfig says, re-run when it changes,
 so a candidate default shows beside the loss-picked column; with its adapt seconds), LoraHub on the 20 with the most
@@ -38,16 +39,16 @@ from edgelora.io import atomic_write, atomic_write_json
 from edgelora.evaluate import evaluate
 from edgelora.examples import encode_pairs, load_examples
 from edgelora.generate import Model
-from edgelora.lora import LoraStack, load_lora
+from edgelora.lora import ArrowRoute, LoraStack, load_lora
 from edgelora.scorer import Scorer
 from edgelora.search import AdaptConfig, adapt
 from edgelora.writeback import DEFAULT_QUANT, write_model
 
 
-def score(model_dir: Path, test, shots=(), out: Path | None = None) -> dict:
+def score(model_dir: Path, test, shots=(), out: Path | None = None, route: ArrowRoute | None = None) -> dict:
     """Accuracy for bbh.json; every answer to `out` (default: beside the model), so a claim
     about what a model said can be checked without committing 250 answers per variant."""
-    r = evaluate(Model.load(model_dir), test, shots)
+    r = evaluate(Model.load(model_dir, route=route), test, shots)
     atomic_write_json(out or model_dir / "eval.json", r)
     return {"exact": r["exact_match"], "options": r["option_accuracy"], "prompt_tokens": r["prompt_tokens_mean"],
             "shots": r["shots_mean"]}
@@ -95,6 +96,15 @@ def lorahub_selected(bundle: Bundle, suite: str, task: str, args) -> dict:
     return row
 
 
+def arrow_zero_shot(bundle: Bundle, suite: str, task: str, args) -> dict:
+    """`eval --route arrow` on the bundle: the library routed per token (top-3), no example seen."""
+    _, test, work = inputs(suite, task, args)
+    t0 = time.perf_counter()
+    r = score(bundle.path, test, out=work / "arrow-zs.eval.json", route=ArrowRoute(library=args.library))
+    log(task, "Arrow zero-shot", r, t0)
+    return r
+
+
 def timed_adapt(bundle: Bundle, suite: str, task: str, args, key: str, label: str, **overrides) -> dict:
     """`edgelora adapt` with AdaptConfig's defaults but `overrides`, timed as a user waits for it:
     the adapt call (session, selection, search), then the write-back apart. Written back as the
@@ -131,6 +141,7 @@ def run_task(bundle: Bundle, suite: str, task: str, args) -> dict:
     t0 = time.perf_counter()
     row["icl"] = score(bundle.path, test, shots, out=work / "icl.eval.json")
     log(task, "ICL", row["icl"], t0)
+    row["arrow-zs"] = arrow_zero_shot(bundle, suite, task, args)
     runs = []
     for seed in range(args.seeds):
         t0 = time.perf_counter()
@@ -187,12 +198,12 @@ def table(rows: list[dict]) -> str:
         if not rs:
             continue
         out += [f"**{title}**", "",
-                "| suite | task | n | zero-shot | ICL | LoraHub (mean ± std) | LoraHub, loss-picked | default adapt (adapt s) | LoraHub, Arrow-picked (adapt s) | oracle LoRA | uniform | prompt tokens (0-shot / ICL) |",
-                "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                "| suite | task | n | zero-shot | ICL | Arrow zero-shot (top-3) | LoraHub (mean ± std) | LoraHub, loss-picked | default adapt (adapt s) | LoraHub, Arrow-picked (adapt s) | oracle LoRA | uniform | prompt tokens (0-shot / ICL) |",
+                "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in rs:
             lh = r["lorahub"]
             out.append(f"| {r['suite']} | {r['task']} | {r['n_test']} | {pct(r['zero-shot'][k])} | {pct(r['icl'][k])} | "
-                       f"{pct(lh[k + '_mean'])} ± {pct(lh[k + '_std'])} | {pct(r.get('lorahub-loss', {}).get(k))} | "
+                       f"{pct(r.get('arrow-zs', {}).get(k))} | {pct(lh[k + '_mean'])} ± {pct(lh[k + '_std'])} | {pct(r.get('lorahub-loss', {}).get(k))} | "
                        f"{timed_cell(r, 'default', k)} | {timed_cell(r, 'arrow', k)} | "
                        f"{pct(r['oracle'][k])} ({r['oracle']['lora']}) | "
                        f"{pct(r['uniform'][k])} | {r['zero-shot']['prompt_tokens']:.0f} / {r['icl']['prompt_tokens']:.0f}{shot_note(r)} |")
@@ -201,7 +212,7 @@ def table(rows: list[dict]) -> str:
             m = lambda f: pct(statistics.mean(f(r) for r in ss))
             sel = pct(statistics.mean(r["lorahub-loss"][k] for r in ss)) if all("lorahub-loss" in r for r in ss) else "–"
             col = lambda key: pct(statistics.mean(r[key][k] for r in ss)) if all(key in r for r in ss) else "–"
-            out.append(f"| {suite} | **mean of {len(ss)}** | | {m(lambda r: r['zero-shot'][k])} | {m(lambda r: r['icl'][k])} | "
+            out.append(f"| {suite} | **mean of {len(ss)}** | | {m(lambda r: r['zero-shot'][k])} | {m(lambda r: r['icl'][k])} | {col('arrow-zs')} | "
                        f"{m(lambda r: r['lorahub'][k + '_mean'])} | {sel} | {col('default')} | {col('arrow')} | {m(lambda r: r['oracle'][k])} | "
                        f"{m(lambda r: r['uniform'][k])} | |")
         out.append("")
@@ -230,7 +241,7 @@ def main():
     ap.add_argument("--name", help="results file name (bench/results/NAME.md/.json; default bbh, or bbh-mbc)")
     ap.add_argument("--library", default="per-task", help="the bundle's library to compose: per-task | mbc")
     ap.add_argument("--oracle-n", type=int, default=50, help="test examples the oracle LoRA is picked on")
-    ap.add_argument("--no-arrow", action="store_true", help="do not add the Arrow-picked column to finished rows")
+    ap.add_argument("--no-arrow", action="store_true", help="do not add the Arrow columns to finished rows")
     args = ap.parse_args()
     args.name = args.name or ("bbh" if args.library == "per-task" else f"bbh-{args.library}")
     bundle = Bundle.open()
@@ -246,6 +257,8 @@ def main():
         else:  # a row from before a column was added: run just that column
             if "lorahub-loss" not in done[suite, task]:
                 done[suite, task]["lorahub-loss"] = lorahub_selected(bundle, suite, task, args)
+            if "arrow-zs" not in done[suite, task] and not args.no_arrow:
+                done[suite, task]["arrow-zs"] = arrow_zero_shot(bundle, suite, task, args)
             for key, label, overrides in TIMED:
                 overrides = {**overrides, "library": args.library}
                 stale = done[suite, task].get(key, {}).get("config") != run_config(**overrides)
