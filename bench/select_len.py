@@ -1,7 +1,8 @@
 """Is a cut loss pick (`adapt --select-len N`) as good as the whole one, and how much faster?
 
-On every bbh/ and near/ task whose 5 examples the cut shortens (on the others the two runs are
-the same run, forward for forward: tests/test_adapt.py), `adapt` twice in one process,
+On every bbh/ and near/ task whose 5 examples the cut shortens enough to pay for its finalists
+(`search.cut_pays`; on the others the two runs are the same run, forward for forward:
+tests/test_adapt.py), `adapt` twice in one process,
 alternating which goes first: the default loss pick on whole examples, and the library
 ranked on each example's last N own tokens with its best 3 scored whole. Each run's
 seconds, forwards and final loss; where the two end on different weights, both are written
@@ -23,7 +24,7 @@ from edgelora.bundle import Bundle, home
 from edgelora.evaluate import evaluate
 from edgelora.examples import encode_pairs, keep_ends, load_examples
 from edgelora.generate import Model
-from edgelora.search import adapt
+from edgelora.search import adapt, cut_pays
 from edgelora.writeback import write_model
 
 
@@ -60,7 +61,8 @@ def main():
     for suite in ("bbh", "near"):
         for f in sorted((DATA / suite).glob("*.adapt.jsonl")):
             task = f.name.removesuffix(".adapt.jsonl")
-            if (not args.tasks or task in args.tasks.split(",")) and (r := cut_ratio(bundle, f, args.len)) < 1:
+            r = cut_ratio(bundle, f, args.len)
+            if (not args.tasks or task in args.tasks.split(",")) and cut_pays(len(bundle.lora_paths()), r, 1.0):
                 todo.append((r, suite, task, f))
     for i, (ratio, suite, task, f) in enumerate(sorted(todo)):
         if task in rows:

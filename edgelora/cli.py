@@ -264,8 +264,8 @@ def parser() -> argparse.ArgumentParser:
                         "(faster, less accurate: bench/results/bbh.md); random, LoraHub's sample with --seed")
     a.add_argument("--select-len", type=int, default=d.select_len,
                    help=f"--select loss: rank the library on each example's last N tokens after the shared chat header "
-                        f"(cheaper forwards), then score the best {FINALISTS} on the whole examples (default {d.select_len}: "
-                        "rank on the whole examples)")
+                        f"(cheaper forwards), then score the best {FINALISTS} on the whole examples; only where that "
+                        f"saves forward work (default {d.select_len}, bench/results/select_len_64.json; 0: whole examples)")
     a.add_argument("--n-loras", type=int, default=d.n_loras, help=f"LoRAs to compose (default {d.n_loras})")
     a.add_argument("--budget", type=int, default=d.budget,
                    help=f"points scored, one forward pass each, the start included (default {d.budget})")

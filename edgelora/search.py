@@ -41,7 +41,7 @@ class AdaptConfig:
     bounds: float = 1.5        # search box [-b, b]
     n_loras: int = 20          # LoRAs composed
     select: str = "loss"       # which n of the library: loss | arrow | random (see SELECTS, bench/bbh.py)
-    select_len: int = 0        # >0: the loss pick ranks on each example's last N own tokens, then scores its best 3 whole
+    select_len: int = 64       # >0: the loss pick ranks on each example's last N own tokens, then scores its best 3 whole
     seed: int = 0              # for select=random and optimizer=cma
     top_k: int = 3             # Arrow routing: LoRAs kept per token (peft's default)
     patience: int = 10         # after the first n + 1 points, stop once the best gained < 1e-4 over this many (0: never)
@@ -292,6 +292,13 @@ class Selection:
 FINALISTS = 3
 
 
+def cut_pays(n_library: int, cut_tokens: int, whole_tokens: int) -> bool:
+    """A cut ranking is worth its finalists only where its forwards save more tokens than the
+    finalists' extra whole forwards cost (a forward's time is about its tokens): otherwise, or
+    where nothing is cut, the library is ranked whole, forward for forward the plain loss pick."""
+    return n_library * (whole_tokens - cut_tokens) > (FINALISTS - 1) * whole_tokens
+
+
 def select_loras(cfg: AdaptConfig, scorer: Scorer, bundle: Bundle, paths: list[Path], n_tokens: float,
                  on_rank=None) -> Selection:
     """The library's `cfg.n_loras` by `cfg.select`: "arrow" from one base forward, which is the
@@ -305,7 +312,7 @@ def select_loras(cfg: AdaptConfig, scorer: Scorer, bundle: Bundle, paths: list[P
         return Selection(paths, load_checked(paths, bundle), [(np.zeros(n), base_loss, secs)], 1)
     loras, modules, whole = load_checked(paths, bundle), list(bundle.targets), scorer.batch
     cut = keep_ends(whole, cfg.select_len) if cfg.select_len else whole
-    if cut.n_tokens >= whole.n_tokens:  # nothing to cut: the ranking's forwards are whole already
+    if not cut_pays(len(loras), cut.n_tokens, whole.n_tokens):
         losses = rank_by_loss(scorer, n_tokens, loras, modules, on_rank)
         order = list(np.argsort(losses, kind="stable"))
         finalists, forwards = {order[0]: float(losses[order[0]])}, len(loras)

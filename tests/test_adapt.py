@@ -143,16 +143,22 @@ def test_a_cut_ranking_scores_its_finalists_whole_and_starts_at_their_best(libra
     finalists = sorted(cut, key=cut.get)[:3]
     best = min(finalists, key=whole.get)
     res = adapt(ex, bundle, budget=8, n_loras=2, l1=0.0, select="loss", select_len=2, patience=0)
-    assert res.settings["selection_forwards"] == 4 + 3
+    assert res.settings["selection_forwards"] == 4 + 3  # the cut pays here: 4 short forwards + 3 whole < 4 whole
     assert res.loras[0] == best and res.loras[1] == next(n for n in sorted(cut, key=cut.get) if n != best)
     known = res.history[1: 1 + sum(n in finalists for n in res.loras)]  # right after w = 0
     assert known[-1].weights == [1.0, 0.0] and known[-1].loss == pytest.approx(whole[best], rel=1e-5)
     for h in known:
         assert h.loss == pytest.approx(whole[res.loras[h.weights.index(1.0)]], rel=1e-5)
-    plain = adapt(ex, bundle, budget=8, n_loras=2, l1=0.0, select="loss", patience=0)
+    plain = adapt(ex, bundle, budget=8, n_loras=2, l1=0.0, select="loss", select_len=0, patience=0)
     long_cut = adapt(ex, bundle, budget=8, n_loras=2, l1=0.0, select="loss", select_len=500, patience=0)
     assert [h.weights for h in long_cut.history] == [h.weights for h in plain.history]
     assert long_cut.settings["selection_forwards"] == plain.settings["selection_forwards"] == 4
+
+
+def test_a_cut_ranks_only_where_it_saves_more_than_its_finalists_cost():
+    from edgelora.search import FINALISTS, cut_pays
+    assert FINALISTS == 3 and cut_pays(39, 80, 100) and not cut_pays(39, 95, 100) and not cut_pays(39, 100, 100)
+    assert not cut_pays(2, 10, 100)  # a library of 2 ranked on a 10% cut: 2·90 < 2·100
 
 
 def test_a_budget_below_the_selections_points_still_scores_the_start(library):
