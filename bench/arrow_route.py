@@ -35,7 +35,7 @@ def main():
     bundle = Bundle.open()
     route = ArrowRoute(top_k=args.top_k, library=args.library)
     models = {"zero-shot": lambda: Model.load(bundle.path), "arrow": lambda: Model.load(bundle.path, route=route)}
-    settings = {"limit": args.limit, "route": vars(route), "loras": sorted(bundle.library(args.library))}
+    settings = json.loads(json.dumps({"limit": args.limit, "route": vars(route), "loras": sorted(bundle.library(args.library))}))
     last = RESULTS / f"{args.name}.json"
     last = json.loads(last.read_text()) if last.exists() else {}
     rows = last.get("tasks", {}) if all(last.get(k) == v for k, v in settings.items()) else {}
