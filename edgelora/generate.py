@@ -35,6 +35,10 @@ class Decoder:
         shape = inputs[self.past_names[0]].shape  # [batch, kv_heads, past, head_dim]
         self.kv_heads, self.head_dim = int(shape[1]), int(shape[3])
         self.use_positions = "position_ids" in inputs
+        vocab = next(o for o in self.session.get_outputs() if o.name == "logits").shape[-1]
+        if not isinstance(vocab, int):
+            raise UserError(f"{model_path}: the logits output has no fixed vocabulary size ({vocab!r})")
+        self.vocab = vocab
         self.cache_ids: list[int] = []
         self._buffers: dict[str, np.ndarray] = {}  # the numpy arrays own the memory the OrtValues wrap
         self._values: dict[str, ort.OrtValue] = {}
@@ -56,8 +60,9 @@ class Decoder:
             self._buffers[name] = buf
             self._values[name] = ort.OrtValue.ortvalue_from_numpy(buf)
         self._io.clear_binding_inputs()
-        for name in self.past_names:
-            self._io.bind_ortvalue_input(name, self._values[name])
+        for past, present in zip(self.past_names, self.present_names):
+            self._io.bind_ortvalue_input(past, self._values[past])
+            self._io.bind_ortvalue_output(present, self._values[past])  # bound once, not per step
 
     def forward(self, ids: list[int], start: int) -> np.ndarray:
         """Logits of every position of `ids`, placed after the first `start` cached tokens
@@ -72,13 +77,11 @@ class Decoder:
         io.bind_cpu_input("attention_mask", np.ones((1, end), np.int64))
         if self.use_positions:
             io.bind_cpu_input("position_ids", np.arange(start, end, dtype=np.int64)[None])
-        io.clear_binding_outputs()
-        io.bind_output("logits")
-        for past, present in zip(self.past_names, self.present_names):
-            io.bind_ortvalue_output(present, self._values[past])
+        logits = np.empty((1, len(ids), self.vocab), np.float32)  # written in place: no copy out
+        io.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))  # the presents stay bound
         self.session.run_with_iobinding(io)
         self.cache_ids += list(ids)
-        return io.get_outputs()[0].numpy()[0]
+        return logits[0]
 
     def prefill(self, ids: list[int]) -> np.ndarray:
         """`forward` of a prompt, except the longest prefix it shares with what the cache holds,
