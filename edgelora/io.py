@@ -145,6 +145,14 @@ def tidy_beside(dst: Path) -> None:
             os.rename(old, dst)
 
 
+def user_mode(folder: bool = False) -> int:
+    """The mode a plain mkdir or open would give under the user's umask: tempfile's private 0700
+    and 0600 (and onnx's for external data) are not what an output should keep."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return (0o777 if folder else 0o666) & ~mask
+
+
 @contextmanager
 def building(dst: Path) -> Iterator[Path]:
     """A temporary folder beside `dst` to build an output in; it replaces `dst` whole when the
@@ -154,6 +162,7 @@ def building(dst: Path) -> Iterator[Path]:
         dst.parent.mkdir(parents=True, exist_ok=True)
         tidy_beside(dst)
         tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp"))
+        os.chmod(tmp, user_mode(folder=True))
         lock = _locked(tmp)
     except OSError as e:
         raise UserError(f"{dst}: cannot write here ({e.strerror})") from None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -18,7 +19,7 @@ from onnx import helper, numpy_helper
 
 from .bundle import Bundle, check_schema, home, sha256_cached
 from .errors import UserError
-from .io import atomic_write_json, read_json, replace_dir, sha256_file
+from .io import atomic_write_json, read_json, replace_dir, sha256_file, user_mode
 from .lora import ArrowLibrary, ArrowRoute, arrow_library, check_compatible, delta, load_lora
 
 QUANTS = ("none", "int8", "int4")
@@ -195,7 +196,7 @@ def check_route(route: ArrowRoute, library: list[str], where: Path) -> list[str]
     return tasks
 
 
-ROUTED_FILES = ("model.onnx", "model.onnx.data")  # weights apart: onnxruntime then holds ~180 MB less
+ROUTED_FILES = ("model.onnx", DATA_FILE)  # weights apart: onnxruntime then holds ~180 MB less
 ROUTED_GRAPH = 2  # add_arrow_routing's layout (2: the top-k gathered); a cached graph of another is rebuilt
 
 
@@ -233,8 +234,9 @@ def routed_decoder(bundle: Bundle, route: ArrowRoute) -> Path:
     add_arrow_routing(model, bundle.manifest["decoder"]["weights"], lib, route)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    os.chmod(tmp, user_mode(folder=True))
     try:
-        onnx.save(model, str(tmp / "model.onnx"), save_as_external_data=True, location=ROUTED_FILES[1])
+        save_with_data(model, tmp / ROUTED_FILES[0])
         del model
         replace_dir(tmp, folder)
     finally:
@@ -265,7 +267,14 @@ def quantize(model: onnx.ModelProto, dst: Path, quant: str, exclude: list[str], 
             matmuls = [n for n in matmuls if n in keep]
     if quant != "none":
         quantize_embedding(model, block_size)
+    save_with_data(model, dst)
+
+
+def save_with_data(model: onnx.ModelProto, dst: Path) -> None:
+    """`dst` and its weights in DATA_FILE beside it, both with the user's usual file mode."""
     onnx.save(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True, location=DATA_FILE)
+    for f in (dst, dst.parent / DATA_FILE):
+        os.chmod(f, user_mode())
 
 
 def quantize_embedding(model: onnx.ModelProto, block_size: int = INT4_BLOCK) -> bool:

@@ -160,6 +160,18 @@ def test_weights_lie_in_a_data_file_checked_like_the_model(written, tmp_path):
         check_model(path.parent)
 
 
+def test_outputs_get_the_users_file_modes(written, tmp_path):
+    """Not tempfile's private 0700/0600 (nor onnx's for external data): what mkdir and open give."""
+    import stat
+    from edgelora.io import building, user_mode
+    from edgelora.writeback import DATA_FILE
+    for f in (written["int4"], written["int4"].parent / DATA_FILE):
+        assert stat.S_IMODE(f.stat().st_mode) == user_mode(), f
+    with building(tmp_path / "out") as tmp:
+        (tmp / "x").write_text("1")
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == user_mode(folder=True)
+
+
 def test_generation_stops_at_eos_and_budget(written):
     ids = [5, 6, 7]
     free = list(Decoder(written["none"], []).stream(ids, max_new_tokens=6))
