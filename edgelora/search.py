@@ -284,6 +284,7 @@ class Selection:
     loras: list[Lora]
     known: list[tuple[np.ndarray, float, float]] = field(default_factory=list)
     forwards: int = 0
+    ranking_tokens: int | None = None  # packed tokens per ranking forward (fewer than the batch's when cut)
 
 
 # With a cut ranking, the best few by it are scored on the whole examples and the best of those
@@ -315,7 +316,7 @@ def select_loras(cfg: AdaptConfig, scorer: Scorer, bundle: Bundle, paths: list[P
     if not cut_pays(len(loras), cut.n_tokens, whole.n_tokens):
         losses = rank_by_loss(scorer, n_tokens, loras, modules, on_rank)
         order = list(np.argsort(losses, kind="stable"))
-        finalists, forwards = {order[0]: float(losses[order[0]])}, len(loras)
+        finalists, forwards, ranked_on = {order[0]: float(losses[order[0]])}, len(loras), whole
     else:
         scorer.bind(cut)
         cut_losses = rank_by_loss(scorer, float(cut.target_mask.sum()), loras, modules, on_rank)
@@ -323,7 +324,7 @@ def select_loras(cfg: AdaptConfig, scorer: Scorer, bundle: Bundle, paths: list[P
         order = list(np.argsort(cut_losses, kind="stable"))
         top = order[:FINALISTS]
         finalists = dict(zip(top, rank_by_loss(scorer, n_tokens, [loras[i] for i in top], modules).tolist()))
-        forwards = len(loras) + len(top)
+        forwards, ranked_on = len(loras) + len(top), cut
         best = min(finalists, key=finalists.get)
         order = [best] + [i for i in order if i != best]
     keep = order[:n]
@@ -331,7 +332,7 @@ def select_loras(cfg: AdaptConfig, scorer: Scorer, bundle: Bundle, paths: list[P
     # each finalist alone at weight 1, the best last: the search starts from the last known point
     known = [(np.eye(n)[keep.index(i)] * unit, loss, 0.0)
              for i, loss in sorted(finalists.items(), key=lambda kv: -kv[1]) if i in keep]
-    return Selection([paths[i] for i in keep], [loras[i] for i in keep], known, forwards)
+    return Selection([paths[i] for i in keep], [loras[i] for i in keep], known, forwards, ranked_on.n_tokens)
 
 
 def adapt(examples: str | Path | list[Example], bundle: Bundle | str | Path | None = None,
@@ -402,6 +403,7 @@ def adapt(examples: str | Path | list[Example], bundle: Bundle | str | Path | No
                 "padded_tokens": batch.padded_tokens, "prefix_tokens": batch.prefix_len,
                 "target_tokens": int(n_tokens), "n_loras": len(paths), "select": cfg.select if ranked else
                 ("given" if loras is not None else "random"), "selection_forwards": sel.forwards,
+                "ranking_tokens": sel.ranking_tokens,
                 "forwards": sel.forwards + f.forwards}
     zero = f.seen(np.zeros(n))
     return AdaptResult([p.stem for p in paths], np.array(best.weights), best.loss, best.objective,

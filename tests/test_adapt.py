@@ -153,6 +153,7 @@ def test_a_cut_ranking_scores_its_finalists_whole_and_starts_at_their_best(libra
     long_cut = adapt(ex, bundle, budget=8, n_loras=2, l1=0.0, select="loss", select_len=500, patience=0)
     assert [h.weights for h in long_cut.history] == [h.weights for h in plain.history]
     assert long_cut.settings["selection_forwards"] == plain.settings["selection_forwards"] == 4
+    assert res.settings["ranking_tokens"] < res.settings["tokens"] == long_cut.settings["ranking_tokens"]
 
 
 def test_a_cut_ranks_only_where_it_saves_more_than_its_finalists_cost():
