@@ -22,7 +22,6 @@ from edgelora.generate import Model
 from edgelora.lora import ArrowRoute
 
 
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--suites", default="near")
@@ -55,8 +54,8 @@ def main():
             opts = "-" if r["option_accuracy"] is None else f"{100 * r['option_accuracy']:.1f}%"
             print(f"{task:<45} {name:<10} exact {100 * r['exact_match']:5.1f}%  options {opts}  "
                   f"({rows[task][name]['seconds']} s)", flush=True)
-        means = {suite: {name: statistics.mean(r[name]["exact"] for r in rows.values() if r.get("suite", "near") == suite)
-                         for name in models} for suite in {r.get("suite", "near") for r in rows.values()}}
+        means = {suite: {name: statistics.mean(r[name]["exact"] for r in rows.values() if r["suite"] == suite)
+                         for name in models} for suite in {r["suite"] for r in rows.values()}}
         save(args.name, {**settings, "tasks": rows, "exact_mean": means})
 
 

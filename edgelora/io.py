@@ -17,6 +17,14 @@ from typing import Callable, Iterator
 from .errors import UserError
 
 
+def user_mode(folder: bool = False) -> int:
+    """The mode a plain mkdir or open would give under the user's umask: tempfile's private 0700
+    and 0600 (and onnx's for external data) are not what an output should keep."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return (0o777 if folder else 0o666) & ~mask
+
+
 @contextmanager
 def writing(path: str | Path) -> Iterator[Path]:
     """A temporary path beside `path`, for a library that writes a file itself (gguf,
@@ -33,7 +41,7 @@ def writing(path: str | Path) -> Iterator[Path]:
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, user_mode())
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
@@ -143,14 +151,6 @@ def tidy_beside(dst: Path) -> None:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(old, dst)
-
-
-def user_mode(folder: bool = False) -> int:
-    """The mode a plain mkdir or open would give under the user's umask: tempfile's private 0700
-    and 0600 (and onnx's for external data) are not what an output should keep."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return (0o777 if folder else 0o666) & ~mask
 
 
 @contextmanager
