@@ -21,6 +21,9 @@ background, across sessions and machines.
 
     python bench/bbh.py [--suites bbh,near] [--tasks a,b] [--limit N] [--seeds 5] [--quant int8] [--name bbh]
                         [--library per-task|mbc]   # mbc: every LoraHub column over the cluster LoRAs
+
+With `--library mbc` the zero-shot and ICL columns (the base alone) are taken from bbh.json's
+rows, and LoraHub's seeds, which all sample the whole 10-LoRA library, are one COBYLA run.
 """
 from __future__ import annotations
 
@@ -41,7 +44,7 @@ from edgelora.examples import encode_pairs, load_examples
 from edgelora.generate import Model
 from edgelora.lora import ArrowRoute, LoraStack, load_lora
 from edgelora.scorer import Scorer
-from edgelora.search import AdaptConfig, adapt
+from edgelora.search import AdaptConfig, adapt, choose_loras
 from edgelora.writeback import DEFAULT_QUANT, write_model
 
 
@@ -135,15 +138,24 @@ def run_task(bundle: Bundle, suite: str, task: str, args) -> dict:
     adapt_file, test, work = inputs(suite, task, args)
     shots = load_examples(adapt_file)
     row = {"suite": suite, "task": task, "n_test": len(test)}
-    t0 = time.perf_counter()
-    row["zero-shot"] = score(bundle.path, test, out=work / "zero-shot.eval.json")
-    log(task, "zero-shot", row["zero-shot"], t0)
-    t0 = time.perf_counter()
-    row["icl"] = score(bundle.path, test, shots, out=work / "icl.eval.json")
-    log(task, "ICL", row["icl"], t0)
+    base_row = args.base_rows.get((suite, task), {})
+    for key, label, k in (("zero-shot", "zero-shot", ()), ("icl", "ICL", shots)):
+        if key in base_row:  # the base model's columns do not depend on the library
+            row[key] = base_row[key]
+            continue
+        t0 = time.perf_counter()
+        row[key] = score(bundle.path, test, k, out=work / f"{key}.eval.json")
+        log(task, label, row[key], t0)
     row["arrow-zs"] = arrow_zero_shot(bundle, suite, task, args)
-    runs = []
+    runs, samples = [], []
     for seed in range(args.seeds):
+        sample = choose_loras(bundle, None, AdaptConfig.n_loras, seed, args.library)
+        if sample in samples and AdaptConfig.optimizer == "cobyla":
+            # Same LoRAs, same deterministic search: the same run (a library of <= 20 is sampled whole).
+            runs.append({**runs[samples.index(sample)], "same_as_seed": samples.index(sample)})
+            samples.append(sample)
+            continue
+        samples.append(sample)
         t0 = time.perf_counter()
         res = adapt(adapt_file, bundle, budget=args.budget, seed=seed, select="random", library=args.library,
                     warn=lambda m: None)
@@ -251,6 +263,8 @@ def main():
             for f in sorted((DATA / suite).glob("*.adapt.jsonl"))]
     todo = [(s, t) for s, t in todo if not args.tasks or t in args.tasks.split(",")]
     done = resume(args.name, settings)
+    # Another library's run: its zero-shot and ICL rows (the base model alone) are reused.
+    args.base_rows = {} if args.library == "per-task" else resume("bbh", {**settings, "loras": sorted(bundle.library("per-task"))})
     for suite, task in todo:
         if (suite, task) not in done:
             done[suite, task] = run_task(bundle, suite, task, args)
@@ -266,7 +280,11 @@ def main():
                     done[suite, task][key] = timed_adapt(bundle, suite, task, args, key, label, **overrides)
         rows = list(done.values())
         print(table([done[suite, task]]), flush=True)
-        note = (f"LoraHub: {args.seeds} seeds, budget {args.budget}, 20 of {len(bundle.library(args.library))} {args.library} LoRAs; "
+        n_lib = len(bundle.library(args.library))
+        sampled = (f"20 of {n_lib}" if n_lib > AdaptConfig.n_loras else
+                   f"all {n_lib} (every seed samples the whole library and COBYLA is deterministic, so the seeds are one run)")
+        reused = "" if not args.base_rows else "zero-shot and ICL taken from bench/results/bbh.json (the base alone); "
+        note = (f"LoraHub: {args.seeds} seeds, budget {args.budget}, {sampled} {args.library} LoRAs; {reused}"
                 f"models written back as {args.quant} + an unmerged fp32 LoRA; zero-shot and ICL run on the "
                 f"bundle's fp32 base; test examples per task: "
                 f"{args.limit or 'all'}; tasks done: {len(rows)}.\n\n")
