@@ -2,6 +2,7 @@
 only, an interrupted run resumes to the same weights, and held-out tasks are refused."""
 from __future__ import annotations
 
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 
 from edgelora.errors import UserError
+from edgelora.io import user_mode
 from edgelora_export import train as train_mod
 from edgelora_export.library import check_trainable
 from edgelora_export.train import TrainConfig, train_lora
@@ -69,7 +71,8 @@ def test_interrupted_training_resumes_to_same_weights(train_base, colors, tmp_pa
     part = tmp_path / "new" / "part"  # a folder that does not exist yet
     with pytest.raises(KeyboardInterrupt):
         train_lora(*train_base[:3], colors, part, CFG, log=lambda *a: None)
-    assert part.with_name("part.ckpt.safetensors").exists()
+    ckpt = part.with_name("part.ckpt.safetensors")
+    assert stat.S_IMODE(ckpt.stat().st_mode) == user_mode()  # the user's mode, not a temp file's 0600
     monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
     logs = []
     train_lora(*train_base[:3], colors, part, CFG, log=logs.append)

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from edgelora.errors import UserError
 from edgelora.examples import PromptFormat, load_examples
-from edgelora.io import atomic_write_json, peak_rss_mb, read_json
+from edgelora.io import atomic_write_json, peak_rss_mb, read_json, writing
 from .model import DEFAULT_TARGETS
 
 
@@ -92,10 +92,8 @@ def save_checkpoint(path: Path, model, opt, meta: dict, best_state: dict[str, to
         for k in ("exp_avg", "exp_avg_sq"):
             tensors[f"{k}/{names[id(p)]}"] = st[k].contiguous()
         meta.setdefault("opt_step", {})[names[id(p)]] = float(st["step"])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, path)
+    with writing(path) as tmp:
+        save_file(tensors, str(tmp))
     atomic_write_json(path.with_suffix(".json"), meta)
 
 
