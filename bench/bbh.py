@@ -134,6 +134,13 @@ def run_config(**overrides) -> dict:
 TIMED = (("default", "default adapt", {}), ("arrow", "LoraHub, Arrow-picked", {"select": "arrow"}))
 
 
+def wanted(args, key: str) -> bool:
+    """Over a library no larger than the 20 a search composes, every pick composes all of it and
+    differs only in the start: loss-picked is the default adapt (where its cut does not pay) and
+    Arrow-picked is LoraHub's w = 0 start, so those two columns are left to the per-task library."""
+    return args.library == "per-task" or key not in ("lorahub-loss", "arrow")
+
+
 def run_task(bundle: Bundle, suite: str, task: str, args) -> dict:
     adapt_file, test, work = inputs(suite, task, args)
     shots = load_examples(adapt_file)
@@ -167,9 +174,11 @@ def run_task(bundle: Bundle, suite: str, task: str, args) -> dict:
     row["lorahub"] = {"runs": runs, **{f"{k}_mean": statistics.mean(agg(k)) if agg(k) else None for k in ("exact", "options")},
                       **{f"{k}_std": statistics.pstdev(agg(k)) if agg(k) else None for k in ("exact", "options")},
                       "prompt_tokens": runs[0]["prompt_tokens"]}
-    row["lorahub-loss"] = lorahub_selected(bundle, suite, task, args)
+    if wanted(args, "lorahub-loss"):
+        row["lorahub-loss"] = lorahub_selected(bundle, suite, task, args)
     for key, label, overrides in TIMED:
-        row[key] = timed_adapt(bundle, suite, task, args, key, label, **overrides, library=args.library)
+        if wanted(args, key):
+            row[key] = timed_adapt(bundle, suite, task, args, key, label, **overrides, library=args.library)
     library = [load_lora(p) for p in bundle.library(args.library).values()]
     t0 = time.perf_counter()
     name = oracle_lora(bundle, library, test[: args.oracle_n])
@@ -269,14 +278,14 @@ def main():
         if (suite, task) not in done:
             done[suite, task] = run_task(bundle, suite, task, args)
         else:  # a row from before a column was added: run just that column
-            if "lorahub-loss" not in done[suite, task]:
+            if "lorahub-loss" not in done[suite, task] and wanted(args, "lorahub-loss"):
                 done[suite, task]["lorahub-loss"] = lorahub_selected(bundle, suite, task, args)
             if "arrow-zs" not in done[suite, task] and not args.no_arrow:
                 done[suite, task]["arrow-zs"] = arrow_zero_shot(bundle, suite, task, args)
             for key, label, overrides in TIMED:
                 overrides = {**overrides, "library": args.library}
                 stale = done[suite, task].get(key, {}).get("config") != run_config(**overrides)
-                if key == "default" and stale or key not in done[suite, task] and not args.no_arrow:
+                if wanted(args, key) and (key == "default" and stale or key not in done[suite, task] and not args.no_arrow):
                     done[suite, task][key] = timed_adapt(bundle, suite, task, args, key, label, **overrides)
         rows = list(done.values())
         print(table([done[suite, task]]), flush=True)
