@@ -4,6 +4,11 @@ by onnxruntime's MatMulNBits at 8 and at 4 bits (accuracy_level 4: int8 activati
 kernel; the LoRA slots stay fp32), and the plain fp32 forward over the same examples right-padded
 (no slots): the yardstick. Where a quantized graph is not faster it is not worth a ranking study.
 
+Also the floor: the packed fp32 forward's MatMul GFLOP/s (its base MatMuls' weight shapes times
+its tokens, the LM head's times its target positions) beside numpy's sgemm (OpenBLAS, the same
+threads) on one layer's MLP-sized MatMul over as many tokens, alternated: how close one
+evaluation already is to what this CPU can multiply, so what is left is fewer tokens.
+
 Target: packed fp32 evaluation / plain padded forward <= 0.7.
     python bench/forward.py [--tasks date_understanding,navigate] [--rounds 5]
 """
@@ -35,6 +40,15 @@ def quantized(bundle: Bundle, bits: int):
     return path
 
 
+def matmul_flops(bundle: Bundle, tokens: int, targets: int) -> float:
+    """2·in·out per token for every base MatMul weight of the scoring graph (the LM head: per target)."""
+    import onnx
+    m = onnx.load(str(bundle.scoring_path), load_external_data=False)
+    dims = [tuple(i.dims) for i in m.graph.initializer if len(i.dims) == 2]
+    vocab = bundle.arch["vocab"]
+    return sum(2.0 * a * b * (targets if vocab in (a, b) else tokens) for a, b in dims)
+
+
 def main():
     import onnxruntime as ort
     ap = argparse.ArgumentParser()
@@ -60,17 +74,26 @@ def main():
         feeds, pf = {**batch.feeds(), **lora}, padded_feeds(batch, bundle.manifest["pad_id"])
         fns = {k: (lambda s=s: s.run(["logprob"], feeds)[0]) for k, s in sessions.items()}
         fns["plain_padded"] = lambda: plain.run(["logprob"], pf)[0]
+        x = rng.standard_normal((batch.n_tokens, bundle.arch["hidden"]), dtype=np.float32)
+        w = rng.standard_normal((bundle.arch["hidden"], 1536), dtype=np.float32)
+        sgemm_reps = 20
+        fns["numpy_sgemm"] = lambda: [x @ w for _ in range(sgemm_reps)]
         out = {k: fn() for k, fn in fns.items()}  # warm-up, and what each computes
         times = alternate(fns, args.rounds)
         med = {k: median(v) for k, v in times.items()}
+        sgemm = 2.0 * x.shape[0] * x.shape[1] * w.shape[1] * sgemm_reps / med.pop("numpy_sgemm") / 1e9
+        times.pop("numpy_sgemm"), out.pop("numpy_sgemm")
+        packed = matmul_flops(bundle, batch.n_tokens, int(batch.target_mask.sum())) / med["packed_fp32"] / 1e9
         rows[task] = {"tokens": batch.n_tokens, "padded_tokens": batch.padded_tokens, "prefix_tokens": batch.prefix_len,
                       "seconds": times, "median_s": med,
                       "over_plain_padded": {k: v / med["plain_padded"] for k, v in med.items()},
-                      "logprob_sum": {k: float(v.sum()) for k, v in out.items()}}
+                      "logprob_sum": {k: float(v.sum()) for k, v in out.items()},
+                      "gflops": {"packed_fp32_matmul": packed, "numpy_sgemm": sgemm, "ratio": packed / sgemm}}
         print(f"{task}: {batch.n_tokens} tokens packed, {batch.padded_tokens} padded (prefix {batch.prefix_len})")
         for k, v in med.items():
             print(f"  {k:<14}{v * 1000:8.0f} ms  {v / med['plain_padded']:5.2f}x plain padded   "
                   f"target log-prob {rows[task]['logprob_sum'][k]:9.3f}")
+        print(f"  packed fp32 MatMuls {packed:.0f} GFLOP/s, numpy sgemm {sgemm:.0f} GFLOP/s ({packed / sgemm:.2f}x)")
     save("forward", {"rounds": args.rounds, "tasks": rows, "target": "packed_fp32 / plain_padded <= 0.7"})
 
 
