@@ -137,8 +137,10 @@ TIMED = (("default", "default adapt", {}), ("arrow", "LoraHub, Arrow-picked", {"
 def wanted(args, key: str) -> bool:
     """Over a library no larger than the 20 a search composes, every pick composes all of it and
     differs only in the start: loss-picked is the default adapt (where its cut does not pay) and
-    Arrow-picked is LoraHub's w = 0 start, so those two columns are left to the per-task library."""
-    return args.library == "per-task" or key not in ("lorahub-loss", "arrow")
+    Arrow-picked is LoraHub's w = 0 start, so those two columns are left to the per-task library,
+    as are the oracle and uniform references (half a long task's time; the issue compares the
+    libraries on Arrow zero-shot, LoraHub and the default adapt)."""
+    return args.library == "per-task" or key not in ("lorahub-loss", "arrow", "oracle", "uniform")
 
 
 def run_task(bundle: Bundle, suite: str, task: str, args) -> dict:
@@ -179,6 +181,8 @@ def run_task(bundle: Bundle, suite: str, task: str, args) -> dict:
     for key, label, overrides in TIMED:
         if wanted(args, key):
             row[key] = timed_adapt(bundle, suite, task, args, key, label, **overrides, library=args.library)
+    if not wanted(args, "oracle"):
+        return row
     library = [load_lora(p) for p in bundle.library(args.library).values()]
     t0 = time.perf_counter()
     name = oracle_lora(bundle, library, test[: args.oracle_n])
@@ -204,6 +208,11 @@ def timed_cell(row, key, k) -> str:
     return "–" if d is None else f"{pct(d[k])} ({d['adapt_s']:.0f})"
 
 
+def oracle_cell(row, k) -> str:
+    d = row.get("oracle")
+    return "–" if d is None else f"{pct(d[k])} ({d['lora']})"
+
+
 def shot_note(row) -> str:
     """ICL's mean shot count, where some prompts had to drop shots to fit the model."""
     k = row["icl"].get("shots", 5)
@@ -226,16 +235,16 @@ def table(rows: list[dict]) -> str:
             out.append(f"| {r['suite']} | {r['task']} | {r['n_test']} | {pct(r['zero-shot'][k])} | {pct(r['icl'][k])} | "
                        f"{pct(r.get('arrow-zs', {}).get(k))} | {pct(lh[k + '_mean'])} ± {pct(lh[k + '_std'])} | {pct(r.get('lorahub-loss', {}).get(k))} | "
                        f"{timed_cell(r, 'default', k)} | {timed_cell(r, 'arrow', k)} | "
-                       f"{pct(r['oracle'][k])} ({r['oracle']['lora']}) | "
-                       f"{pct(r['uniform'][k])} | {r['zero-shot']['prompt_tokens']:.0f} / {r['icl']['prompt_tokens']:.0f}{shot_note(r)} |")
+                       f"{oracle_cell(r, k)} | "
+                       f"{pct(r.get('uniform', {}).get(k))} | {r['zero-shot']['prompt_tokens']:.0f} / {r['icl']['prompt_tokens']:.0f}{shot_note(r)} |")
         for suite in sorted({r["suite"] for r in rs}):
             ss = [r for r in rs if r["suite"] == suite]
             m = lambda f: pct(statistics.mean(f(r) for r in ss))
             sel = pct(statistics.mean(r["lorahub-loss"][k] for r in ss)) if all("lorahub-loss" in r for r in ss) else "–"
             col = lambda key: pct(statistics.mean(r[key][k] for r in ss)) if all(key in r for r in ss) else "–"
             out.append(f"| {suite} | **mean of {len(ss)}** | | {m(lambda r: r['zero-shot'][k])} | {m(lambda r: r['icl'][k])} | {col('arrow-zs')} | "
-                       f"{m(lambda r: r['lorahub'][k + '_mean'])} | {sel} | {col('default')} | {col('arrow')} | {m(lambda r: r['oracle'][k])} | "
-                       f"{m(lambda r: r['uniform'][k])} | |")
+                       f"{m(lambda r: r['lorahub'][k + '_mean'])} | {sel} | {col('default')} | {col('arrow')} | {col('oracle')} | "
+                       f"{col('uniform')} | |")
         out.append("")
     return "\n".join(out)
 
