@@ -1,8 +1,9 @@
 """The per-task library (39 LoRAs, one per upstream task) against the MBC library (10, one per
 cluster) in one table, from bench/bbh.py's two result files: bbh.json and bbh-mbc.json (the
 same tasks, test examples and seeds). Per task and per suite mean: Arrow zero-shot, LoraHub
-(random sample; over MBC all 10, one run), the default adapt, the oracle LoRA and the uniform
-average over each library, beside the base's zero-shot and ICL. Only tasks both files hold.
+(random sample; over MBC all 10, one run) and the default adapt over each library, beside the
+base's zero-shot and ICL and the per-task library's oracle LoRA and uniform average (bbh.py
+leaves those two to the per-task library). Only tasks both files hold.
 
     python bench/libraries.py   # writes bench/results/libraries.md and libraries.json
 """
@@ -13,8 +14,8 @@ import statistics
 
 from common import RESULTS, atomic_write, save
 
-COLUMNS = (("arrow-zs", "Arrow zero-shot"), ("lorahub", "LoraHub"), ("default", "default adapt"),
-           ("oracle", "oracle LoRA"), ("uniform", "uniform"))
+COLUMNS = (("arrow-zs", "Arrow zero-shot"), ("lorahub", "LoraHub"), ("default", "default adapt"))
+REFERENCES = (("oracle", "oracle LoRA (per-task)"), ("uniform", "uniform (per-task)"))
 
 
 def value(row: dict, key: str, k: str):
@@ -32,7 +33,8 @@ def rows(per_task: dict, mbc: dict, k: str) -> list[dict]:
             continue
         out.append({"suite": suite, "task": task, "zero-shot": r["zero-shot"][k], "icl": r["icl"][k],
                     **{f"{key}/{lib}": value(src, key, k) for key, _ in COLUMNS
-                       for lib, src in (("per-task", r), ("mbc", m))}})
+                       for lib, src in (("per-task", r), ("mbc", m))},
+                    **{key: value(r, key, k) for key, _ in REFERENCES}})
     return out
 
 
@@ -41,8 +43,10 @@ def pct(v) -> str:
 
 
 def table(rs: list[dict], title: str) -> tuple[str, dict]:
-    keys = ["zero-shot", "icl"] + [f"{key}/{lib}" for key, _ in COLUMNS for lib in ("per-task", "mbc")]
-    head = ["zero-shot", "ICL"] + [f"{label} ({lib})" for _, label in COLUMNS for lib in ("per-task", "MBC")]
+    keys = (["zero-shot", "icl"] + [f"{key}/{lib}" for key, _ in COLUMNS for lib in ("per-task", "mbc")]
+            + [key for key, _ in REFERENCES])
+    head = (["zero-shot", "ICL"] + [f"{label} ({lib})" for _, label in COLUMNS for lib in ("per-task", "MBC")]
+            + [label for _, label in REFERENCES])
     lines = [f"**{title}**", "", "| suite | task | " + " | ".join(head) + " |", "|---|---|" + "---:|" * len(keys)]
     for r in rs:
         lines.append(f"| {r['suite']} | {r['task']} | " + " | ".join(pct(r[c]) for c in keys) + " |")
