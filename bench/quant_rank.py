@@ -4,7 +4,8 @@ quantized, and the two losses per point are compared: Spearman over the points (
 bar: >= 0.98), whether the best point stays the best, and the forward's time beside fp32's
 (alternated). Variants: onnxruntime's dynamic int8 (MatMulInteger, per-tensor activations) on
 every base MatMul but the LM head, and the same without the MLP's down projection (whose inputs
-carry the outlier channels); MatMulNBits 8/4-bit is in bench/forward.py (slower than fp32 here).
+carry the outlier channels); and weight-only 8-bit MatMulNBits (block 32, accuracy_level 4: int8
+activations inside the kernel) on every base MatMul, bench/forward.py's graph.
 The LoRA slots' MatMuls take graph inputs as weights and stay fp32 in every variant.
 
     python bench/quant_rank.py [--tasks date_understanding,navigate] [--rounds 3]
@@ -17,6 +18,7 @@ import logging
 import numpy as np
 import onnx
 from common import DATA, alternate, median, save
+from forward import quantized
 from scipy.stats import spearmanr
 
 from edgelora.bundle import Bundle, home
@@ -68,7 +70,8 @@ def main():
     args = ap.parse_args()
     bundle = Bundle.open()
     graphs = {"int8_dynamic": dynamic_int8(bundle, "dyn8", False),
-              "int8_dynamic_no_down": dynamic_int8(bundle, "dyn8-nodown", True)}
+              "int8_dynamic_no_down": dynamic_int8(bundle, "dyn8-nodown", True),
+              "nbits8_weight_only": str(quantized(bundle, 8))}
     rows = {}
     for task in args.tasks.split(","):
         suite = next(s for s in ("bbh", "near") if (DATA / s / f"{task}.adapt.jsonl").exists())
