@@ -122,3 +122,16 @@ def padded_graph(bundle) -> Path:
                           output_names=["logprob"],
                           dynamic_shapes=({0: b, 1: s}, {0: b, 1: s}, {0: b, 1: k}, {0: b, 1: k}, {0: b, 1: k}))
     return path
+
+
+def paired_summary(rows: list[dict], base: str, new: str) -> dict:
+    """What bench/select_len.py and bench/cut_search.py save: two adapt variants run side by side
+    per task (row[base], row[new], each with adapt_s and, once evaluated, exact and options)."""
+    def mean(key, k):
+        vs = [r[key][k] for r in rows if r[key].get(k) is not None]
+        return statistics.mean(vs) if vs else None
+    return {"tasks": len(rows), "time_ratio_median": statistics.median(r["time_ratio"] for r in rows),
+            "time_ratio_total": sum(r[new]["adapt_s"] for r in rows) / sum(r[base]["adapt_s"] for r in rows),
+            f"slowest_{base}_s": max(r[base]["adapt_s"] for r in rows),
+            f"slowest_{new}_s": max(r[new]["adapt_s"] for r in rows),
+            **{f"{k}_{key}_mean": mean(key, k) for k in ("exact", "options") for key in (base, new)}}

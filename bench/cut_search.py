@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from dataclasses import replace
 
 import numpy as np
-from common import DATA, RESULTS, save
+from common import DATA, RESULTS, paired_summary, save
 
 from edgelora.bundle import Bundle, home
 from edgelora.evaluate import evaluate
@@ -129,15 +128,8 @@ def main():
         print(f"[{task}] tokens x{ratio:.2f}: adapt {d['adapt_s']:.0f}s -> {c['adapt_s']:.0f}s (x{row['time_ratio']:.2f}), "
               f"whole loss {d['loss']:.4f} -> {c['loss']:.4f}, exact {d['exact']} -> {c['exact']}, "
               f"options {d['options']} -> {c['options']}{' (same weights)' if same else ''}", flush=True)
-        rs = list(rows.values())
-        mean = lambda key, k: statistics.mean(r[key][k] for r in rs if r[key].get(k) is not None) if any(
-            r[key].get(k) is not None for r in rs) else None
-        save(name, {"limit": args.limit, "verify": args.verify, "tasks": rs,
-                    "summary": {"tasks": len(rs), "time_ratio_median": statistics.median(r["time_ratio"] for r in rs),
-                                "time_ratio_total": sum(r["cut"]["adapt_s"] for r in rs) / sum(r["default"]["adapt_s"] for r in rs),
-                                "slowest_default_s": max(r["default"]["adapt_s"] for r in rs),
-                                "slowest_cut_s": max(r["cut"]["adapt_s"] for r in rs),
-                                **{f"{k}_{key}_mean": mean(key, k) for k in ("exact", "options") for key in ("default", "cut")}}})
+        save(name, {"limit": args.limit, "verify": args.verify, "tasks": list(rows.values()),
+                    "summary": paired_summary(list(rows.values()), "default", "cut")})
 
 
 if __name__ == "__main__":

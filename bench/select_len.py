@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 
-from common import DATA, RESULTS, save
+from common import DATA, RESULTS, paired_summary, save
 
 from edgelora.bundle import Bundle, home
 from edgelora.evaluate import evaluate
@@ -87,14 +86,8 @@ def main():
               f"loss {row['whole']['loss'][1]:.4f} -> {row['cut']['loss'][1]:.4f}, exact {row['whole']['exact']} -> "
               f"{row['cut']['exact']}, options {row['whole']['options']} -> {row['cut']['options']}"
               f"{' (same weights)' if same else ''}", flush=True)
-        rs = list(rows.values())
-        mean = lambda key, k: statistics.mean(r[key][k] for r in rs if r[key].get(k) is not None) if any(
-            r[key].get(k) is not None for r in rs) else None
-        save(name, {"len": args.len, "limit": args.limit, "tasks": rs,
-                    "summary": {"tasks": len(rs), "time_ratio_median": statistics.median(r["time_ratio"] for r in rs),
-                                "slowest_whole_s": max(r["whole"]["adapt_s"] for r in rs),
-                                "slowest_cut_s": max(r["cut"]["adapt_s"] for r in rs),
-                                **{f"{k}_{key}_mean": mean(key, k) for k in ("exact", "options") for key in ("whole", "cut")}}})
+        save(name, {"len": args.len, "limit": args.limit, "tasks": list(rows.values()),
+                    "summary": paired_summary(list(rows.values()), "whole", "cut")})
 
 
 if __name__ == "__main__":
