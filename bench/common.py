@@ -135,3 +135,27 @@ def paired_summary(rows: list[dict], base: str, new: str) -> dict:
             f"slowest_{base}_s": max(r[base]["adapt_s"] for r in rows),
             f"slowest_{new}_s": max(r[new]["adapt_s"] for r in rows),
             **{f"{k}_{key}_mean": mean(key, k) for k in ("exact", "options") for key in (base, new)}}
+
+
+def accuracy(bundle, merged: tuple, out: Path, test) -> dict:
+    """The composed (A, B) written back as the adapt default and evaluated on `test`."""
+    from edgelora.evaluate import evaluate
+    from edgelora.generate import Model
+    from edgelora.writeback import write_model
+    write_model(bundle, *merged, out)
+    r = evaluate(Model.load(out), test)
+    return {"exact": r["exact_match"], "options": r["option_accuracy"]}
+
+
+def paired_row(bundle, runs: dict, base: str, new: str, test, work: Path) -> dict:
+    """Two adapt variants' (row, merged A/B) on one task: each evaluated on `test`, once where both
+    ended on the same weights (the same model), and new's time over base's."""
+    same = runs[base][0]["weights"] == runs[new][0]["weights"]
+    row = {}
+    for key in (base, new):
+        row[key] = runs[key][0]
+        if key == base or not same:
+            row[key].update(accuracy(bundle, runs[key][1], work / key, test))
+    if same:
+        row[new].update({k: row[base][k] for k in ("exact", "options")})
+    return {**row, "same_weights": same, "time_ratio": row[new]["adapt_s"] / row[base]["adapt_s"]}

@@ -22,16 +22,13 @@ import time
 from dataclasses import replace
 
 import numpy as np
-from common import DATA, RESULTS, paired_summary, save
+from common import DATA, RESULTS, paired_row, paired_summary, save
 
 from edgelora.bundle import Bundle, home
-from edgelora.evaluate import evaluate
 from edgelora.examples import encode_pairs, keep_ends, load_examples
-from edgelora.generate import Model
 from edgelora.lora import LoraStack
 from edgelora.scorer import Scorer
 from edgelora.search import AdaptConfig, Objective, _Stop, adapt, choose_loras, cut_pays, run_optimizer, select_loras
-from edgelora.writeback import write_model
 
 
 def default(bundle: Bundle, path) -> tuple[dict, tuple]:
@@ -79,12 +76,6 @@ def cut_search(bundle: Bundle, path, verify: int) -> tuple[dict, tuple]:
         stack.compose(np.array(best.weights))
 
 
-def accuracy(bundle: Bundle, merged, out, test) -> dict:
-    write_model(bundle, *merged, out)
-    r = evaluate(Model.load(out), test)
-    return {"exact": r["exact_match"], "options": r["option_accuracy"]}
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tasks")
@@ -112,17 +103,9 @@ def main():
         runs = {}
         for key in (("default", "cut") if i % 2 == 0 else ("cut", "default")):
             runs[key] = default(bundle, f) if key == "default" else cut_search(bundle, f, args.verify)
-        row = {"suite": suite, "task": task, "token_ratio": ratio}
-        same = runs["default"][0]["weights"] == runs["cut"][0]["weights"]
-        work = home() / "bench" / "cut_search" / task
-        for key in ("default", "cut"):
-            row[key] = runs[key][0]
-            if key == "default" or not same:
-                row[key].update(accuracy(bundle, runs[key][1], work / key, test))
-        if same:
-            row["cut"].update({k: row["default"][k] for k in ("exact", "options")})
-        row["same_weights"] = same
-        row["time_ratio"] = row["cut"]["adapt_s"] / row["default"]["adapt_s"]
+        row = {"suite": suite, "task": task, "token_ratio": ratio,
+               **paired_row(bundle, runs, "default", "cut", test, home() / "bench" / "cut_search" / task)}
+        same = row["same_weights"]
         rows[task] = row
         d, c = row["default"], row["cut"]
         print(f"[{task}] tokens x{ratio:.2f}: adapt {d['adapt_s']:.0f}s -> {c['adapt_s']:.0f}s (x{row['time_ratio']:.2f}), "

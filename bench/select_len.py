@@ -17,14 +17,11 @@ import argparse
 import json
 import time
 
-from common import DATA, RESULTS, paired_summary, save
+from common import DATA, RESULTS, paired_row, paired_summary, save
 
 from edgelora.bundle import Bundle, home
-from edgelora.evaluate import evaluate
 from edgelora.examples import encode_pairs, keep_ends, load_examples
-from edgelora.generate import Model
 from edgelora.search import adapt, cut_pays
-from edgelora.writeback import write_model
 
 
 def cut_ratio(bundle: Bundle, path, n: int) -> float:
@@ -37,13 +34,7 @@ def run(bundle: Bundle, path, select_len: int) -> tuple[dict, object]:
     res = adapt(path, bundle, select_len=select_len, warn=lambda m: None)
     return {"adapt_s": time.perf_counter() - t0, "forwards": res.settings["forwards"],
             "selection_forwards": res.settings["selection_forwards"], "loss": [res.start_loss, res.loss],
-            "stop": res.stop, "weights": dict(zip(res.loras, res.weights.round(4).tolist()))}, res
-
-
-def accuracy(bundle: Bundle, res, out, test) -> dict:
-    write_model(bundle, *res.merged(), out)
-    r = evaluate(Model.load(out), test)
-    return {"exact": r["exact_match"], "options": r["option_accuracy"]}
+            "stop": res.stop, "weights": dict(zip(res.loras, res.weights.round(4).tolist()))}, res.merged()
 
 
 def main():
@@ -69,17 +60,10 @@ def main():
         test = load_examples(DATA / suite / f"{task}.test.jsonl")[: args.limit]
         order = (0, args.len) if i % 2 == 0 else (args.len, 0)
         runs = {n: run(bundle, f, n) for n in order}
-        row = {"suite": suite, "task": task, "token_ratio": ratio, "order": list(order)}
-        same = runs[0][0]["weights"] == runs[args.len][0]["weights"]
-        work = home() / "bench" / "select_len" / task
-        for n, key in ((0, "whole"), (args.len, "cut")):
-            row[key] = runs[n][0]
-            if n == 0 or not same:
-                row[key].update(accuracy(bundle, runs[n][1], work / key, test))
-        if same:
-            row["cut"].update({k: row["whole"][k] for k in ("exact", "options")})
-        row["same_weights"] = same
-        row["time_ratio"] = row["cut"]["adapt_s"] / row["whole"]["adapt_s"]
+        runs = {"whole": runs[0], "cut": runs[args.len]}
+        row = {"suite": suite, "task": task, "token_ratio": ratio, "order": list(order),
+               **paired_row(bundle, runs, "whole", "cut", test, home() / "bench" / "select_len" / task)}
+        same = row["same_weights"]
         rows[task] = row
         print(f"[{task}] tokens x{ratio:.2f}: adapt {row['whole']['adapt_s']:.0f}s -> {row['cut']['adapt_s']:.0f}s "
               f"(x{row['time_ratio']:.2f}), forwards {row['whole']['forwards']} -> {row['cut']['forwards']}, "
