@@ -158,13 +158,11 @@ def run_task(bundle: Bundle, suite: str, task: str, args) -> dict:
     row["arrow-zs"] = arrow_zero_shot(bundle, suite, task, args)
     runs, samples = [], []
     for seed in range(args.seeds):
-        sample = choose_loras(bundle, None, AdaptConfig.n_loras, seed, args.library)
-        if sample in samples and AdaptConfig.optimizer == "cobyla":
+        samples.append(choose_loras(bundle, None, AdaptConfig.n_loras, seed, args.library))
+        if samples.index(samples[-1]) < seed and AdaptConfig.optimizer == "cobyla":
             # Same LoRAs, same deterministic search: the same run (a library of <= 20 is sampled whole).
-            runs.append({**runs[samples.index(sample)], "same_as_seed": samples.index(sample)})
-            samples.append(sample)
+            runs.append({**runs[samples.index(samples[-1])], "same_as_seed": samples.index(samples[-1])})
             continue
-        samples.append(sample)
         t0 = time.perf_counter()
         res = adapt(adapt_file, bundle, budget=args.budget, seed=seed, select="random", library=args.library,
                     warn=lambda m: None)

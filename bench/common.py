@@ -159,3 +159,27 @@ def paired_row(bundle, runs: dict, base: str, new: str, test, work: Path) -> dic
     if same:
         row[new].update({k: row[base][k] for k in ("exact", "options")})
     return {**row, "same_weights": same, "time_ratio": row[new]["adapt_s"] / row[base]["adapt_s"]}
+
+
+def examples_batch(bundle, path: Path):
+    """An examples file packed as `adapt` packs it (the bundle's chat prompt and tokenizer)."""
+    from edgelora.examples import encode_pairs, load_examples
+    return encode_pairs(bundle.tokenizer(), bundle.prompt_format.pairs(load_examples(path)), bundle.arch["max_len"])[0]
+
+
+def cut_tasks(bundle, keep: int, tasks: str | None = None) -> list[tuple[float, str, str, Path]]:
+    """(token ratio, suite, task, adapt file) of every bbh/ and near/ task (or those named) whose
+    examples cut to `keep` own tokens make the cut ranking pay (`search.cut_pays`), most cut first."""
+    from edgelora.examples import keep_ends
+    from edgelora.search import cut_pays
+    out = []
+    for suite in ("bbh", "near"):
+        for f in sorted((DATA / suite).glob("*.adapt.jsonl")):
+            task = f.name.removesuffix(".adapt.jsonl")
+            if tasks and task not in tasks.split(","):
+                continue
+            batch = examples_batch(bundle, f)
+            ratio = keep_ends(batch, keep).n_tokens / batch.n_tokens
+            if cut_pays(len(bundle.lora_paths()), ratio, 1.0):
+                out.append((ratio, suite, task, f))
+    return sorted(out)

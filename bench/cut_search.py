@@ -22,13 +22,13 @@ import time
 from dataclasses import replace
 
 import numpy as np
-from common import DATA, RESULTS, paired_row, paired_summary, save
+from common import DATA, RESULTS, cut_tasks, examples_batch, paired_row, paired_summary, save
 
 from edgelora.bundle import Bundle, home
-from edgelora.examples import encode_pairs, keep_ends, load_examples
+from edgelora.examples import keep_ends, load_examples
 from edgelora.lora import LoraStack
 from edgelora.scorer import Scorer
-from edgelora.search import AdaptConfig, Objective, _Stop, adapt, choose_loras, cut_pays, run_optimizer, select_loras
+from edgelora.search import AdaptConfig, Objective, _Stop, adapt, choose_loras, run_optimizer, select_loras
 
 
 def default(bundle: Bundle, path) -> tuple[dict, tuple]:
@@ -43,7 +43,7 @@ def cut_search(bundle: Bundle, path, verify: int) -> tuple[dict, tuple]:
     """The default's selection, then the search on the cut examples and `verify` whole forwards."""
     t0 = time.perf_counter()
     cfg = AdaptConfig()
-    batch, _ = encode_pairs(bundle.tokenizer(), bundle.prompt_format.pairs(load_examples(path)), bundle.arch["max_len"])
+    batch = examples_batch(bundle, path)
     scorer = Scorer(bundle)
     scorer.bind(batch)
     n_tokens = float(batch.target_mask.sum())
@@ -87,16 +87,7 @@ def main():
     last = json.loads((RESULTS / f"{name}.json").read_text()) if (RESULTS / f"{name}.json").exists() else {}
     keep = last.get("limit") == args.limit and last.get("verify") == args.verify
     rows = {r["task"]: r for r in last.get("tasks", [])} if keep else {}
-    n_lib, cfg = len(bundle.lora_paths()), AdaptConfig()
-    todo = []
-    for suite in ("bbh", "near"):
-        for f in sorted((DATA / suite).glob("*.adapt.jsonl")):
-            task = f.name.removesuffix(".adapt.jsonl")
-            b, _ = encode_pairs(bundle.tokenizer(), bundle.prompt_format.pairs(load_examples(f)), bundle.arch["max_len"])
-            ratio = keep_ends(b, cfg.select_len).n_tokens / b.n_tokens
-            if (not args.tasks or task in args.tasks.split(",")) and cut_pays(n_lib, ratio, 1.0):
-                todo.append((ratio, suite, task, f))
-    for i, (ratio, suite, task, f) in enumerate(sorted(todo)):
+    for i, (ratio, suite, task, f) in enumerate(cut_tasks(bundle, AdaptConfig().select_len, args.tasks)):
         if task in rows:
             continue
         test = load_examples(DATA / suite / f"{task}.test.jsonl")[: args.limit]

@@ -17,7 +17,7 @@ import logging
 
 import numpy as np
 import onnx
-from common import DATA, alternate, median, save
+from common import DATA, alternate, examples_batch, median, save
 from forward import quantized
 from scipy.stats import spearmanr
 
@@ -77,7 +77,7 @@ def main():
         suite = next(s for s in ("bbh", "near") if (DATA / s / f"{task}.adapt.jsonl").exists())
         res = adapt(DATA / suite / f"{task}.adapt.jsonl", bundle, warn=lambda m: None)
         fp32 = np.array([e.loss for e in res.history])
-        batch = scorer_batch(bundle, suite, task)
+        batch = examples_batch(bundle, DATA / suite / f"{task}.adapt.jsonl")
         n_tokens = float(batch.target_mask.sum())
         row = {"points": len(fp32), "variants": {}}
         scorers = {"fp32": Scorer(bundle), **{name: Scorer(bundle, graph=g) for name, g in graphs.items()}}
@@ -100,14 +100,6 @@ def main():
             print(f"  {name:<22} Spearman {v['spearman']:.3f}  best kept {v['best_kept']}  "
                   f"max |dloss| {v['max_abs_loss_diff']:.3f}  time {v['time_over_fp32']:.2f}x fp32")
     save("quant_rank", {"rounds": args.rounds, "tasks": rows, "target": "Spearman >= 0.98 and faster than fp32"})
-
-
-def scorer_batch(bundle: Bundle, suite: str, task: str):
-    from edgelora.examples import encode_pairs, load_examples
-    fmt = bundle.prompt_format
-    ex = load_examples(DATA / suite / f"{task}.adapt.jsonl")
-    return encode_pairs(bundle.tokenizer(), fmt.pairs(ex),
-                        bundle.arch["max_len"])[0]
 
 
 if __name__ == "__main__":

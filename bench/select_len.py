@@ -17,16 +17,11 @@ import argparse
 import json
 import time
 
-from common import DATA, RESULTS, paired_row, paired_summary, save
+from common import DATA, RESULTS, cut_tasks, paired_row, paired_summary, save
 
 from edgelora.bundle import Bundle, home
-from edgelora.examples import encode_pairs, keep_ends, load_examples
-from edgelora.search import adapt, cut_pays
-
-
-def cut_ratio(bundle: Bundle, path, n: int) -> float:
-    batch, _ = encode_pairs(bundle.tokenizer(), bundle.prompt_format.pairs(load_examples(path)), bundle.arch["max_len"])
-    return keep_ends(batch, n).n_tokens / batch.n_tokens
+from edgelora.examples import load_examples
+from edgelora.search import adapt
 
 
 def run(bundle: Bundle, path, select_len: int) -> tuple[dict, object]:
@@ -47,14 +42,7 @@ def main():
     name = f"select_len_{args.len}"
     last = json.loads((RESULTS / f"{name}.json").read_text()) if (RESULTS / f"{name}.json").exists() else {}
     rows = {r["task"]: r for r in last.get("tasks", [])} if last.get("limit") == args.limit else {}
-    todo = []
-    for suite in ("bbh", "near"):
-        for f in sorted((DATA / suite).glob("*.adapt.jsonl")):
-            task = f.name.removesuffix(".adapt.jsonl")
-            r = cut_ratio(bundle, f, args.len)
-            if (not args.tasks or task in args.tasks.split(",")) and cut_pays(len(bundle.lora_paths()), r, 1.0):
-                todo.append((r, suite, task, f))
-    for i, (ratio, suite, task, f) in enumerate(sorted(todo)):
+    for i, (ratio, suite, task, f) in enumerate(cut_tasks(bundle, args.len, args.tasks)):
         if task in rows:
             continue
         test = load_examples(DATA / suite / f"{task}.test.jsonl")[: args.limit]
