@@ -109,18 +109,20 @@ def cmd_adapt(args) -> int:
 
 
 def cmd_export(args) -> None:
-    out = export(args.adapted, args.format, args.out, args.bundle)
+    out = export(args.adapted, args.format, args.out, args.bundle, force=args.force)
     print(f"{args.format}: {out}")
 
 
 def cmd_cluster(args) -> None:
-    from .cluster import FORMAT, KEEP, N_INIT, cluster_loras, heatmap_svg
-    from .io import atomic_write, atomic_write_json, sha256_file
+    from .cluster import FORMAT, KEEP, N_INIT, cluster_loras, heatmap_svg, is_own_clusters, is_own_heatmap
+    from .io import atomic_write, atomic_write_json, check_file_replaceable, sha256_file
     from .outputs import versions
     from .search import load_checked
     svg = args.out.with_suffix(".svg")
     if svg == args.out:
         raise UserError(f"-o {args.out}: the clusters are written as JSON beside the heat map {svg}; name a .json file")
+    check_file_replaceable(args.out, is_own_clusters, "-o", args.force)
+    check_file_replaceable(svg, is_own_heatmap, "-o", args.force)
     bundle = Bundle.open(args.bundle)
     paths = bundle.library("per-task")
     c = cluster_loras(load_checked(list(paths.values()), bundle), args.k, args.seed, where=str(bundle.path))
@@ -199,15 +201,17 @@ def eval_library(model: Path, adapted: bool, library: str | None) -> str | None:
 
 
 def cmd_eval(args) -> None:
-    from .evaluate import evaluate
+    from .evaluate import evaluate, is_eval_results
     from .examples import load_examples
     from .generate import Model
-    from .io import atomic_write_json
+    from .io import atomic_write_json, check_file_replaceable
     if args.limit is not None and args.limit < 1:
         raise UserError(f"--limit {args.limit}: must be at least 1")
     if args.k < 0:
         raise UserError(f"-k {args.k}: must be 0 or more")
     route = route_from(args)
+    if args.out:  # the default name is checked once the mode is known, before any example runs
+        check_file_replaceable(args.out, is_eval_results, "--out", args.force)
     model = Model.load(args.model, route=route)
     adapted = (Path(args.model) / "edgelora.json").is_file()
     library = eval_library(args.model, adapted, args.library)
@@ -218,6 +222,8 @@ def cmd_eval(args) -> None:
         raise UserError("--mode icl needs --shots FILE (e.g. the task's adapt examples)")
     shots = load_examples(args.shots)[: args.k] if mode == "icl" else []
     examples = load_examples(args.task)[: args.limit]
+    out = args.out or Path(f"{args.task.name.removesuffix('.jsonl')}.eval-{mode}{'-arrow' if route else ''}.json")
+    check_file_replaceable(out, is_eval_results, "--out", args.force)
     from tqdm import tqdm
     bar = tqdm(total=len(examples), desc=f"eval {mode}", unit="ex", disable=args.json)
     res = evaluate(model, examples, shots, args.max_new_tokens, on_example=lambda i, r: bar.update(1))
@@ -227,7 +233,6 @@ def cmd_eval(args) -> None:
               f"their oldest shots were dropped (mean {res['shots_mean']:.1f} shots)", file=sys.stderr)
     res = {"task": str(args.task), "model": str(args.model), "mode": mode, "shots": len(shots),
            "quant": model.meta.get("quant"), "library": library, "route": route and vars(route), **res}
-    out = args.out or Path(f"{args.task.name.removesuffix('.jsonl')}.eval-{mode}{'-arrow' if route else ''}.json")
     atomic_write_json(out, res)
     if args.json:
         print(json.dumps({k: v for k, v in res.items() if k != "examples"}))
@@ -297,6 +302,8 @@ def parser() -> argparse.ArgumentParser:
                    help="where to write (default: beside ADAPTED, <adapted>-peft/, <adapted>-lora.gguf or "
                         "<adapted>.onnx_adapter)")
     x.add_argument("--bundle", type=Path, help="the bundle it was adapted on (default: the one its weights.json names)")
+    x.add_argument("--force", action="store_true",
+                   help="replace whatever is at -o (without it, only an earlier export is replaced)")
     x.set_defaults(fn=cmd_export)
     c = sub.add_parser("cluster", help="group the bundle's LoRAs by parameter similarity (MBC, for a per-cluster library)")
     c.add_argument("--bundle", type=Path, help=bundle_help)
@@ -304,6 +311,8 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0, help="k-means++ starts (default 0)")
     c.add_argument("-o", "--out", type=Path, default=Path("clusters.json"),
                    help="clusters JSON (default clusters.json); the heat map is written beside it as .svg")
+    c.add_argument("--force", action="store_true",
+                   help="replace whatever is at -o and beside it (without it, only an earlier run's files are replaced)")
     c.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     c.set_defaults(fn=cmd_cluster)
     g = sub.add_parser("generate", help="generate text with an adapt output or a bundle's base")
@@ -326,6 +335,8 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--limit", type=int, help="score only the first N examples")
     e.add_argument("--max-new-tokens", type=int, default=32)
     e.add_argument("--out", type=Path, help="JSON with per-example results (default: <task>.eval-<mode>.json)")
+    e.add_argument("--force", action="store_true",
+                   help="replace whatever is at --out (without it, only an earlier eval's results are replaced)")
     e.add_argument("--json", action="store_true")
     e.add_argument("--library", choices=LIBRARIES,
                    help="the LoRA library the model must come from: an adapt output's (its weights.json), or one the "

@@ -28,6 +28,9 @@ KEEP = 0.5      # the share of each LoRA's parameters kept, by magnitude (mttl z
 DIMS = 64       # truncated SVD components (mttl's n_components)
 N_INIT = 10     # k-means runs from different k-means++ starts; the lowest inertia is kept (sklearn's n_init)
 MAX_ITER = 300  # Lloyd iterations per run at most (sklearn's max_iter)
+# What marks a heat map as edgelora's, so the next run may replace it: the description it carries
+# (and, before it did, the title `edgelora cluster` gave it).
+HEATMAP_MARKS = ("<desc>edgelora cluster heat map</desc>", ">MBC: cosine similarity of ")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # a cluster's name is its LoRA's file name
 
 
@@ -207,7 +210,7 @@ def heatmap_svg(c: Clustering, title: str, cell: int = 14) -> str:
     grid = n * cell
     width, height = x0 + grid + 110, y0 + grid + 50
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif">',
-             '<rect width="100%" height="100%" fill="white"/>',
+             HEATMAP_MARKS[0], '<rect width="100%" height="100%" fill="white"/>',
              f'<text x="{width / 2}" y="20" text-anchor="middle" font-size="14">{html.escape(title)}</text>']
     for a, i in enumerate(order):
         y = y0 + a * cell
@@ -232,3 +235,21 @@ def heatmap_svg(c: Clustering, title: str, cell: int = 14) -> str:
                      f'<text x="{x + 24}" y="{y0 + grid + 34}" text-anchor="middle" font-size="10">{v:.2f}</text>')
     parts.append("</svg>\n")
     return "".join(parts)
+
+
+def is_own_clusters(path: Path) -> bool:
+    """Whether `path` is a clusters file `edgelora cluster` wrote (which a new run may replace)."""
+    try:
+        return read_json(path).get("format") == FORMAT
+    except UserError:
+        return False
+
+
+def is_own_heatmap(path: Path) -> bool:
+    """Whether `path` is a heat map `edgelora cluster` wrote."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096).decode("utf-8", "replace")
+    except OSError:
+        return False
+    return head.startswith("<svg") and any(m in head for m in HEATMAP_MARKS)

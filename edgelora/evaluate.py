@@ -5,12 +5,20 @@ from __future__ import annotations
 
 import re
 import time
+from pathlib import Path
 from typing import Callable
 
 from .examples import Example
+from .io import is_json_with
 from .generate import Model
 
 MODES = ("zero-shot", "icl", "adapted")
+# What every `edgelora eval` results file holds: such a file is replaced by the next eval.
+RESULT_KEYS = {"task", "model", "mode", "n", "exact_match", "examples"}
+
+
+def is_eval_results(path: Path) -> bool:
+    return is_json_with(path, RESULT_KEYS)
 
 
 def normalize(text: str) -> str:

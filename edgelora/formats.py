@@ -15,9 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
+from . import __version__
 from .bundle import Bundle
 from .errors import UserError
-from .io import building, check_replaceable, check_writable, read_json, writing
+from .io import building, check_file_replaceable, check_replaceable, read_json, writing
 from .lora import from_peft, to_peft
 from .outputs import is_adapt_output
 
@@ -31,6 +32,10 @@ DEFAULT_SUFFIX = {"peft": "-peft", "gguf": "-lora.gguf", "onnx-adapter": ".onnx_
 GGUF_ARCHS = {"llama": ("LLAMA", True), "mistral": ("LLAMA", True), "qwen2": ("QWEN2", False)}
 # the manifest's head count each permuted module uses (LlamaModel.permute's n_head, n_head_kv)
 GGUF_PERMUTED = {"q_proj": "heads", "k_proj": "kv_heads"}
+# A key only edgelora's GGUF adapters carry (llama.cpp ignores keys it does not know), so that an
+# earlier export is told from a file it must not replace: the base GGUF itself, another tool's adapter.
+GGUF_MARK = "edgelora.version"
+ONNX_ADAPTER_SUFFIXES = (".lora_A.MatMul.weight", ".lora_B.MatMul.weight")
 
 
 def load_adapted(folder: Path, bundle_path: Path | None = None) -> tuple[Bundle, dict, dict]:
@@ -53,6 +58,29 @@ def load_adapted(folder: Path, bundle_path: Path | None = None) -> tuple[Bundle,
 
 def is_peft_folder(folder: Path) -> bool:
     return (folder / "adapter_config.json").is_file()
+
+
+def is_own_gguf(path: Path) -> bool:
+    """Whether `path` is a GGUF file that edgelora wrote (its header holds GGUF_MARK)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1 << 16)
+    except OSError:
+        return False
+    return head.startswith(b"GGUF") and GGUF_MARK.encode() in head
+
+
+def is_own_onnx_adapter(path: Path) -> bool:
+    """Whether `path` is an onnxruntime adapter holding only LoRA weights named as edgelora names them."""
+    from onnxruntime import AdapterFormat
+    try:
+        params = AdapterFormat.read_adapter(str(path)).get_parameters()
+    except Exception:  # onnxruntime raises RuntimeError for a file that is not an adapter
+        return False
+    return bool(params) and all(k.endswith(ONNX_ADAPTER_SUFFIXES) for k in params)
+
+
+IS_OWN_FILE = {"gguf": is_own_gguf, "onnx-adapter": is_own_onnx_adapter}
 
 
 def write_peft(out: Path, bundle: Bundle, A: dict, B: dict) -> None:
@@ -111,6 +139,7 @@ def write_gguf(out: Path, bundle: Bundle, A: dict, B: dict) -> None:
         w.add_string(gguf.Keys.Adapter.TYPE, "lora")
         w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(rank))
         w.add_name(out.stem)
+        w.add_string(GGUF_MARK, __version__)
         w.add_base_model_count(1)
         w.add_base_model_name(0, bundle.manifest["base"]["name"])
         w.add_file_type(gguf.LlamaFileType.ALL_F32)
@@ -157,17 +186,19 @@ def write_onnx_adapter(out: Path, bundle: Bundle, A: dict, B: dict) -> None:
 WRITERS = {"peft": write_peft, "gguf": write_gguf, "onnx-adapter": write_onnx_adapter}
 
 
-def export(folder: Path, fmt: str, out: Path | None = None, bundle_path: Path | None = None) -> Path:
-    """Write `folder`'s merged LoRA as `fmt` to `out` (default: beside `folder`); returns `out`."""
+def export(folder: Path, fmt: str, out: Path | None = None, bundle_path: Path | None = None,
+           force: bool = False) -> Path:
+    """Write `folder`'s merged LoRA as `fmt` to `out` (default: beside `folder`); returns `out`.
+    An earlier export is replaced; anything else at `out` only with `force`."""
     if fmt not in WRITERS:
         raise UserError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
     out = out or folder.resolve().with_name(folder.resolve().name + DEFAULT_SUFFIX[fmt])
     if fmt == "peft":  # an earlier PEFT folder is replaced, any other non-empty folder refused
-        check_replaceable(out, is_peft_folder, "-o")
+        check_replaceable(out, is_peft_folder, "-o", force)
     elif out.is_dir():
         raise UserError(f"{out}: is a folder; -o names the {fmt} file to write")
     else:
-        check_writable(out, "-o")
+        check_file_replaceable(out, IS_OWN_FILE[fmt], "-o", force)
     bundle, A, B = load_adapted(folder, bundle_path)
     WRITERS[fmt](out, bundle, A, B)
     return out

@@ -101,15 +101,36 @@ def check_writable(dst: Path, what: str) -> None:
         raise UserError(f"{dst}: cannot write here ({parent} is not a writable folder); choose another {what}")
 
 
-def check_replaceable(dst: Path, is_ours: Callable[[Path], bool], what: str) -> None:
+def check_replaceable(dst: Path, is_ours: Callable[[Path], bool], what: str, force: bool | None = None) -> None:
     """Refuse to replace anything but a missing path, an empty folder or one of our own outputs
-    (`is_ours`): a folder a user points -o/--out at by mistake is never wiped."""
+    (`is_ours`): a folder a user points -o/--out at by mistake is never wiped. `force` (where a
+    command has --force: False or True) replaces any folder."""
     if dst.is_symlink() or (dst.exists() and not dst.is_dir()):
         raise UserError(f"{dst}: exists and is not a folder; choose another {what}")
     check_writable(dst, what)
-    if dst.is_dir() and any(dst.iterdir()) and not is_ours(dst):
+    if dst.is_dir() and not force and any(dst.iterdir()) and not is_ours(dst):
         raise UserError(f"{dst}: a folder that is not an edgelora output, left untouched; "
-                        f"choose another {what} or empty it")
+                        f"choose another {what}" + (" or empty it" if force is None else " or add --force to replace it"))
+
+
+def check_file_replaceable(dst: Path, is_ours: Callable[[Path], bool], what: str, force: bool = False) -> None:
+    """Refuse, before any work, to write a file over one edgelora did not write (the base GGUF a
+    user hands llama.cpp, their notes): only a missing path or one of our own outputs (`is_ours`)
+    is replaced, anything else only with --force. A folder is never replaced by a file."""
+    if dst.is_dir():
+        raise UserError(f"{dst}: is a folder; {what} names the file to write")
+    check_writable(dst, what)
+    if not force and (dst.exists() or dst.is_symlink()) and (dst.is_symlink() or not is_ours(dst)):
+        raise UserError(f"{dst}: exists and was not written by edgelora, left untouched; "
+                        f"choose another {what} or add --force to replace it")
+
+
+def is_json_with(path: Path, keys: set[str]) -> bool:
+    """Whether `path` holds a JSON object with every one of `keys` (an output we wrote)."""
+    try:
+        return keys <= read_json(path).keys()
+    except UserError:
+        return False
 
 
 def replace_dir(new: Path, dst: Path) -> None:

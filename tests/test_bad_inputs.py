@@ -196,6 +196,8 @@ CASES = [
      ["afile/peft", "cannot write here"]),
     ("export: output is a folder", adapted_then_export("--format", "onnx-adapter", "-o", "{tmp}/done"),
      ["done", "is a folder"]),
+    ("export: output is a file edgelora did not write", adapted_then_export("--format", "gguf", "-o", "{tmp}/afile"),
+     ["afile", "was not written by edgelora", "--force"]),
     ("export: bundle missing", adapted_then_export("--format", "gguf", "--bundle", "{tmp}/nobundle"),
      ["nobundle", "not a bundle"]),
 ]

@@ -235,3 +235,21 @@ def test_export_lora_adds_to_the_mbc_library(tiny_bundle, tiny_hf, tmp_path):
     b = Bundle.open(tiny_bundle)
     assert list(b.lora_paths("mbc")) == ["cluster_x"] and b.lora_paths("per-task") == {}
     assert "loras-mbc/cluster_x.safetensors" in b.manifest["files"]
+
+
+def test_cluster_out_replaces_only_its_own_files_unless_forced(clustered_bundle, tmp_path, capsys):
+    """-o (and the heat map written beside it) over a file edgelora did not write is refused in one
+    line; an earlier run's files are replaced; --force replaces anything."""
+    from edgelora.cli import main
+    bundle, _ = clustered_bundle
+    out = tmp_path / "c.json"
+    argv = ["cluster", "--bundle", str(bundle), "--k", "2", "-o", str(out), "--json"]
+    for mine in (out, out.with_suffix(".svg")):
+        mine.write_text("the user's own\n")
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and mine.name in err[0] and "--force" in err[0], err
+        assert mine.read_text() == "the user's own\n"
+        assert main(argv + ["--force"]) == 0
+        assert json.loads(out.read_text())["format"] == "edgelora-clusters"
+        assert main(argv) == 0  # its own files now: replaced without --force

@@ -196,3 +196,56 @@ def test_peft_replaces_an_adapter_and_refuses_any_other_folder(adapted, tmp_path
     assert [p.name for p in mine.iterdir()] == ["notes.txt"]
     with pytest.raises(UserError, match="is a folder"):
         export(adapted[2], "gguf", mine)
+
+
+def refused_in_process(capsys, argv: list[str], *words: str) -> None:
+    """`edgelora ARGV` run in this process: exit 2 and one line holding `words`."""
+    from edgelora.cli import main
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    for w in words:
+        assert w in err[0], err[0]
+
+
+def foreign_gguf(path: Path) -> bytes:
+    """A GGUF LoRA adapter edgelora did not write (llama.cpp's converter makes such files)."""
+    import gguf
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_type(gguf.GGUFType.ADAPTER)
+    w.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    w.add_tensor("blk.0.attn_q.weight.lora_a", np.zeros((2, 64), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize("fmt,name", [("gguf", "SmolLM2-135M-Instruct.Q4_1.gguf"), ("gguf", "theirs-lora.gguf"),
+                                      ("onnx-adapter", "notes.onnx_adapter")])
+def test_export_replaces_only_its_own_file_unless_forced(adapted, tmp_path, capsys, fmt, name):
+    """A file at -o that edgelora did not write (the base GGUF handed to llama.cpp, another tool's
+    adapter, anything) is refused in one line naming --force; an earlier export is replaced."""
+    from edgelora.cli import main
+    folder, user = adapted[2], tmp_path / name
+    mine = foreign_gguf(user) if name == "theirs-lora.gguf" else b"GGUF\x03\x00\x00\x00 a user's model"
+    if name != "theirs-lora.gguf":
+        user.write_bytes(mine)
+    refused_in_process(capsys, ["export", str(folder), "--format", fmt, "-o", str(user)], name, "--force")
+    assert user.read_bytes() == mine
+    assert main(["export", str(folder), "--format", fmt, "-o", str(user), "--force"]) == 0
+    first = user.read_bytes()
+    assert first != mine
+    assert main(["export", str(folder), "--format", fmt, "-o", str(user)]) == 0  # its own: replaced
+    assert user.read_bytes() == first
+
+
+def test_peft_export_replaces_any_folder_only_with_force(adapted, tmp_path, capsys):
+    from edgelora.cli import main
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    refused_in_process(capsys, ["export", str(adapted[2]), "--format", "peft", "-o", str(mine)], "mine", "--force")
+    assert main(["export", str(adapted[2]), "--format", "peft", "-o", str(mine), "--force"]) == 0
+    assert sorted(p.name for p in mine.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]

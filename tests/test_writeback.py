@@ -292,3 +292,20 @@ def test_cli_generate_and_eval(written, tmp_path):
     r = subprocess.run([sys.executable, "-m", "edgelora.cli", "eval", str(task), "--model", str(folder),
                         "--mode", "icl"], capture_output=True, text=True)
     assert r.returncode == 2 and "--shots" in r.stderr
+
+
+def test_eval_out_replaces_only_its_own_results_unless_forced(written, tmp_path, capsys):
+    """--out naming a file edgelora did not write is refused before any example is run; an
+    earlier eval's results are replaced; --force replaces anything."""
+    from edgelora.cli import main
+    folder, task, out = written["int8"].parent, tmp_path / "task.jsonl", tmp_path / "notes.json"
+    task.write_text("".join(json.dumps({"input": p, "output": "yes"}) + "\n" for p in PROMPTS[:2]))
+    out.write_text('{"mine": 1}\n')
+    argv = ["eval", str(task), "--model", str(folder), "--json", "--max-new-tokens", "2", "--out", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "notes.json" in err[0] and "--force" in err[0], err
+    assert out.read_text() == '{"mine": 1}\n'
+    assert main(argv + ["--force"]) == 0
+    assert json.loads(out.read_text())["n"] == 2
+    assert main(argv) == 0  # its own results now: replaced without --force
