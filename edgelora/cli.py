@@ -57,7 +57,7 @@ def cmd_verify(args) -> None:
 
 def cmd_adapt(args) -> int:
     from tqdm import tqdm
-    from .outputs import check_out, summary_table, write_outputs
+    from .outputs import NO_MODEL, check_out, summary_table, write_adapted_model, write_result
     from .search import adapt
     bundle = Bundle.open(args.bundle)
     out = args.out or Path(f"{args.examples.name.removesuffix('.jsonl').removesuffix('.adapt')}-adapted")
@@ -88,20 +88,36 @@ def cmd_adapt(args) -> int:
         for b in bars.values():
             b.close()
     quant = None if result.interrupted else args.quant
-    if quant and not args.json:
-        print(f"writing the adapted model ({quant}) ...", file=sys.stderr)
-    write_outputs(result, bundle, out, quant)
+    A, B = write_result(result, bundle, out)  # on disk before the write-back, which cannot lose it
+    no_model = f"{out}/: {NO_MODEL}; re-run edgelora adapt to write the model"
+    stopped = False
+    if quant:
+        if not args.json:
+            print(f"writing the adapted model ({quant}) ...", file=sys.stderr)
+        try:
+            write_adapted_model(bundle, A, B, out, quant)
+        except KeyboardInterrupt:
+            stopped = True
+        except UserError as e:  # a full disk, no permission: building()'s message says what is left
+            raise e if NO_MODEL in str(e) else UserError(f"{e}; {no_model}") from None
+        except Exception:
+            print(f"edgelora: the adapted model could not be written; {no_model}", file=sys.stderr)
+            raise
     if args.json:
         print(json.dumps({"out": str(out), "loss": result.loss, "start_loss": result.start_loss,
                           "objective": result.objective, "evaluations": len(result.history),
                           "forwards": result.settings["forwards"], "stop": result.stop,
-                          "interrupted": result.interrupted, "seconds": round(result.seconds, 2),
+                          "interrupted": result.interrupted or stopped, "model": bool(quant) and not stopped,
+                          "seconds": round(result.seconds, 2),
                           "weights": dict(zip(result.loras, result.weights.round(6).tolist()))}))
     else:
         print(summary_table(result))
         print(f"\nloss {result.start_loss:.4f} (base) -> {result.loss:.4f} after {len(result.history)} evaluations "
               f"({result.settings['forwards']} forward passes, stopped: {result.stop}) in {result.seconds:.1f}s; "
               f"written to {out}/")
+    if stopped:
+        print(f"edgelora: interrupted while writing the adapted model; {no_model}", file=sys.stderr)
+        return interrupted_exit_code()
     if result.interrupted:
         print(f"edgelora: interrupted; the best weights so far are in {out}/weights.json", file=sys.stderr)
         return interrupted_exit_code()

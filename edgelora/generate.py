@@ -164,8 +164,8 @@ class Model:
                 meta["lora"] = (f"arrow top-{route.top_k} over the {route.library} library"
                                 + (f", GenKnowSub {', '.join(route.gks)}" if route.gks else ""))
         elif (path / "weights.json").is_file():
-            raise UserError(f"{path}: this adapt output has no model (written with --no-model, or interrupted); "
-                            f"re-run edgelora adapt")
+            raise UserError(f"{path}: this adapt output has no model (written with --no-model, or its search or "
+                            f"write-back was interrupted or failed); re-run edgelora adapt to write it")
         else:
             raise UserError(f"{path}: not a model (expected an `edgelora adapt` output folder or a bundle)")
         try:

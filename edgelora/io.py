@@ -136,12 +136,15 @@ def is_json_with(path: Path, keys: set[str]) -> bool:
 def replace_dir(new: Path, dst: Path) -> None:
     """Put the finished folder `new` at `dst`: the old one is renamed aside, the new one renamed in,
     then the old one deleted. A process killed at any moment leaves `dst` as the old complete
-    folder, absent (the old one kept beside it as .<name>.*.old), or the new complete folder."""
+    folder, absent (the old one kept beside it as .<name>.*.old), or the new complete folder. The
+    old one is renamed .gone before it is deleted, so a .old folder is always whole."""
     if dst.exists():
-        old = dst.with_name(f".{dst.name}.{uuid.uuid4().hex[:8]}.old")
+        stem = f".{dst.name}.{uuid.uuid4().hex[:8]}"
+        old, gone = dst.with_name(f"{stem}.old"), dst.with_name(f"{stem}.gone")
         os.rename(dst, old)
         os.rename(new, dst)
-        shutil.rmtree(old)
+        os.rename(old, gone)
+        shutil.rmtree(gone)
     else:
         os.rename(new, dst)
 
@@ -161,7 +164,10 @@ def _locked(folder: Path) -> int | None:
 def tidy_beside(dst: Path) -> None:
     """Clear what killed runs left beside `dst`: temporary folders no live process holds the lock
     of are deleted; a previous output renamed aside by `replace_dir` is put back where `dst` is
-    missing (the run died between its two renames), and deleted where `dst` is there."""
+    missing (the run died between its two renames), and deleted where `dst` is there; one a run
+    died deleting (.gone) is deleted."""
+    for gone in dst.parent.glob(f".{glob.escape(dst.name)}.*.gone"):
+        shutil.rmtree(gone, ignore_errors=True)
     for tmp in dst.parent.glob(f".{glob.escape(dst.name)}.*.tmp"):
         fd = _locked(tmp)
         if fd is not None:
@@ -175,10 +181,10 @@ def tidy_beside(dst: Path) -> None:
 
 
 @contextmanager
-def building(dst: Path) -> Iterator[Path]:
+def building(dst: Path, failed: str = "it is left as it was") -> Iterator[Path]:
     """A temporary folder beside `dst` to build an output in; it replaces `dst` whole when the
     block ends, and is removed if the block fails. A failed write (no permission, disk full) is
-    a UserError naming the folder, and `dst` is left as it was."""
+    a UserError naming the folder and ending with `failed`: `dst` is left as it was."""
     try:
         dst.parent.mkdir(parents=True, exist_ok=True)
         tidy_beside(dst)
@@ -191,7 +197,7 @@ def building(dst: Path) -> Iterator[Path]:
         yield tmp
         replace_dir(tmp, dst)
     except OSError as e:
-        raise UserError(f"{dst}: cannot write the output ({e.strerror}); it is left as it was") from None
+        raise UserError(f"{dst}: cannot write the output ({e.strerror or e}); {failed}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         if lock is not None:

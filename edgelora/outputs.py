@@ -3,6 +3,7 @@ a loss-curve SVG and the adapted model, the folder built aside and swapped in wh
 from __future__ import annotations
 
 import platform
+import shutil
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -78,18 +79,45 @@ def check_out(out: Path) -> None:
     check_replaceable(out, is_adapt_output, "--out")
 
 
-def write_outputs(result: AdaptResult, bundle: Bundle, out: Path, quant: str | None = None) -> None:
-    """Write the whole output folder aside and swap it in (io.building), so `out` is never a new
-    weights.json beside an older model: after a kill or a full disk it is the previous output or
-    the new one. `quant` None writes no model (--no-model, or an interrupted search)."""
+# What the search's result is, in an adapt output: written first, and kept when the model is not.
+RESULT_FILES = ("adapter", "loss_curve.svg", "weights.json")
+NO_MODEL = "it holds the search's result (weights.json, adapter/, loss_curve.svg) without a model"
+
+
+def write_result(result: AdaptResult, bundle: Bundle, out: Path) -> tuple[dict, dict]:
+    """The search's result (RESULT_FILES) built aside and swapped in whole for `out`, before any
+    model is written: an interrupted or failed write-back cannot lose it. Returns the merged A, B."""
     check_out(out)
+    A, B = result.merged()
     with building(out) as tmp:
-        A, B = result.merged()
         to_peft(tmp / "adapter", A, B, bundle.targets, bundle.manifest["base"]["name"])
         atomic_write(tmp / "loss_curve.svg", loss_curve_svg(result))
         atomic_write_json(tmp / "weights.json", weights_json(result, bundle))
-        if quant:
-            write_model(bundle, A, B, tmp, quant, weights_sha256=sha256_file(tmp / "weights.json"))
+    return A, B
+
+
+def write_adapted_model(bundle: Bundle, A: dict, B: dict, out: Path, quant: str) -> None:
+    """The adapted model beside the result `write_result` put in `out`: the result's files copied
+    into a folder built aside, the model written there, and that swapped in whole. Whatever stops
+    it (Ctrl-C, a kill, a full disk, a bug), `out` is the result without a model or all of it."""
+    with building(out, failed=NO_MODEL) as tmp:
+        for name in RESULT_FILES:
+            src = out / name
+            if src.is_dir():
+                shutil.copytree(src, tmp / name)
+            else:
+                shutil.copy2(src, tmp / name)
+        write_model(bundle, A, B, tmp, quant, weights_sha256=sha256_file(tmp / "weights.json"))
+
+
+def write_outputs(result: AdaptResult, bundle: Bundle, out: Path, quant: str | None = None) -> None:
+    """The search's result, swapped in, then (`quant` not None) the adapted model beside it in a
+    second swap, so `out` is never a new weights.json beside an older model: after a kill or a
+    full disk it is the previous output, the new result without a model, or the whole new one.
+    `quant` None writes no model (--no-model, or an interrupted search)."""
+    A, B = write_result(result, bundle, out)
+    if quant:
+        write_adapted_model(bundle, A, B, out, quant)
 
 
 def summary_table(result: AdaptResult, top: int = 10) -> str:

@@ -51,12 +51,27 @@ def test_replace_dir_swaps_a_folder_whole(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out"] and [p.name for p in dst.iterdir()] == ["new.txt"]
 
 
+def test_a_folder_put_aside_is_whole_until_it_is_renamed_for_deletion(tmp_path, monkeypatch):
+    """replace_dir renames the old folder .gone before deleting it: a kill inside the deletion never
+    leaves a half-deleted .old, which the next run would put back as the output."""
+    import shutil
+    from edgelora import io
+    dst, new = tmp_path / "out", tmp_path / "new"
+    dst.mkdir(), new.mkdir()
+    (dst / "a.txt").write_text("old")
+    (new / "b.txt").write_text("new")
+    seen, rmtree = [], shutil.rmtree
+    monkeypatch.setattr(shutil, "rmtree", lambda p, *a, **kw: seen.append(Path(p).name) or rmtree(p, *a, **kw))
+    io.replace_dir(new, dst)
+    assert len(seen) == 1 and seen[0].endswith(".gone")
+
+
 def test_what_killed_runs_left_is_tidied(tmp_path):
     """A killed run's temporary folder is deleted unless a live run holds it; a previous output
-    renamed aside just before a kill is put back."""
+    renamed aside just before a kill is put back; one a run was deleting (.gone) is deleted."""
     from edgelora.io import _locked, tidy_beside
     dst = tmp_path / "out"
-    for name in (".out.dead.tmp", ".out.live.tmp", ".out.prev.old"):
+    for name in (".out.dead.tmp", ".out.live.tmp", ".out.prev.old", ".out.half.gone"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "weights.json").write_text(name)
     live = _locked(tmp_path / ".out.live.tmp")
