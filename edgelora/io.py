@@ -7,6 +7,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -178,6 +179,40 @@ def tidy_beside(dst: Path) -> None:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(old, dst)
+
+
+@contextmanager
+def exclusive(lock_file: Path, busy: str) -> Iterator[None]:
+    """Hold `lock_file`'s exclusive lock for the block (it dies with the process, even by kill -9);
+    a UserError saying `busy` where another process holds it."""
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise UserError(busy) from None
+        yield
+    finally:
+        os.close(fd)
+
+
+# tempfile.mkdtemp's names: the prefix, then 8 of these characters (tempfile._RandomNameSequence)
+MKDTEMP_TAIL = re.compile(r"[a-z0-9_]{8}")
+
+
+def tidy_temp_folders(dst: Path, contents: set[str]) -> list[Path]:
+    """Delete what killed runs left beside `dst`: folders named as tempfile.mkdtemp(prefix=".<name>.")
+    names them and holding nothing but `contents`. Only a caller that holds the lock every writer
+    of `dst` holds may call it: no live run's folder is then among them."""
+    removed = []
+    for p in dst.parent.glob(f".{glob.escape(dst.name)}.*"):
+        tail = p.name[len(dst.name) + 2:]
+        if (MKDTEMP_TAIL.fullmatch(tail) and p.is_dir() and not p.is_symlink()
+                and {c.name for c in p.iterdir()} <= contents):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
 
 
 @contextmanager

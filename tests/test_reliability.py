@@ -285,3 +285,43 @@ def test_bom_and_windows_line_ends_adapt_exactly_alike(library, tmp_path):  # no
     assert load_examples(excel) == load_examples(plain)
     a, b = adapt(plain, bundle, budget=4), adapt(excel, bundle, budget=4)
     assert a.loras == b.loras and np.array_equal(a.weights, b.weights) and a.loss == b.loss
+
+
+def test_a_killed_export_base_is_tidied_by_the_next(tiny_hf, tiny_bundle, tmp_path):
+    """kill -9 during `edgelora-export base --force` leaves its temporary folder (.NAME.xxxxxxxx)
+    beside the bundle; the next run deletes it, and no other folder, hidden or not."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from edgelora.bundle import Bundle
+    proc = subprocess.Popen([sys.executable, "-m", "edgelora_export.cli", "base", str(tiny_hf), "-o", str(tiny_bundle),
+                             "--force"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not any(p.is_dir() for p in tmp_path.glob(".bundle.*/hf")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    left = [p for p in tmp_path.glob(".bundle.*") if p.is_dir()]
+    assert left, "the export ended before the kill: nothing to tidy"
+    theirs = [tmp_path / ".bundle.notes", tmp_path / ".bundle.abcd1234"]  # not a temporary folder of ours
+    for p in theirs:
+        p.mkdir()
+        (p / "keep.txt").write_text("keep")
+    r = cli("edgelora_export.cli", "base", str(tiny_hf), "-o", str(tiny_bundle))  # the bundle is there: kept
+    assert r.returncode == 0, r.stderr
+    assert not any(p.exists() for p in left)
+    assert all((p / "keep.txt").read_text() == "keep" for p in theirs)
+    assert Bundle.open(tiny_bundle).verify() == []
+
+
+def test_a_live_export_base_is_not_tidied_away(tiny_hf, tiny_bundle, tmp_path):
+    """While one `edgelora-export base` writes a bundle (it holds the bundle's lock), a second one
+    for the same bundle is refused in one line and deletes nothing."""
+    from edgelora_export.cli import export_lock
+    live = tmp_path / ".bundle.live0000"
+    (live / "hf").mkdir(parents=True)
+    with export_lock(tiny_bundle):
+        r = cli("edgelora_export.cli", "base", str(tiny_hf), "-o", str(tiny_bundle), "--force")
+    assert_refused(r, str(tiny_bundle), "another edgelora-export base")
+    assert live.is_dir()

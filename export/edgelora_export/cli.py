@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
-from edgelora.bundle import LIBRARIES, Bundle, default_bundle_path
+from edgelora.bundle import LIBRARIES, Bundle, default_bundle_path, home
 from edgelora.errors import UserError, run_command
+from edgelora.io import exclusive, tidy_temp_folders
 
 from .model import DEFAULT_TARGETS
 from .train import TrainConfig
@@ -56,6 +59,21 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+# What export_base's temporary folder (.<bundle>.xxxxxxxx beside the bundle) holds.
+EXPORT_TEMP_CONTENTS = {"hf", "bundle"}
+
+
+@contextmanager
+def export_lock(out: Path):
+    """The lock every `edgelora-export base` of `out` holds while it runs (a file in EDGELORA_HOME,
+    not beside the bundle): a second one is refused, and the holder may delete what killed runs
+    left beside `out`."""
+    key = hashlib.sha256(str(Path(out).absolute()).encode()).hexdigest()[:16]
+    with exclusive(home() / "locks" / f"export-base-{key}.lock",
+                   f"{out}: another edgelora-export base is writing this bundle; wait for it to end"):
+        yield
+
+
 def train_config(args):
     from .train import TrainConfig
     return TrainConfig(rank=args.rank, alpha=args.alpha, targets=tuple(args.targets.split(",")), lr=args.lr,
@@ -67,7 +85,11 @@ def run(args) -> None:
     if args.cmd == "base":
         from .base import export_base
         targets = [t.strip() for t in args.targets.split(",") if t.strip()]
-        export_base(args.source, args.out or default_bundle_path(), targets, force=args.force)
+        out = args.out or default_bundle_path()
+        with export_lock(out):
+            for p in tidy_temp_folders(out, EXPORT_TEMP_CONTENTS):
+                print(f"removed {p}: the temporary folder of an export that was killed")
+            export_base(args.source, out, targets, force=args.force)
     elif args.cmd == "lora":
         from .lora import add_lora
         print(add_lora(args.peft_dir, args.bundle, args.name, args.dtype, args.force, args.library))
