@@ -7,6 +7,7 @@ the scoring graph computes plain x·Aᵀ·Bᵀ and every LoRA may have its own a
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -261,51 +262,120 @@ def delta(A: np.ndarray, B: np.ndarray) -> np.ndarray:
 PEFT_KEY = "base_model.model.model.layers.{layer}.{path}.lora_{ab}.weight"
 
 
+PEFT_WEIGHT = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight")
+
+
+def pattern_value(patterns: dict, module: str, default):
+    """peft's `get_pattern_key`: the value of the first pattern that matches the end of the module's
+    name after a dot (a plain name such as `v_proj`, or a regex such as `layers.[0-3].self_attn.q_proj`)."""
+    for key, value in patterns.items():
+        try:
+            if re.match(rf"(.*\.)?({key})$", module):
+                return value
+        except re.error:
+            continue
+    return default
+
+
+def peft_settings(cfg: dict, cfg_path: Path) -> tuple[int, float, dict, dict, bool]:
+    """(r, lora_alpha, rank_pattern, alpha_pattern, use_rslora) of an adapter_config.json, each
+    checked; what a bundle LoRA cannot hold (biases, whole trained modules) refused by its field."""
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise UserError(f"{cfg_path}: peft_type {cfg.get('peft_type')} is not a LoRA")
+    if cfg.get("use_dora"):
+        raise UserError(f"{cfg_path}: DoRA adapters cannot be composed as plain LoRAs")
+    if cfg.get("bias", "none") not in (None, "none"):
+        raise UserError(f"{cfg_path}: bias {cfg.get('bias')!r}: a LoRA that trains biases cannot be composed as B·A "
+                        "(only bias \"none\")")
+    if cfg.get("lora_bias"):
+        raise UserError(f"{cfg_path}: lora_bias true: a bias on lora_B cannot be composed as B·A")
+    if cfg.get("modules_to_save"):
+        raise UserError(f"{cfg_path}: modules_to_save {cfg['modules_to_save']!r}: whole trained modules cannot be "
+                        "composed as a LoRA")
+    if cfg.get("trainable_token_indices"):
+        raise UserError(f"{cfg_path}: trainable_token_indices: trained embedding rows cannot be composed as a LoRA")
+    rank, alpha = cfg.get("r"), cfg.get("lora_alpha", cfg.get("r"))
+    if not (isinstance(rank, int) and rank >= 1 and isinstance(alpha, (int, float)) and np.isfinite(alpha)):
+        raise UserError(f"{cfg_path}: r must be a positive integer and lora_alpha a finite number")
+    patterns = []
+    for field, ok, want in (("rank_pattern", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+                             "positive integers"),
+                            ("alpha_pattern", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+                             and np.isfinite(v), "finite numbers")):
+        value = cfg.get(field) or {}
+        if not isinstance(value, dict) or not all(isinstance(k, str) and ok(v) for k, v in value.items()):
+            raise UserError(f"{cfg_path}: {field} must map module names to {want}")
+        patterns.append(value)
+    return rank, float(alpha), patterns[0], patterns[1], bool(cfg.get("use_rslora"))
+
+
 def from_peft(folder: str | Path, targets: dict[str, dict], layers: int, name: str | None = None) -> Lora:
-    """Read a PEFT LoRA folder (adapter_config.json + adapter_model.safetensors) without torch."""
+    """Read a PEFT LoRA folder (adapter_config.json + adapter_model.safetensors) without torch.
+
+    A module's rank and alpha are peft's: `rank_pattern` and `alpha_pattern` override r and
+    lora_alpha per module name (one layer's, or every layer's), `use_rslora` scales by alpha/√r.
+    Where every module has one rank and scale, the LoRA keeps them; otherwise it is written exactly
+    at the largest rank (smaller ones zero-padded) with alpha = rank, each module's own scale folded
+    into its B, so that B·A·scale is peft's merged ΔW everywhere."""
     folder = Path(folder)
     cfg_path, st_path = folder / "adapter_config.json", folder / "adapter_model.safetensors"
     for p in (cfg_path, st_path):
         if not p.is_file():
             raise UserError(f"{folder}: not a PEFT LoRA folder (no {p.name})")
     cfg = read_json(cfg_path)
-    if cfg.get("peft_type", "LORA") != "LORA":
-        raise UserError(f"{cfg_path}: peft_type {cfg.get('peft_type')} is not a LoRA")
-    if cfg.get("use_dora"):
-        raise UserError(f"{cfg_path}: DoRA adapters cannot be composed as plain LoRAs")
-    rank, alpha = cfg.get("r"), cfg.get("lora_alpha", cfg.get("r"))
-    if not (isinstance(rank, int) and rank >= 1 and isinstance(alpha, (int, float)) and np.isfinite(alpha)):
-        raise UserError(f"{cfg_path}: r must be a positive integer and lora_alpha a finite number")
-    alpha = float(alpha)
-    if cfg.get("use_rslora"):
-        alpha = alpha * rank ** 0.5  # keep scale = alpha / r
+    rank, alpha, rank_pattern, alpha_pattern, rslora = peft_settings(cfg, cfg_path)
     try:
         tensors = load_file(st_path)
     except SAFETENSORS_ERRORS as e:
         raise unreadable(st_path, e) from None
-    found = {k.split(".lora_")[0].rsplit(".", 1)[-1] for k in tensors if ".lora_" in k}
+    for k in tensors:
+        if not PEFT_WEIGHT.fullmatch(k):
+            raise UserError(f"{st_path}: holds {k}, which is not a lora_A or lora_B weight (biases, modules_to_save "
+                            "and embedding rows cannot be composed as a LoRA)")
+    found = {PEFT_WEIGHT.fullmatch(k)["module"].rsplit(".", 1)[-1] for k in tensors}
     for m in sorted(found - set(targets)):
         raise UserError(f"{folder}: module {m} is not a LoRA target of this bundle "
                         f"(targets: {', '.join(targets)}); re-export the base with --targets")
     extra = [k for k in tensors if f".layers.{layers}." in k]
     if extra:
         raise UserError(f"{st_path}: has weights for layer {layers} ({extra[0]}), the bundle's base has {layers} layers")
-    A, B = {}, {}
+    if not found:
+        raise UserError(f"{st_path}: no LoRA weights (keys with .lora_A/.lora_B)")
+    parts = {}  # (module, layer) -> (A [r, in], B [out, r], its rank, its alpha)
     for m in sorted(found):
-        path = targets[m]["path"]
-        a, b = [], []
         for i in range(layers):
-            ka, kb = PEFT_KEY.format(layer=i, path=path, ab="A"), PEFT_KEY.format(layer=i, path=path, ab="B")
+            module = f"model.layers.{i}.{targets[m]['path']}"  # the name peft matches its patterns against
+            ka, kb = PEFT_KEY.format(layer=i, path=targets[m]["path"], ab="A"), PEFT_KEY.format(layer=i, path=targets[m]["path"], ab="B")
             if ka not in tensors or kb not in tensors:
                 raise UserError(f"{st_path}: no {m} LoRA for layer {i} (key {ka}); the bundle's base has {layers} layers")
-            a.append(tensors[ka]), b.append(tensors[kb])
-        try:
-            A[m], B[m] = np.stack(a).astype(np.float32), np.stack(b).astype(np.float32)
-        except ValueError:
-            raise UserError(f"{st_path}: {m} has different shapes in different layers") from None
-    if not A:
-        raise UserError(f"{st_path}: no LoRA weights (keys with .lora_A/.lora_B)")
-    lora = Lora(name or folder.name, rank, alpha, A, B, source=cfg.get("base_model_name_or_path") or str(folder))
+            a, b = tensors[ka].astype(np.float32), tensors[kb].astype(np.float32)
+            r = pattern_value(rank_pattern, module, rank)
+            if a.ndim != 2 or b.ndim != 2 or a.shape[0] != r or b.shape[1] != r:
+                raise UserError(f"{st_path}: {module} has A {tuple(a.shape)} and B {tuple(b.shape)}, where "
+                                f"{cfg_path.name} gives it rank {r} (r, rank_pattern)")
+            parts[m, i] = a, b, r, float(pattern_value(alpha_pattern, module, alpha))
+    settings = {(r, al) for _, _, r, al in parts.values()}
+    A, B = {}, {}
+    try:
+        if len(settings) == 1:  # one rank and alpha everywhere: kept as they are
+            rank, out_alpha = settings.pop()
+            out_alpha = out_alpha * rank ** 0.5 if rslora else out_alpha  # keep scale = alpha / √r
+            for m in sorted(found):
+                A[m] = np.stack([parts[m, i][0] for i in range(layers)])
+                B[m] = np.stack([parts[m, i][1] for i in range(layers)])
+        else:  # per-module ranks or alphas: the largest rank, zero-padded, each module's scale folded into B
+            rank = max(r for r, _ in settings)
+            out_alpha = float(rank)
+            for m in sorted(found):
+                A[m] = np.zeros((layers, rank, parts[m, 0][0].shape[1]), np.float32)
+                B[m] = np.zeros((layers, parts[m, 0][1].shape[0], rank), np.float32)
+                for i in range(layers):
+                    a, b, r, al = parts[m, i]
+                    A[m][i, :r] = a
+                    B[m][i, :, :r] = b * (al / (r ** 0.5 if rslora else r))
+    except ValueError:
+        raise UserError(f"{st_path}: {m} has different shapes in different layers") from None
+    lora = Lora(name or folder.name, rank, out_alpha, A, B, source=cfg.get("base_model_name_or_path") or str(folder))
     check_compatible(lora, targets, layers, str(folder))
     return lora
 

@@ -276,3 +276,65 @@ def test_packed_losses_match_peft_without_padding(tiny_bundle, tiny_hf, tmp_path
     ref_loss, ref_lp = torch_losses(ref, batch)
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-4)
     np.testing.assert_allclose(lp, ref_lp, rtol=1e-4)
+
+
+def peft_with_config(hf_dir, out, seed: int = 0, **config):
+    """A random PEFT LoRA saved by peft itself, and each target's merged ΔW per layer as peft's own
+    merge_and_unload computes it (the reference from_peft must reproduce)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(hf_dir)
+    before = {n: p.detach().clone() for n, p in base.named_parameters()}
+    model = get_peft_model(base, LoraConfig(lora_dropout=0.0, **config))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.normal_(0, 0.2)
+    model.save_pretrained(out)
+    merged = dict(model.merge_and_unload().named_parameters())
+    return {n: (merged[n].detach() - w).numpy() for n, w in before.items() if n in merged}
+
+
+@pytest.mark.parametrize("config", [
+    {"rank_pattern": {"v_proj": 2, "layers.1.self_attn.q_proj": 6}, "alpha_pattern": {"q_proj": 3, "layers.0.self_attn.v_proj": 20}},
+    {"alpha_pattern": {"v_proj": 1.5}},
+    {"rank_pattern": {"q_proj": 2}, "use_rslora": True},
+])
+def test_from_peft_honours_rank_and_alpha_patterns(tiny_bundle_ro, tiny_hf, tmp_path, config):
+    """A LoRA whose modules have their own rank and alpha (peft's rank_pattern / alpha_pattern,
+    matched on module names as peft matches them): its ΔW per layer and module equals peft's merge."""
+    from edgelora.lora import delta, from_peft
+    bundle = Bundle.open(tiny_bundle_ro)
+    want = peft_with_config(tiny_hf, tmp_path / "p", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], **config)
+    lora = from_peft(tmp_path / "p", bundle.targets, bundle.arch["layers"])
+    for m, t in bundle.targets.items():
+        got = delta(lora.A[m], lora.B[m] * lora.scale)
+        for i in range(bundle.arch["layers"]):
+            np.testing.assert_allclose(got[i], want[f"model.layers.{i}.{t['path']}.weight"], rtol=1e-5, atol=1e-6)
+
+
+def test_from_peft_refuses_what_a_lora_cannot_hold(tiny_bundle_ro, tiny_hf, tmp_path):
+    """Biases (bias "all"/"lora_only", lora_bias, a bias tensor) and modules_to_save change the model
+    beyond B·A: refused in one line naming the field, never dropped."""
+    from safetensors.numpy import load_file, save_file
+    from edgelora.errors import UserError
+    from edgelora.lora import from_peft
+    bundle = Bundle.open(tiny_bundle_ro)
+    src = make_peft_lora(tiny_hf, tmp_path / "src", seed=1)
+    cfg, tensors = json.loads((src / "adapter_config.json").read_text()), load_file(src / "adapter_model.safetensors")
+    bias = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.bias"
+    cases = [({"bias": "all"}, {}, "bias"), ({"bias": "lora_only"}, {}, "bias"), ({"lora_bias": True}, {}, "lora_bias"),
+             ({"modules_to_save": ["lm_head"]}, {}, "modules_to_save"),
+             ({}, {bias: np.zeros(32, np.float32)}, bias),
+             ({}, {"base_model.model.lm_head.weight": np.zeros((400, 64), np.float32)}, "lm_head.weight"),
+             ({"rank_pattern": {"q_proj": 0}}, {}, "rank_pattern"), ({"alpha_pattern": {"q_proj": "x"}}, {}, "alpha_pattern")]
+    for n, (edit, extra, word) in enumerate(cases):
+        folder = tmp_path / f"case{n}"
+        folder.mkdir()
+        (folder / "adapter_config.json").write_text(json.dumps({**cfg, **edit}))
+        save_file({**tensors, **extra}, folder / "adapter_model.safetensors")
+        with pytest.raises(UserError) as e:
+            from_peft(folder, bundle.targets, bundle.arch["layers"])
+        assert word in str(e.value) and "\n" not in str(e.value), (edit, str(e.value))
