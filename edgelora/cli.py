@@ -194,6 +194,11 @@ def cmd_generate(args) -> None:
                                    temperature=args.temperature, top_p=args.top_p, seed=args.seed):
         print(piece, end="", flush=True)
     print()
+    if model.decoder.stopped_at_limit:
+        given, kept = model.prompt_tokens
+        print(f"edgelora: warning: stopped at the model's limit of {model.max_len} positions, before "
+              f"--max-new-tokens {args.max_new_tokens}: the prompt took {kept}"
+              + (f" (its first {given - kept} tokens were cut)" if given > kept else ""), file=sys.stderr)
 
 
 def eval_library(model: Path, adapted: bool, library: str | None) -> str | None:
@@ -244,6 +249,9 @@ def cmd_eval(args) -> None:
     bar = tqdm(total=len(examples), desc=f"eval {mode}", unit="ex", disable=args.json)
     res = evaluate(model, examples, shots, args.max_new_tokens, on_example=lambda i, r: bar.update(1))
     bar.close()
+    if res["stopped_at_limit"]:
+        print(f"note: {res['stopped_at_limit']} answers stopped at the model's limit of {model.max_len} positions, "
+              f"before --max-new-tokens {args.max_new_tokens}", file=sys.stderr)
     if res["shots_mean"] < len(shots):
         print(f"note: some prompts were longer than the model's {model.max_len} tokens with all {len(shots)} shots; "
               f"their oldest shots were dropped (mean {res['shots_mean']:.1f} shots)", file=sys.stderr)

@@ -49,7 +49,7 @@ def evaluate(model: Model, examples: list[Example], shots: list[Example] = (), m
         ids, k = prompt_ids(model, ex, shots)
         gen, lps = model.answer(ids, max_new_tokens, ex.options)
         row = {"input": ex.input, "output": ex.output, "generated": gen, "exact": exact_match(gen, ex),
-               "prompt_tokens": len(ids), "shots": k}
+               "prompt_tokens": len(ids), "shots": k, "stopped_at_limit": model.decoder.stopped_at_limit}
         if ex.options:
             row["option_pred"] = ex.options[max(range(len(lps)), key=lps.__getitem__)]
             row["option_correct"] = row["option_pred"] == ex.output
@@ -61,4 +61,5 @@ def evaluate(model: Model, examples: list[Example], shots: list[Example] = (), m
     return {"n": n, "exact_match": sum(r["exact"] for r in rows) / n,
             "option_accuracy": sum(r["option_correct"] for r in with_opts) / len(with_opts) if with_opts else None,
             "prompt_tokens_mean": sum(r["prompt_tokens"] for r in rows) / n, "shots_mean": sum(r["shots"] for r in rows) / n,
+            "stopped_at_limit": sum(r["stopped_at_limit"] for r in rows),
             "seconds": round(time.time() - t0, 2), "examples": rows}

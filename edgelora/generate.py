@@ -40,6 +40,7 @@ class Decoder:
             raise UserError(f"{model_path}: the logits output has no fixed vocabulary size ({vocab!r})")
         self.vocab = vocab
         self.cache_ids: list[int] = []
+        self.stopped_at_limit = False  # whether the last stream ended at the model's last position
         self._buffers: dict[str, np.ndarray] = {}  # the numpy arrays own the memory the OrtValues wrap
         self._values: dict[str, ort.OrtValue] = {}
         self._io = self.session.io_binding()
@@ -97,12 +98,19 @@ class Decoder:
         return self.prefill(prompt_ids)[-1]
 
     def stream(self, prompt_ids: list[int], max_new_tokens: int = 128, temperature: float = 0.0,
-               top_p: float = 1.0, seed: int = 0, prefill: np.ndarray | None = None) -> Iterator[int]:
-        """`prefill`: this prompt's `prefill` output, when the caller already has it."""
+               top_p: float = 1.0, seed: int = 0, prefill: np.ndarray | None = None,
+               max_len: int | None = None) -> Iterator[int]:
+        """`prefill`: this prompt's `prefill` output, when the caller already has it. `max_len`: the
+        model's positions; the sequence (prompt and new tokens) never goes past them, and where
+        that ends the stream before `max_new_tokens`, `stopped_at_limit` is set."""
+        self.stopped_at_limit = False
         rng = np.random.default_rng(seed)
         logits = self._last_logits(prompt_ids, prefill)
         n = len(prompt_ids)
         for _ in range(max_new_tokens):
+            if max_len is not None and n >= max_len:  # the next token would sit past the last position
+                self.stopped_at_limit = True
+                return
             tok = pick(logits, temperature, top_p, rng)
             if tok in self.eos:
                 return
@@ -180,10 +188,12 @@ class Model:
 
     def stream_text(self, prompt: str, raw: bool = False, **kw) -> Iterator[str]:
         """Text pieces as tokens come; a piece is held back while it ends inside a UTF-8 character."""
-        ids = self.encode(prompt if raw else self.fmt.prompt(prompt))[-self.max_len:]
+        full = self.encode(prompt if raw else self.fmt.prompt(prompt))
+        ids = full[-self.max_len:]
+        self.prompt_tokens = (len(full), len(ids))  # as given, as run: the model takes max_len
         out: list[int] = []
         shown = ""
-        for tok in self.decoder.stream(ids, **kw):
+        for tok in self.decoder.stream(ids, max_len=self.max_len, **kw):
             out.append(tok)
             text = self.tokenizer.decode(out)
             if text.endswith("\ufffd"):
@@ -197,7 +207,7 @@ class Model:
         prefill = self.decoder.prefill(prompt_ids)
         out: list[int] = []
         text = ""
-        for tok in self.decoder.stream(prompt_ids, max_new_tokens=max_new_tokens, prefill=prefill):
+        for tok in self.decoder.stream(prompt_ids, max_new_tokens=max_new_tokens, prefill=prefill, max_len=self.max_len):
             out.append(tok)
             text = self.tokenizer.decode(out)
             if "\n" in text.lstrip():

@@ -224,7 +224,7 @@ def test_answer_stops_decoding_at_its_first_line(written):
     model = Model.load(written["none"].parent)
     said, pulled = model.encode("yes\nno no no no"), []
 
-    def stream(prompt_ids, max_new_tokens, prefill):
+    def stream(prompt_ids, max_new_tokens, prefill, **kw):
         for t in said:
             pulled.append(t)
             yield t
@@ -309,3 +309,28 @@ def test_eval_out_replaces_only_its_own_results_unless_forced(written, tmp_path,
     assert main(argv + ["--force"]) == 0
     assert json.loads(out.read_text())["n"] == 2
     assert main(argv) == 0  # its own results now: replaced without --force
+
+
+def test_decoding_stops_at_the_models_position_limit(written):
+    """New tokens never go past the model's max_len positions: the stream ends there and says so."""
+    dec = Decoder(written["none"], [])  # no stop token: only the limit ends it
+    ids = [5 + k % 50 for k in range(250)]
+    out = list(dec.stream(ids, max_new_tokens=20, max_len=256))
+    assert len(out) == 6 and len(dec.cache_ids) <= 256 and dec.stopped_at_limit
+    assert list(dec.stream(ids[:10], max_new_tokens=3, max_len=256)) and not dec.stopped_at_limit
+
+
+def test_generate_and_eval_say_when_the_limit_stopped_them(written, tmp_path):
+    folder = written["none"].parent
+    prompt = "red green blue orange purple white black " * 60  # far over the tiny model's 256 tokens
+    r = subprocess.run([sys.executable, "-m", "edgelora.cli", "generate", str(folder), prompt, "--raw",
+                        "--max-new-tokens", "5"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    warning = [l for l in r.stderr.splitlines() if "256" in l]
+    assert len(warning) == 1 and "stopped" in warning[0] and "Traceback" not in r.stderr, r.stderr
+    task = tmp_path / "task.jsonl"
+    task.write_text(json.dumps({"input": prompt, "output": "yes"}) + "\n")
+    r = subprocess.run([sys.executable, "-m", "edgelora.cli", "eval", str(task), "--model", str(folder), "--json",
+                        "--out", str(tmp_path / "r.json")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["stopped_at_limit"] == 1 and "256" in r.stderr, r.stderr
