@@ -13,12 +13,15 @@ import posixpath
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from .errors import UserError
 from .examples import PromptFormat
 from .io import atomic_write, atomic_write_json, read_json, sha256_file
 
 FORMAT = "edgelora-bundle"
-FORMAT_VERSION = 2  # 2: the scoring graph takes the examples packed (examples.pack)
+FORMAT_VERSION = 3  # 2: the scoring graph takes the examples packed (examples.pack); 3: it returns the
+# target positions' hidden states, and the manifest says where the final norm and LM head lie (`head`)
 MANIFEST = "manifest.json"
 BUILD_HINT = "build it with: edgelora-export base"
 
@@ -75,18 +78,24 @@ def write_manifest(root: Path, manifest: dict) -> None:
 
 # What the runtime reads from a manifest and the JSON type of each: a manifest is checked
 # against this before anything in it is used, so a damaged one is one line, not a KeyError.
+class Positive(int):
+    """In a schema: an integer of at least 1 (a count or a size)."""
+
+
 SCHEMA = {
-    "base": {"name": str, "source": str},
-    "arch": {"layers": int, "max_len": int},
+    "base": {"name": str, "source": str, "model_type": str},
+    "arch": {"layers": Positive, "max_len": Positive, "hidden": Positive, "heads": Positive, "kv_heads": Positive,
+             "vocab": Positive},
     "files": dict, "targets": dict,
     "scoring": {"file": str},
+    "head": {"file": str, "norm": dict, "lm_head": dict},
     "decoder": {"dir": str, "file": str, "weights": dict},
     "tokenizer": str,
     "prompt": {"head": str, "mid": str, "end": str, "next_user": str, "stop": str},
-    "eos_ids": list, "pad_id": int,
+    "eos_ids": [int], "pad_id": int,
 }
 FILE_ENTRY = {"sha256": str, "size": int}
-TARGET_ENTRY = {"in": int, "out": int, "path": str}
+TARGET_ENTRY = {"in": Positive, "out": Positive, "path": str}
 WEIGHT_ENTRY = {"name": str, "transposed": bool}
 REBUILD = "rebuild the bundle with edgelora-export base"
 # The bundle's LoRA libraries and their folders: one LoRA per upstream task (what `edgelora-export
@@ -97,22 +106,36 @@ LIBRARY_HINT = {
     "mbc": "build it with edgelora cluster, then edgelora-export library TASKS_DIR -o DIR "
            "--clusters clusters.json --bundle BUNDLE",
 }
-JSON_TYPE = {str: "a string", int: "an integer", bool: "true or false", dict: "an object", list: "a list"}
+JSON_TYPE = {str: "a string", int: "an integer", bool: "true or false", dict: "an object", list: "a list",
+             Positive: "a positive integer"}
+
+
+def is_json_type(value, want) -> bool:
+    """Whether `value` is of the schema type `want`: a type of JSON_TYPE, or [type], a list of them."""
+    if isinstance(want, list):
+        return isinstance(value, list) and all(is_json_type(v, want[0]) for v in value)
+    kind = int if want is Positive else want
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        return False
+    return want is not Positive or value >= 1
 
 
 def check_schema(obj: dict, schema: dict, where: Path, hint: str = REBUILD, prefix: str = "") -> None:
-    """Every key of `schema` present in `obj` with its JSON type (nested dicts checked in turn);
-    `hint` says how to get a good file."""
+    """Every key of `schema` present in `obj` with its JSON type (nested dicts checked in turn;
+    [type]: a list of that type; Positive: an integer of at least 1); `hint` says how to get a
+    good file."""
     for key, want in schema.items():
         name = f"{prefix}{key}"
         if key not in obj:
             raise UserError(f"{where}: lacks {name}; {hint}")
         value = obj[key]
-        kind = dict if isinstance(want, dict) else want
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise UserError(f"{where}: {name} must be {JSON_TYPE[kind]}; {hint}")
         if isinstance(want, dict):
+            if not isinstance(value, dict):
+                raise UserError(f"{where}: {name} must be {JSON_TYPE[dict]}; {hint}")
             check_schema(value, want, where, hint, f"{name}.")
+        elif not is_json_type(value, want):
+            what = f"a list of {JSON_TYPE[want[0]].split(' ', 1)[1]}s" if isinstance(want, list) else JSON_TYPE[want]
+            raise UserError(f"{where}: {name} must be {what}; {hint}")
 
 
 def check_entries(manifest: dict, where: Path) -> None:
@@ -123,8 +146,6 @@ def check_entries(manifest: dict, where: Path) -> None:
             raise UserError(f"{where}: file name {name!r} leaves the bundle folder")
     for m, info in manifest["targets"].items():
         check_schema(info if isinstance(info, dict) else {}, TARGET_ENTRY, where, REBUILD, f"targets.{m}.")
-    if not all(isinstance(i, int) and not isinstance(i, bool) for i in manifest["eos_ids"]):
-        raise UserError(f"{where}: eos_ids must be a list of integers")
     for m, layers in manifest["decoder"]["weights"].items():
         if m not in manifest["targets"] or not isinstance(layers, list) or len(layers) != manifest["arch"]["layers"]:
             raise UserError(f"{where}: decoder.weights.{m} must list one weight per layer of a target")
@@ -201,6 +222,22 @@ class Bundle:
     @property
     def decoder_dir(self) -> Path:
         return self.path / self.manifest["decoder"]["dir"]
+
+    def head(self) -> tuple[np.ndarray, np.ndarray, float]:
+        """(final norm weight [d], LM head weight [V, d], norm eps), memory-mapped from the decoder's
+        data file where the manifest says they lie: the surrogate search's numpy head."""
+        h = self.manifest["head"]
+        path, out = self.path / h["file"], []
+        for key in ("norm", "lm_head"):
+            ref = h[key]
+            try:
+                shape = tuple(int(x) for x in ref["shape"])
+                a = np.memmap(path, np.float32, "r", int(ref["offset"]), shape)
+            except (KeyError, TypeError, ValueError, OSError) as e:
+                raise UserError(f"{self.path / MANIFEST}: head.{key} does not locate a tensor in {path} ({e}); "
+                                f"{REBUILD}") from None
+            out.append(a.T if ref.get("transposed") else a)
+        return out[0], out[1], float(h.get("eps", 1e-5))
 
     def tokenizer(self):
         from tokenizers import Tokenizer

@@ -133,17 +133,30 @@ def check_compatible(lora: Lora, targets: dict[str, dict], layers: int, where: s
             lora.B[m] = np.zeros((layers, t["out"], lora.rank), np.float32)
 
 
-class LoraStack:
-    """The chosen LoRAs stacked once, so that COMPOSE is one matrix-vector product per module
-    written into preallocated buffers (ranks zero-padded to the largest one)."""
+COMPOSITIONS = ("cat", "lorahub")
 
-    def __init__(self, loras: list[Lora], modules: list[str]):
+
+class LoraStack:
+    """The chosen LoRAs stacked once, so that COMPOSE writes into preallocated buffers (ranks
+    zero-padded to the largest one). Two compositions:
+
+    - "lorahub": A = Σ wᵢAᵢ, B = Σ wᵢBᵢ (element-wise, LoraHub's `get_score`): rank r, but ΔW
+      is quadratic in w and carries the cross terms BᵢAⱼ.
+    - "cat": the exact ΔW = Σ wᵢ·sᵢ·BᵢAᵢ (peft's `add_weighted_adapter(combination_type="cat")`):
+      A is the LoRAs' A stacked [L, n·r, in] (fixed), B their wᵢ·sᵢ·Bᵢ side by side [L, out, n·r].
+      ΔW is linear in w, which the surrogate search relies on, and equals LoraHub's at every
+      single-LoRA point w = eᵢ, so the library ranking's forwards are points of both.
+    """
+
+    def __init__(self, loras: list[Lora], modules: list[str], compose: str = "lorahub"):
         if not loras:
             raise UserError("no LoRAs to compose: the bundle's library is empty; add some with edgelora-export lora")
+        if compose not in COMPOSITIONS:
+            raise UserError(f"--compose {compose}: choose one of {', '.join(COMPOSITIONS)}")
         self.names = [l.name for l in loras]
         self.rank = max(l.rank for l in loras)
-        self.modules = modules
-        n = len(loras)
+        self.modules, self.mode = modules, compose
+        n, r = len(loras), self.rank
         self._A, self._B, self.A, self.B = {}, {}, {}, {}
         for m in modules:
             ref = next((l for l in loras if m in l.A), None)
@@ -151,23 +164,43 @@ class LoraStack:
                 raise UserError(f"none of the LoRAs {', '.join(self.names)} covers the target {m}")
             L, _, d_in = ref.A[m].shape
             d_out = ref.B[m].shape[1]
-            A = np.zeros((n, L, self.rank, d_in), np.float32)
-            B = np.zeros((n, L, d_out, self.rank), np.float32)
+            A = np.zeros((n, L, r, d_in), np.float32)
+            B = np.zeros((n, L, d_out, r), np.float32)
             for i, l in enumerate(loras):
                 if m in l.A:
                     A[i, :, : l.rank] = l.A[m]
                     B[i, :, :, : l.rank] = l.B[m] * l.scale
-            self._A[m], self._B[m] = A.reshape(n, -1), B.reshape(n, -1)
-            self.A[m] = np.empty((L, self.rank, d_in), np.float32)
-            self.B[m] = np.empty((L, d_out, self.rank), np.float32)
+            if compose == "cat":
+                self.A[m] = np.ascontiguousarray(A.transpose(1, 0, 2, 3).reshape(L, n * r, d_in))
+                self._B[m] = np.ascontiguousarray(B.transpose(1, 2, 0, 3))  # [L, out, n, r]
+                self.B[m] = np.empty((L, d_out, n * r), np.float32)
+            else:
+                self._A[m], self._B[m] = A.reshape(n, -1), B.reshape(n, -1)
+                self.A[m] = np.empty((L, r, d_in), np.float32)
+                self.B[m] = np.empty((L, d_out, r), np.float32)
 
     def compose(self, w: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-        """A = Σ wᵢ Aᵢ and B = Σ wᵢ Bᵢ (element-wise, as LoraHub does), into reused buffers."""
+        """The slot's A and B at weights w (scale folded into B), into reused buffers."""
         w = np.asarray(w, np.float32)
         for m in self.modules:
-            np.dot(w, self._A[m], out=self.A[m].reshape(-1))
-            np.dot(w, self._B[m], out=self.B[m].reshape(-1))
+            if self.mode == "cat":
+                np.multiply(self._B[m], w[:, None], out=self.B[m].reshape(self._B[m].shape))
+            else:
+                np.dot(w, self._A[m], out=self.A[m].reshape(-1))
+                np.dot(w, self._B[m], out=self.B[m].reshape(-1))
         return self.A, self.B
+
+    def merged(self, w: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """Copies of A and B at w for the outputs. "cat" drops the LoRAs whose weight is 0, so the
+        written adapter's rank is r times the LoRAs that contribute (the exact sum, no truncation)."""
+        w = np.asarray(w, np.float32)
+        A, B = self.compose(w)
+        if self.mode != "cat":
+            return {m: a.copy() for m, a in A.items()}, {m: b.copy() for m, b in B.items()}
+        keep = np.flatnonzero(w) if np.any(w) else np.array([0])
+        cols = (keep[:, None] * self.rank + np.arange(self.rank)).ravel()
+        return ({m: np.ascontiguousarray(a[:, cols]) for m, a in A.items()},
+                {m: np.ascontiguousarray(b[:, :, cols]) for m, b in B.items()})
 
 
 def routing_slots(protos: list[dict[str, np.ndarray]], targets: dict[str, dict], layers: int):

@@ -33,6 +33,7 @@ def weights_json(result: AdaptResult, bundle: Bundle) -> dict:
         "interrupted": result.interrupted, "seconds": round(result.seconds, 2),
         "timings": {k: round(v, 3) for k, v in result.timings.items()},
         "settings": result.settings, "versions": versions(),
+        **({"surrogate": result.surrogate} if result.surrogate else {}),
         "bundle": {"path": str(bundle.path), "manifest_sha256": sha256_file(bundle.path / "manifest.json"),
                    "base": bundle.manifest["base"]["name"]},
         "history": [{"loss": e.loss, "objective": e.objective, "seconds": round(e.seconds, 4),

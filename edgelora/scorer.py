@@ -39,13 +39,16 @@ class Scorer:
         self.batch = batch
         self.feeds = batch.feeds()
 
-    def run(self, A: dict[str, np.ndarray], B: dict[str, np.ndarray], xa: bool = False) -> tuple[np.ndarray, ...]:
+    def run(self, A: dict[str, np.ndarray], B: dict[str, np.ndarray], xa: bool = False,
+            hidden: bool = False) -> tuple[np.ndarray, ...]:
         """Per-example (mean target-token loss, summed target log-prob) for the bound batch; with
-        `xa`, also x·Aᵀ [L, T, r] per target module (Arrow routing scores when A holds prototypes)."""
+        `hidden`, then the residual stream before the final norm at the target positions [n, K, d]
+        (what the surrogate search models); with `xa`, then x·Aᵀ [L, T, r] per target module
+        (Arrow routing scores when A holds prototypes)."""
         for m in self.modules:
             self.feeds[f"lora_A_{m}"] = A[m]
             self.feeds[f"lora_B_{m}"] = B[m]
-        names = ["loss", "logprob", *(f"xa_{m}" for m in self.modules if xa)]
+        names = ["loss", "logprob", *(["hidden"] if hidden else []), *(f"xa_{m}" for m in self.modules if xa)]
         return tuple(self.session.run(names, self.feeds))
 
     def losses(self, A, B) -> np.ndarray:

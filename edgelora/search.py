@@ -19,10 +19,13 @@ import numpy as np
 from .bundle import LIBRARIES, Bundle
 from .errors import UserError
 from .examples import Batch, Example, check_batch_size, encode_pairs, keep_ends, load_examples
-from .lora import Lora, LoraStack, arrow_weights, check_compatible, load_lora, load_prototypes, routing_slots
+from .lora import COMPOSITIONS, Lora, LoraStack, arrow_weights, check_compatible, load_lora, load_prototypes, routing_slots
 from .scorer import Scorer
+from .surrogate import MISPREDICTING, RADIUS, Head, Point, Setting, Trace, choose_setting, trust_region
 
-OPTIMIZERS = ("cobyla", "nelder-mead", "powell", "cma")
+# "surrogate" models the hidden states every forward returns and spends forwards only to correct
+# the model (surrogate.py); the others are scipy's / cma's, which see one number per forward.
+OPTIMIZERS = ("cobyla", "nelder-mead", "powell", "cma", "surrogate")
 # How the n LoRAs are drawn from the library: by Arrow routing mass on the examples (one forward,
 # which is also the search's first point), by each one's loss alone (one forward per library
 # LoRA), or LoraHub's random sample (the paper's protocol, with the seed).
@@ -46,8 +49,19 @@ class AdaptConfig:
     top_k: int = 3             # Arrow routing: LoRAs kept per token (peft's default)
     patience: int = 10         # after the first n + 1 points, stop once the best gained < 1e-4 over this many (0: never)
     library: str = "per-task"  # the bundle's library to compose: per-task (a LoRA per upstream task) | mbc (per cluster)
+    compose: str = "lorahub"   # lorahub: A = Σ wA, B = Σ wB (the paper's) | cat: the exact Σ w·s·BA (peft's cat)
+    loo: bool = True           # surrogate: choose its span and radius by leave-one-out (else --n-loras, radius 0.5)
 
     def check(self) -> "AdaptConfig":
+        if self.compose not in COMPOSITIONS:
+            raise UserError(f"--compose {self.compose}: choose one of {', '.join(COMPOSITIONS)}")
+        if self.optimizer == "surrogate" and self.compose != "cat":
+            raise UserError("--optimizer surrogate models the exact composition: use it with --compose cat")
+        if self.optimizer == "surrogate" and self.bounds < 1:
+            raise UserError(f"--bounds {self.bounds}: --optimizer surrogate starts from each LoRA alone at weight 1, "
+                            f"so the box must hold 1")
+        if self.optimizer == "surrogate" and self.select != "loss":
+            raise UserError("--optimizer surrogate starts from the library ranking's points: use it with --select loss")
         if self.optimizer not in OPTIMIZERS:
             raise UserError(f"--optimizer {self.optimizer}: choose one of {', '.join(OPTIMIZERS)}")
         if self.select not in SELECTS:
@@ -59,8 +73,12 @@ class AdaptConfig:
         for name in ("budget", "n_loras", "top_k"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
-        if self.bounds <= 0:
-            raise UserError(f"--bounds {self.bounds}: must be positive")
+        if not (np.isfinite(self.bounds) and self.bounds > 0):
+            raise UserError(f"--bounds {self.bounds}: must be a finite positive number")
+        if not (np.isfinite(self.l1) and self.l1 >= 0):
+            raise UserError(f"--l1 {self.l1}: must be a finite number, 0 or more")
+        if self.seed < 0:
+            raise UserError(f"--seed {self.seed}: must be 0 or more")
         if self.patience < 0:
             raise UserError(f"--patience {self.patience}: must be 0 (never stop early) or more")
         return self
@@ -96,11 +114,11 @@ class AdaptResult:
     stop: str = "budget"        # why the search ended: budget, converged, no gain, interrupted
     timings: dict = field(default_factory=dict)  # seconds per phase (bench/profile_adapt.py)
     stack: LoraStack | None = field(default=None, repr=False)
+    surrogate: dict | None = None  # the surrogate search's leave-one-out table and per-forward trace
 
     def merged(self) -> tuple[dict, dict]:
         """The composed A and B (scale folded into B) at the best weights."""
-        A, B = self.stack.compose(self.weights)
-        return {m: a.copy() for m, a in A.items()}, {m: b.copy() for m, b in B.items()}
+        return self.stack.merged(self.weights)
 
 
 def choose_loras(bundle: Bundle, loras: list[str] | str | Path | None, n: int, seed: int,
@@ -141,8 +159,11 @@ class Objective:
     keeps the best, and stops a search that has stopped gaining."""
 
     def __init__(self, scorer: Scorer, stack: LoraStack, n_tokens: float, cfg: AdaptConfig,
-                 on_eval: Callable[[int, Evaluation, Evaluation], None] | None = None):
+                 on_eval: Callable[[int, Evaluation, Evaluation], None] | None = None, hidden: bool = False):
         self.scorer, self.stack, self.n_tokens, self.cfg, self.on_eval = scorer, stack, n_tokens, cfg, on_eval
+        self.hidden = hidden  # keep every forward's answer-position hidden states (the surrogate's points)
+        self.points: list[Point] = []
+        self._points: dict[bytes, Point] = {}
         self.history: list[Evaluation] = []
         self.best: Evaluation | None = None
         self._seen: dict[bytes, Evaluation] = {}
@@ -169,6 +190,22 @@ class Objective:
     def seen(self, w) -> Evaluation | None:
         return self._seen.get(self.clip(w).tobytes())
 
+    def objective(self, p: Point) -> float:
+        return pooled_loss(p.logprob, self.n_tokens) + self.cfg.l1 * float(np.abs(p.w).mean())
+
+    def add_point(self, w: np.ndarray, out: tuple) -> Point:
+        """A forward's outputs (loss, logprob, hidden) as a surrogate point: hidden at the real targets."""
+        p = Point(np.asarray(w, np.float64), out[2][self.scorer.batch.target_mask > 0], out[1])
+        self.points.append(p)
+        self._points[p.w.tobytes()] = p
+        return p
+
+    def point(self, w) -> Point:
+        """The surrogate's evaluation: scores w (or looks it up) and returns its Point."""
+        w = self.clip(w)
+        self(w)
+        return self._points[w.tobytes()]
+
     def __call__(self, w) -> float:
         w = self.clip(w)
         if (ev := self.seen(w)) is not None:
@@ -176,9 +213,13 @@ class Objective:
         if len(self.history) >= self.cfg.budget:
             raise _Stop("budget")
         t0 = time.perf_counter()
-        A, B = self.stack.compose(w)
+        # "cat" runs only the LoRAs with a weight: the slot's rank is r times those, not the stack's
+        A, B = self.stack.merged(w) if self.stack.mode == "cat" else self.stack.compose(w)
         t1 = time.perf_counter()
-        _, logprob = self.scorer.run(A, B)
+        out = self.scorer.run(A, B, hidden=True) if self.hidden else self.scorer.run(A, B)
+        logprob = out[1]
+        if self.hidden:
+            self.add_point(w, out)
         t2 = time.perf_counter()
         self.forwards += 1
         self.seconds["compose"] += t1 - t0
@@ -193,12 +234,17 @@ class Objective:
 
 
 def rank_by_loss(scorer: Scorer, n_tokens: float, loras: list[Lora], modules: list[str],
-                 on_rank: Callable[[int, int], None] | None = None) -> np.ndarray:
-    """Each LoRA's loss alone at weight 1 on the bound examples (one forward each).
+                 on_rank: Callable[[int, int], None] | None = None, outputs: list | None = None) -> np.ndarray:
+    """Each LoRA's loss alone at weight 1 on the bound examples (one forward each); with `outputs`,
+    each forward's (loss, logprob, hidden) is appended there (the surrogate's first points).
     `on_rank(done, total)` after each: the whole library takes a minute on a laptop."""
     losses = []
     for lora in loras:
-        losses.append(pooled_loss(scorer.run(*LoraStack([lora], modules).compose(np.ones(1)))[1], n_tokens))
+        slot = LoraStack([lora], modules).compose(np.ones(1))
+        out = scorer.run(*slot, hidden=True) if outputs is not None else scorer.run(*slot)
+        losses.append(pooled_loss(out[1], n_tokens))
+        if outputs is not None:
+            outputs.append(out)
         if on_rank:
             on_rank(len(losses), len(loras))
     return np.array(losses)
@@ -267,6 +313,58 @@ def run_optimizer(name: str, f: Objective, x0: np.ndarray, seed: int) -> str:
     return "converged" if r.success else f"optimizer stopped: {r.message}"
 
 
+def run_surrogate(f: Objective, bundle: Bundle, trace: Trace) -> str:
+    """Leave-one-out picks what the search may do (how many of the ranked LoRAs it spans, how far
+    it may step; the best single LoRA, no search, is one choice), then the trust-region search
+    runs with it. The spans tried: 5, --n-loras and the whole library."""
+    from threadpoolctl import threadpool_limits
+    with threadpool_limits(1):  # the model's small products: OpenBLAS's threads spinning beside ORT's cost 4x
+        return _run_surrogate(f, bundle, trace)
+
+
+def _run_surrogate(f: Objective, bundle: Bundle, trace: Trace) -> str:
+    cfg, batch = f.cfg, f.scorer.batch
+    mask = batch.target_mask > 0
+    norm, weight, eps = bundle.head()
+    head = Head(norm, weight, eps, batch.target_ids[mask])
+    N = len(f.stack.names)
+    if not cfg.loo:
+        setting = Setting(min(cfg.n_loras, N), RADIUS)
+        trace.setting = setting.label()
+    else:
+        setting = choose_setting(f.point, f.points, head, np.nonzero(mask)[0], batch.target_mask.sum(1),
+                                 loo_settings(N, cfg), cfg.bounds, cfg.l1, trace)
+    if setting.span == 1:
+        return "leave-one-out chose the best single LoRA"
+    return with_fallback(f, trust_region(f.point, f.points, head, f.objective, setting, cfg.bounds, cfg.l1, trace),
+                         setting.span)
+
+
+def loo_settings(N: int, cfg: AdaptConfig) -> list[Setting]:
+    """What leave-one-out chooses among: the best single LoRA, or a search spanning the best 5,
+    --n-loras or all N ranked LoRAs, with a largest step of 0.5 or the whole box."""
+    spans = sorted({k for k in (5, cfg.n_loras, N) if 1 < k <= N})
+    return [Setting(1, 0.0)] + [Setting(k, r) for k in spans for r in sorted({RADIUS, cfg.bounds})]
+
+
+def with_fallback(f: Objective, stop: str, span: int) -> str:
+    """Where the model kept mispredicting (its slopes are secants between far points, not the local
+    ones), COBYLA takes over from the best true point, over the same span, with what is left of
+    the budget: its first steps probe each direction locally, which the model could not."""
+    if not stop.startswith(MISPREDICTING):
+        return stop
+    best = np.asarray(f.best.weights)
+    rest = lambda x: f(np.concatenate([x, best[span:]]))
+    from scipy.optimize import minimize
+    box = [(-f.cfg.bounds, f.cfg.bounds)] * span
+    try:
+        r = minimize(rest, best[:span], method="COBYLA", bounds=box,
+                     options={"maxiter": 10 * (f.cfg.budget + span + 2), "rhobeg": 0.25, "tol": 1e-4})
+    except _Stop as e:
+        return f"{stop}; then COBYLA: {e.reason}"
+    return f"{stop}; then COBYLA: " + ("converged" if r.success else str(r.message))
+
+
 def load_checked(paths: list[Path], bundle: Bundle) -> list[Lora]:
     """The LoRAs at `paths`, each refused with one line unless the bundle can take it."""
     loras = [load_lora(p) for p in paths]
@@ -285,6 +383,7 @@ class Selection:
     known: list[tuple[np.ndarray, float, float]] = field(default_factory=list)
     forwards: int = 0
     ranking_tokens: int | None = None  # packed tokens per ranking forward (fewer than the batch's when cut)
+    outputs: list[tuple[np.ndarray, tuple]] = field(default_factory=list)  # (w, forward outputs): surrogate points
 
 
 # With a cut ranking, the best few by it are scored on the whole examples and the best of those
@@ -307,6 +406,15 @@ def select_loras(cfg: AdaptConfig, scorer: Scorer, bundle: Bundle, paths: list[P
     The loss pick ranks on the examples cut to `cfg.select_len` own tokens each where that is
     shorter, then scores its FINALISTS whole; those points are the search's, not thrown away."""
     n = min(cfg.n_loras, len(paths))
+    if cfg.optimizer == "surrogate":
+        # The surrogate spans the whole library, in ranking order, ranked on the whole examples:
+        # every LoRA's forward is then a point of its model (a cut forward's hidden states are not).
+        loras, outs = load_checked(paths, bundle), []
+        losses = rank_by_loss(scorer, n_tokens, loras, list(bundle.targets), on_rank, outs)
+        order = list(np.argsort(losses, kind="stable"))
+        eye = np.eye(len(order))
+        return Selection([paths[i] for i in order], [loras[i] for i in order], [(eye[0], float(losses[order[0]]), 0.0)],
+                         len(order), scorer.batch.n_tokens, [(eye[k], outs[i]) for k, i in enumerate(order)])
     if cfg.select == "arrow":
         mass, base_loss, secs = rank_by_arrow(scorer, n_tokens, [load_prototypes(p) for p in paths], bundle, cfg.top_k)
         paths = [paths[i] for i in np.argsort(-mass, kind="stable")[:n]]
@@ -328,10 +436,10 @@ def select_loras(cfg: AdaptConfig, scorer: Scorer, bundle: Bundle, paths: list[P
         best = min(finalists, key=finalists.get)
         order = [best] + [i for i in order if i != best]
     keep = order[:n]
-    unit = min(1.0, cfg.bounds)
-    # each finalist alone at weight 1, the best last: the search starts from the last known point
-    known = [(np.eye(n)[keep.index(i)] * unit, loss, 0.0)
-             for i, loss in sorted(finalists.items(), key=lambda kv: -kv[1]) if i in keep]
+    # each finalist alone at weight 1, the best last: the search starts from the last known point;
+    # a box that does not hold weight 1 holds none of them, and the search starts at 0
+    known = [(np.eye(n)[keep.index(i)], loss, 0.0)
+             for i, loss in sorted(finalists.items(), key=lambda kv: -kv[1]) if i in keep and cfg.bounds >= 1]
     return Selection([paths[i] for i in keep], [loras[i] for i in keep], known, forwards, ranked_on.n_tokens)
 
 
@@ -375,8 +483,11 @@ def adapt(examples: str | Path | list[Example], bundle: Bundle | str | Path | No
     sel = select_loras(cfg, scorer, bundle, paths, n_tokens, on_rank) if ranked else Selection(paths, loras_)
     timings["select"] = time.perf_counter() - t0
     paths, loras_, n = sel.paths, sel.loras, len(sel.paths)
-    stack = LoraStack(loras_, list(bundle.targets))
-    f = Objective(scorer, stack, n_tokens, cfg, on_eval)
+    stack = LoraStack(loras_, list(bundle.targets), cfg.compose)
+    f = Objective(scorer, stack, n_tokens, cfg, on_eval, hidden=cfg.optimizer == "surrogate")
+    for w, out in sel.outputs:
+        f.add_point(w, out)
+    trace = Trace()
     interrupted = False
     t0 = time.perf_counter()
     try:
@@ -389,7 +500,10 @@ def adapt(examples: str | Path | list[Example], bundle: Bundle | str | Path | No
         for w, loss, secs in sel.known:
             if np.any(w):
                 f.record(w, loss, secs)
-        stop = run_optimizer(cfg.optimizer, f, sel.known[-1][0] if sel.known else np.zeros(n), cfg.seed)
+        if cfg.optimizer == "surrogate":
+            stop = run_surrogate(f, bundle, trace)
+        else:
+            stop = run_optimizer(cfg.optimizer, f, sel.known[-1][0] if sel.known else np.zeros(n), cfg.seed)
     except _Stop as e:
         stop = e.reason
     except KeyboardInterrupt:
@@ -408,4 +522,5 @@ def adapt(examples: str | Path | list[Example], bundle: Bundle | str | Path | No
     zero = f.seen(np.zeros(n))
     return AdaptResult([p.stem for p in paths], np.array(best.weights), best.loss, best.objective,
                        zero.loss if zero else float("nan"), f.history, settings, interrupted,
-                       time.perf_counter() - t_start, stop, timings, stack)
+                       time.perf_counter() - t_start, stop, timings, stack,
+                       asdict(trace) if cfg.optimizer == "surrogate" else None)

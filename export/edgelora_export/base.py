@@ -69,7 +69,7 @@ def export_scoring(model, shapes: dict, path: Path) -> list[str]:
         args += [torch.randn(L, r, s["in"]) * 0.01, torch.randn(L, s["out"], r) * 0.01]
         names += [f"lora_A_{m}", f"lora_B_{m}"]
         slots += [{1: rank}, {2: rank}]
-    outputs = ["loss", "logprob", *(f"xa_{m}" for m in shapes)]
+    outputs = ["loss", "logprob", "hidden", *(f"xa_{m}" for m in shapes)]
     with torch.no_grad():
         torch.onnx.export(wrapper, tuple(args), str(path), input_names=names, output_names=outputs,
                           dynamic_shapes=(*dyn, tuple(slots)) if slots else tuple(dyn), dynamo=True,
@@ -123,6 +123,32 @@ def share_weights(scoring: Path, decoder_dir: Path, data_file: str = "model.onnx
         graph.node.insert(0, node)
     onnx.save(model, str(scoring))
     return saved
+
+
+def head_refs(decoder_dir: Path, model, data_file: str = "model.onnx.data") -> dict:
+    """Where the final norm's weight and the LM head's weight lie in the decoder's external data
+    (found by their bytes, as share_weights finds its twins), so the runtime reads them with a
+    memory map and no copy in the bundle: the surrogate search applies them to hidden states."""
+    import mmap
+
+    import onnx
+    want = {"norm": model.model.norm.weight.detach().numpy(), "lm_head": model.lm_head.weight.detach().numpy()}
+    found: dict[str, dict] = {}
+    with open(decoder_dir / data_file, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        for t in onnx.load(str(decoder_dir / "model.onnx"), load_external_data=False).graph.initializer:
+            ext = {e.key: e.value for e in t.external_data}
+            if t.data_location != onnx.TensorProto.EXTERNAL or ext.get("location") != data_file:
+                continue
+            off, n = int(ext.get("offset", 0)), int(ext["length"])
+            for key, w in want.items():
+                for transposed, b in ((False, w), (True, w.T)):
+                    if key not in found and n == w.nbytes and tuple(t.dims) == b.shape \
+                            and data[off: off + n] == np.ascontiguousarray(b, np.float32).tobytes():
+                        found[key] = {"offset": off, "shape": list(b.shape), "transposed": transposed}
+    missing = sorted(set(want) - set(found))
+    if missing:
+        raise UserError(f"decoder graph: no fp32 initializer holds the {', '.join(missing)} weight")
+    return {"file": f"{decoder_dir.name}/{data_file}", "eps": float(model.config.rms_norm_eps), **found}
 
 
 def export_decoder(hf_dir: Path, out: Path) -> None:
@@ -243,7 +269,8 @@ def export_base(source, out: Path, targets: list[str], force: bool = False, log=
                      "head_dim": getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
                      "max_len": min(MAX_LEN, cfg.max_position_embeddings)},
             "targets": {m: {"in": s["in"], "out": s["out"], "path": s["path"]} for m, s in shapes.items()},
-            "scoring": {"file": "scoring.onnx", "inputs": inputs, "outputs": ["loss", "logprob"]},
+            "scoring": {"file": "scoring.onnx", "inputs": inputs, "outputs": ["loss", "logprob", "hidden"]},
+            "head": head_refs(bundle / "decoder", model),
             "decoder": {"dir": "decoder", "file": "model.onnx", "weights": weights},
             "tokenizer": "tokenizer.json",
             "pad_id": tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0),

@@ -156,11 +156,11 @@ class ScoringModel(nn.Module):
         for layer in base.layers:
             x = x + packed_attention(layer.self_attn, layer.input_layernorm(x), cos, sin, gather_idx, scatter_idx)
             x = x + layer.mlp(layer.post_attention_layernorm(x))
-        h = base.norm(x)[0]
-        logits = self.model.lm_head(h[target_pos]).float()
+        hidden = x[0][target_pos]
+        logits = self.model.lm_head(base.norm(hidden)).float()
         logp = torch.log_softmax(logits, dim=-1)
         tok = torch.gather(logp, 2, target_ids.unsqueeze(-1)).squeeze(-1) * target_mask
         logprob = tok.sum(dim=1)
         loss = -logprob / target_mask.sum(dim=1).clamp(min=1.0)
         xa = [torch.cat(self.slots[f"xa/{m}"], dim=0) for m in self.modules_]
-        return loss, logprob, *xa
+        return loss, logprob, hidden, *xa

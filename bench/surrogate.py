@@ -1,0 +1,189 @@
+"""The surrogate search against today's default (COBYLA), on every bbh/ and near/ task.
+
+Per task, on its 5 `adapt` examples, three searches:
+- `cobyla`: today's default `adapt` (AdaptConfig(): LoraHub's composition, the cut ranking, the best
+  20 LoRAs, COBYLA from the best single LoRA, budget 40);
+- `surrogate`: `--optimizer surrogate --compose cat` with its leave-one-out choice (the candidate
+  default);
+- `surrogate_fixed`: the same without leave-one-out (`--no-loo`: the best 20, radius 0.5, COBYLA
+  taking over where the model keeps mispredicting), budget 40: the optimiser alone.
+For each: the best true objective after 5, 10, 20 and 40 points of its search (the points after
+w = 0 and the ranking), its forwards and seconds; at its final weights, the test cross-entropy and
+the teacher-forced exact match (every answer token the argmax) over the first --limit test examples,
+through the fp32 scoring graph; and for `cobyla` and `surrogate`, exact match and option accuracy
+of generated answers from the model written back as `adapt` writes it (int4, targets at 8 bits,
+LoRA merged) — what a user gets. The two surrogate runs share their ranking forwards (a forward
+cache keyed by the exact inputs: the same forward is never run twice in this process); seconds
+are each run's own, as if alone (the cache is cleared between the timed runs).
+
+Resumable: finished tasks in bench/results/surrogate.json are kept.
+
+    python bench/surrogate.py [--tasks a,b] [--limit 100]
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from common import DATA, RESULTS, accuracy, save
+
+from edgelora.bundle import Bundle
+from edgelora.examples import encode_pairs, load_examples
+from edgelora.scorer import Scorer
+from edgelora.search import AdaptConfig, adapt
+from edgelora.surrogate import Head
+
+CHECKPOINTS = (5, 10, 20, 40)
+VARIANTS = {
+    "cobyla": {},
+    "surrogate": {"optimizer": "surrogate", "compose": "cat"},
+    "surrogate_fixed": {"optimizer": "surrogate", "compose": "cat", "loo": False},
+}
+GENERATED = ("cobyla", "surrogate")
+
+
+class ForwardCache:
+    """Scorer.run memoised on its exact inputs (the bound tokens and A, B) while the context is
+    open, so that the runs of one task can share their ranking forwards (`memo` outlives it)."""
+
+    def __init__(self, memo: dict):
+        self.memo, self.orig = memo, Scorer.run
+
+    @staticmethod
+    def key(scorer, A, B) -> bytes:
+        h = hashlib.blake2b(digest_size=16)
+        for k in ("input_ids", "target_pos", "target_ids"):
+            h.update(scorer.feeds[k].tobytes())
+        for m in sorted(A):
+            h.update(np.ascontiguousarray(A[m]).tobytes())
+            h.update(np.ascontiguousarray(B[m]).tobytes())
+        return h.digest()
+
+    def __enter__(self):
+        memo, orig = self.memo, self.orig
+
+        def run(scorer, A, B, xa=False, hidden=False):
+            if xa:
+                return orig(scorer, A, B, xa=xa, hidden=hidden)
+            k = ForwardCache.key(scorer, A, B)
+            if k not in memo:
+                memo[k] = orig(scorer, A, B, hidden=True)
+            return memo[k] if hidden else memo[k][:2]
+        Scorer.run = run
+        return self
+
+    def __exit__(self, *exc):
+        Scorer.run = self.orig
+
+
+def curve(history, objective_of_first: int = 1) -> dict:
+    """The best true objective after k points of the search (w = 0, the first point, not counted)."""
+    best, out = np.inf, []
+    for e in history[objective_of_first:]:
+        best = min(best, e.objective)
+        out.append(best)
+    return {str(k): (round(out[min(k, len(out)) - 1], 5) if out else None) for k in CHECKPOINTS}
+
+
+def test_scores(bundle: Bundle, res, test) -> dict:
+    """Test cross-entropy (token-pooled) and teacher-forced exact match at the result's weights."""
+    A, B = res.merged()
+    scorer, tok, fmt = Scorer(bundle), bundle.tokenizer(), bundle.prompt_format
+    norm, weight, eps = bundle.head()
+    nll, n_tok, exact = 0.0, 0, 0
+    pairs = fmt.pairs(test)
+    for i in range(0, len(pairs), 16):
+        batch = encode_pairs(tok, pairs[i: i + 16], bundle.arch["max_len"])[0]
+        scorer.bind(batch)
+        _, lp, hidden = scorer.run(A, B, hidden=True)
+        mask = batch.target_mask > 0
+        head = Head(norm, weight, eps, batch.target_ids[mask])
+        right = head.logits(hidden[mask]).argmax(1) == head.y
+        ex = np.nonzero(mask)[0]
+        exact += int(sum(right[ex == j].all() for j in range(len(lp))))
+        nll -= float(lp.sum())
+        n_tok += int(mask.sum())
+    return {"test_ce": round(nll / n_tok, 5), "test_exact_tf": round(exact / len(test), 4)}
+
+
+def run_task(bundle: Bundle, suite: str, task: str, limit: int, work: Path) -> dict:
+    adapt_file = DATA / suite / f"{task}.adapt.jsonl"
+    test = load_examples(DATA / suite / f"{task}.test.jsonl")[:limit]
+    row = {"suite": suite, "task": task, "n_test": len(test)}
+    memo: dict = {}
+    for name, over in VARIANTS.items():
+        if name != "surrogate_fixed":
+            memo.clear()  # the timed runs pay for their own forwards
+        with ForwardCache(memo):
+            t0 = time.perf_counter()
+            res = adapt(adapt_file, bundle, warn=lambda *a: None, **over)
+            seconds = time.perf_counter() - t0
+        r = {"seconds": round(seconds, 1), "forwards": res.settings["forwards"],
+             "search_points": len(res.history) - 1, "start_loss": round(res.start_loss, 5),
+             "loss": round(res.loss, 5), "objective": round(res.objective, 5), "stop": res.stop,
+             "best_after": curve(res.history),
+             "weights": {n: round(float(w), 4) for n, w in zip(res.loras, res.weights) if w}}
+        if res.surrogate:
+            r.update({k: res.surrogate[k] for k in ("setting", "loo", "steps")})
+        r.update(test_scores(bundle, res, test))
+        if name in GENERATED:
+            r.update(accuracy(bundle, res.merged(), work / name, test))
+        row[name] = r
+        print(f"[{task}] {name}: loss {r['loss']:.4f}, {r['forwards']} forwards, {r['seconds']:.0f} s, "
+              f"test CE {r['test_ce']:.4f}, tf-exact {r['test_exact_tf']:.3f}"
+              + (f", exact {r['exact']:.3f}" if "exact" in r else "") + f" ({r['stop']})", flush=True)
+    return row
+
+
+def summary(rows: list[dict]) -> dict:
+    out = {}
+    for suite in ("bbh", "near", "all"):
+        rs = [r for r in rows if suite in ("all", r["suite"])]
+        if not rs:
+            continue
+        s = {"tasks": len(rs)}
+        for v in VARIANTS:
+            for k in ("test_ce", "test_exact_tf", "exact", "options", "seconds", "forwards"):
+                vals = [r[v][k] for r in rs if r[v].get(k) is not None]
+                if vals:
+                    s[f"{v}_{k}_mean"] = round(statistics.mean(vals), 4)
+        s["time_ratio_total"] = round(sum(r["surrogate"]["seconds"] for r in rs) / sum(r["cobyla"]["seconds"] for r in rs), 3)
+        s["slowest_surrogate_s"] = max(r["surrogate"]["seconds"] for r in rs)
+        # the optimiser alone: does the model reach COBYLA's 40-point objective within 10 points?
+        s["fixed_within_10_of_cobyla_40"] = sum(
+            r["surrogate_fixed"]["best_after"]["10"] <= r["cobyla"]["best_after"]["40"] + 1e-4 for r in rs)
+        out[suite] = s
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tasks")
+    ap.add_argument("--limit", type=int, default=100)
+    ap.add_argument("--name", default="surrogate")
+    args = ap.parse_args()
+    bundle = Bundle.open()
+    path = RESULTS / f"{args.name}.json"
+    done = {r["task"]: r for r in json.loads(path.read_text())["tasks"]} if path.exists() else {}
+    suites = {s: sorted(f.name.removesuffix(".adapt.jsonl") for f in (DATA / s).glob("*.adapt.jsonl"))
+              for s in ("bbh", "near")}
+    order = [(s, t) for pair in zip(suites["bbh"], suites["near"] + [None] * 12) for s, t in
+             zip(("bbh", "near"), pair) if t]  # alternate the suites, so a partial run covers both
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for suite, task in order:
+            if args.tasks and task not in args.tasks.split(","):
+                continue
+            rows.append(done.get(task) or run_task(bundle, suite, task, args.limit, Path(tmp) / task))
+            save(args.name, {"limit": args.limit, "defaults": AdaptConfig().__dict__, "variants": VARIANTS,
+                             "summary": summary(rows), "tasks": rows})
+
+
+if __name__ == "__main__":
+    main()
