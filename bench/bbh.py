@@ -12,8 +12,11 @@ on the test set, an upper reference), and the uniform average of all LoRAs. Exac
 generated answers and option-ranking accuracy, with prompt tokens per example. Writes
 bench/results/bbh.md and bbh.json after every task.
 
-Adapted models are written back as int4 + an unmerged fp32 LoRA: the adapt default when this
-run began (now the LoRA is merged with its targets at 8 bits), kept so that its rows compare.
+Adapted models are written back as `adapt` writes them (`--writeback merged`, the default: the LoRA
+merged, int4 with its targets at 8 bits, fused q/k/v), so every column measures what a user gets;
+results go to bench/results/bbh-shipped.{md,json}. bbh.json's rows were written back as int4 + an
+unmerged fp32 LoRA, the adapt default when that run began (`--writeback unmerged --name bbh`
+resumes it as it was).
 
 Resumable: a re-run with the same settings (and the same base and LoRA library) keeps the
 tasks already in bench/results/bbh.json and runs the rest, so the run can go on in the
@@ -92,7 +95,7 @@ def lorahub_selected(bundle: Bundle, suite: str, task: str, args) -> dict:
     adapt_file, test, work = inputs(suite, task, args)
     t0 = time.perf_counter()
     res = adapt(adapt_file, bundle, budget=args.budget, select="loss", library=args.library, warn=lambda m: None)
-    write_model(bundle, *res.merged(), work / "select-loss", args.quant, merged=False)
+    write_model(bundle, *res.merged(), work / "select-loss", args.quant, merged=args.writeback == "merged")
     row = {**score(work / "select-loss", test), "loss": [res.start_loss, res.loss],
            "weights": dict(zip(res.loras, res.weights.round(4).tolist()))}
     log(task, "LoraHub, loss-picked", row, t0)
@@ -116,7 +119,7 @@ def timed_adapt(bundle: Bundle, suite: str, task: str, args, key: str, label: st
     t0 = time.perf_counter()
     res = adapt(adapt_file, bundle, warn=lambda m: None, **overrides)
     adapt_s = time.perf_counter() - t0
-    write_model(bundle, *res.merged(), work / key, args.quant, merged=False)
+    write_model(bundle, *res.merged(), work / key, args.quant, merged=args.writeback == "merged")
     row = {**score(work / key, test), "loss": [res.start_loss, res.loss], "adapt_s": adapt_s,
            "writeback_s": time.perf_counter() - t0 - adapt_s, "forwards": res.settings["forwards"],
            "stop": res.stop, "config": run_config(**overrides),
@@ -166,7 +169,7 @@ def run_task(bundle: Bundle, suite: str, task: str, args) -> dict:
         t0 = time.perf_counter()
         res = adapt(adapt_file, bundle, budget=args.budget, seed=seed, select="random", library=args.library,
                     warn=lambda m: None)
-        write_model(bundle, *res.merged(), work / f"seed{seed}", args.quant, merged=False)
+        write_model(bundle, *res.merged(), work / f"seed{seed}", args.quant, merged=args.writeback == "merged")
         runs.append({**score(work / f"seed{seed}", test), "loss": [res.start_loss, res.loss],
                      "weights": dict(zip(res.loras, res.weights.round(4).tolist()))})
         log(task, f"LoraHub seed {seed}", runs[-1], t0)
@@ -186,12 +189,12 @@ def run_task(bundle: Bundle, suite: str, task: str, args) -> dict:
     name = oracle_lora(bundle, library, test[: args.oracle_n])
     lora = next(l for l in library if l.name == name)
     write_model(bundle, *LoraStack([lora], list(bundle.targets)).compose(np.ones(1)), work / "oracle", args.quant,
-                merged=False)
+                merged=args.writeback == "merged")
     row["oracle"] = {"lora": name, **score(work / "oracle", test)}
     log(task, f"oracle ({name})", row["oracle"], t0)
     t0 = time.perf_counter()
     A, B = LoraStack(library, list(bundle.targets)).compose(np.full(len(library), 1 / len(library)))
-    write_model(bundle, A, B, work / "uniform", args.quant, merged=False)
+    write_model(bundle, A, B, work / "uniform", args.quant, merged=args.writeback == "merged")
     row["uniform"] = score(work / "uniform", test)
     log(task, "uniform", row["uniform"], t0)
     return row
@@ -266,21 +269,27 @@ def main():
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--budget", type=int, default=40)
     ap.add_argument("--quant", default=DEFAULT_QUANT)
+    ap.add_argument("--writeback", choices=("merged", "unmerged"), default="merged",
+                    help="merged: as adapt writes the model (default); unmerged: int4 + an fp32 LoRA beside it, "
+                         "as bbh.json's rows were written")
     ap.add_argument("--name", help="results file name (bench/results/NAME.md/.json; default bbh, or bbh-mbc)")
     ap.add_argument("--library", default="per-task", help="the bundle's library to compose: per-task | mbc")
     ap.add_argument("--oracle-n", type=int, default=50, help="test examples the oracle LoRA is picked on")
     ap.add_argument("--no-arrow", action="store_true", help="do not add the Arrow columns to finished rows")
     args = ap.parse_args()
-    args.name = args.name or ("bbh" if args.library == "per-task" else f"bbh-{args.library}")
+    args.name = args.name or ("bbh-shipped" if args.writeback == "merged" else "bbh") + (
+        "" if args.library == "per-task" else f"-{args.library}")
     bundle = Bundle.open()
     settings = {"limit": args.limit, "oracle_n": args.oracle_n, "seeds": args.seeds, "budget": args.budget,
-                "quant": args.quant, "base": bundle.manifest["base"]["name"], "loras": sorted(bundle.library(args.library))}
+                "quant": args.quant, "base": bundle.manifest["base"]["name"], "loras": sorted(bundle.library(args.library)),
+                **({"writeback": "merged"} if args.writeback == "merged" else {})}
     todo = [(suite, f.name.removesuffix(".adapt.jsonl")) for suite in args.suites.split(",")
             for f in sorted((DATA / suite).glob("*.adapt.jsonl"))]
     todo = [(s, t) for s, t in todo if not args.tasks or t in args.tasks.split(",")]
     done = resume(args.name, settings)
     # Another library's run: its zero-shot and ICL rows (the base model alone) are reused.
-    args.base_rows = {} if args.library == "per-task" else resume("bbh", {**settings, "loras": sorted(bundle.library("per-task"))})
+    args.base_rows = {} if args.library == "per-task" else resume("bbh", {**{k: v for k, v in settings.items() if k != "writeback"},
+                                                                               "loras": sorted(bundle.library("per-task"))})
     for suite, task in todo:
         if (suite, task) not in done:
             done[suite, task] = run_task(bundle, suite, task, args)
@@ -301,7 +310,8 @@ def main():
                    f"all {n_lib} (every seed samples the whole library and COBYLA is deterministic, so the seeds are one run)")
         reused = "" if not args.base_rows else "zero-shot and ICL taken from bench/results/bbh.json (the base alone); "
         note = (f"LoraHub: {args.seeds} seeds, budget {args.budget}, {sampled} {args.library} LoRAs; {reused}"
-                f"models written back as {args.quant} + an unmerged fp32 LoRA; zero-shot and ICL run on the "
+                f"models written back as {args.quant} + " + ("the LoRA merged, its targets at 8 bits (as adapt writes them)"
+                if args.writeback == "merged" else "an unmerged fp32 LoRA") + "; zero-shot and ICL run on the "
                 f"bundle's fp32 base; test examples per task: "
                 f"{args.limit or 'all'}; tasks done: {len(rows)}.\n\n")
         atomic_write(RESULTS / f"{args.name}.md", note + table(rows) + "\n")
