@@ -124,7 +124,9 @@ def test_surrogate_adapt_returns_its_best_true_point_and_records_its_trace(libra
     assert len(res.history) <= 12
     table = res.surrogate["loo"]
     assert table[0]["setting"] == "best single LoRA" and "true" in table[0]
-    assert res.surrogate["setting"] in [r["setting"] for r in table]
+    chosen = next(r for r in table if r["setting"] == res.surrogate["setting"])
+    assert "true" in chosen  # a setting is chosen on true forwards, never on the model's word alone
+    assert chosen is table[0] or chosen["true"] < table[0]["true"]
     for step in res.surrogate["steps"]:
         assert {"radius", "predicted", "true", "ratio"} <= step.keys()
     write_outputs(res, bundle, tmp_path / "out", quant=None)
@@ -141,3 +143,18 @@ def test_surrogate_needs_the_exact_composition(library):
         adapt(EXAMPLES, bundle, optimizer="surrogate", compose="cat", bounds=0.5)
 
 
+
+
+def test_on_long_examples_the_surrogate_spans_the_shortlist_the_cut_ranking_picks(library, monkeypatch):
+    """Where a cut ranking pays, the library is ranked on the cut examples and only the SHORTLIST
+    best are scored whole: those are the LoRAs the model spans, in order of their whole loss."""
+    from edgelora import search
+    from test_adapt import _loss_at
+    bundle, loras = library
+    monkeypatch.setattr(search, "SHORTLIST", 2)
+    res = adapt(EXAMPLES, bundle, optimizer="surrogate", compose="cat", budget=8, select_len=1)
+    cut = {l.name: _loss_at(bundle, EXAMPLES, [l], [1.0], keep=1) for l in loras}
+    whole = {l.name: _loss_at(bundle, EXAMPLES, [l], [1.0]) for l in loras}
+    short = sorted(cut, key=cut.get)[:2]
+    assert res.loras == sorted(short, key=whole.get)
+    assert res.settings["selection_forwards"] == len(loras) + 2
