@@ -134,6 +134,7 @@ def cmd_cluster(args) -> None:
     from .io import atomic_write, atomic_write_json, check_file_replaceable, sha256_file
     from .outputs import versions
     from .search import load_checked
+    check_seed(args.seed)
     svg = args.out.with_suffix(".svg")
     if svg == args.out:
         raise UserError(f"-o {args.out}: the clusters are written as JSON beside the heat map {svg}; name a .json file")
@@ -182,10 +183,21 @@ def add_route_flags(p: argparse.ArgumentParser) -> None:
                    help="--route arrow: GenKnowSub, subtract these general LoRAs' mean A and B from the others (not routed)")
 
 
+def check_seed(seed: int) -> None:
+    if seed < 0:
+        raise UserError(f"--seed {seed}: must be 0 or more")
+
+
 def cmd_generate(args) -> None:
+    import math
     from .generate import Model
     if args.library and args.route is None:
         raise UserError("--library picks the library that --route arrow routes: add --route arrow")
+    check_seed(args.seed)
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise UserError(f"--temperature {args.temperature}: must be a finite number, 0 (greedy) or more")
+    if not 0 < args.top_p <= 1:
+        raise UserError(f"--top-p {args.top_p}: must be more than 0 and at most 1")
     model = Model.load(args.model, route=route_from(args))
     prompt = args.prompt if args.prompt not in (None, "-") else sys.stdin.read().strip()
     if not prompt:

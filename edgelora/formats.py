@@ -118,7 +118,11 @@ def gguf_tensors(bundle: Bundle, A: dict, B: dict) -> dict[str, np.ndarray]:
                 raise UserError(f"{bundle.path}: llama.cpp has no tensor for {bundle.targets[m]['path']}")
             b = B[m][i]
             if permuted and m in GGUF_PERMUTED:
-                b = rope_permute(b, bundle.arch[GGUF_PERMUTED[m]])
+                heads = bundle.arch[GGUF_PERMUTED[m]]
+                if b.shape[0] % (2 * heads):
+                    raise UserError(f"{bundle.path / 'manifest.json'}: arch.{GGUF_PERMUTED[m]} {heads} does not split "
+                                    f"{m}'s {b.shape[0]} rows into heads; rebuild the bundle with edgelora-export base")
+                b = rope_permute(b, heads)
             out[f"{name}.lora_a"] = np.ascontiguousarray(A[m][i], np.float32)
             out[f"{name}.lora_b"] = np.ascontiguousarray(b, np.float32)
     return out

@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .bundle import Bundle, check_schema, home, sha256_cached
+from .bundle import Bundle, Positive, check_schema, home, sha256_cached
 from .errors import UserError
 from .io import atomic_write_json, read_json, replace_dir, sha256_file, user_mode
 from .lora import ArrowLibrary, ArrowRoute, arrow_library, check_compatible, delta, load_lora
@@ -364,7 +364,7 @@ def write_model(bundle: Bundle, A: dict | None, B: dict | None, out: Path, quant
 
 # What `generate` and `eval` read from edgelora.json, and the JSON type of each.
 MODEL_SCHEMA = {"prompt": {"head": str, "mid": str, "end": str, "next_user": str, "stop": str},
-                "eos_ids": list, "pad_id": int, "max_len": int, "tokenizer": str, "model_sha256": str}
+                "eos_ids": [int], "pad_id": int, "max_len": Positive, "tokenizer": str, "model_sha256": str}
 
 
 def check_model(folder: Path) -> dict:

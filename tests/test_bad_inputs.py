@@ -133,6 +133,20 @@ def adapted_then_export(*extra: str):
     return setup
 
 
+def edit_model_meta(change):
+    """A complete adapt output whose edgelora.json `change` edits (by hand, or damaged)."""
+    def breaks(done):
+        meta = json.loads((done / "edgelora.json").read_text())
+        change(meta)
+        (done / "edgelora.json").write_text(json.dumps(meta))
+    return adapt_then_break(breaks)
+
+
+def cli_args(*args: str):
+    """edgelora ARGS as given; `{tmp}` is the work folder and `{bundle}` the bundle."""
+    return lambda tmp, bundle: [a.format(tmp=tmp, bundle=bundle) for a in args]
+
+
 def export_not_adapted(tmp, bundle):
     (tmp / "folder").mkdir()
     return ["export", str(tmp / "folder"), "--format", "peft"]
@@ -181,8 +195,28 @@ CASES = [
     ("manifest: wrong hash", edit_manifest(wrong_hash), ["tokenizer.json", "sha256 differs", "manifest.json"]),
     ("manifest: unknown format version", edit_manifest(lambda m: m.update(format_version=99)),
      ["manifest.json", "bundle format 99 is not supported"]),
-    ("manifest: wrong type", edit_manifest(lambda m: m["arch"].update(layers="2")), ["manifest.json", "arch.layers must be an integer"]),
+    ("manifest: wrong type", edit_manifest(lambda m: m["arch"].update(layers="2")), ["manifest.json", "arch.layers must be a positive integer"]),
     ("manifest: not JSON", broken_manifest, ["manifest.json:1", "not valid JSON"]),
+    ("manifest: no base.model_type", edit_manifest(lambda m: m["base"].pop("model_type")),
+     ["manifest.json", "lacks base.model_type"]),
+    ("manifest: no arch.hidden", edit_manifest(lambda m: m["arch"].pop("hidden")), ["manifest.json", "lacks arch.hidden"]),
+    ("manifest: no arch.heads", edit_manifest(lambda m: m["arch"].pop("heads")), ["manifest.json", "lacks arch.heads"]),
+    ("manifest: eos_ids not integers", edit_manifest(lambda m: m.update(eos_ids=[{}])), ["manifest.json", "eos_ids"]),
+    ("manifest: arch.heads 0", edit_manifest(lambda m: m["arch"].update(heads=0)),
+     ["manifest.json", "arch.heads must be a positive integer"]),
+    ("adapt: negative --seed", good_lora_then("--select", "random", "--seed", "-1"), ["--seed -1", "0 or more"]),
+    ("adapt: --l1 nan", good_lora_then("--l1", "nan"), ["--l1 nan", "finite"]),
+    ("adapt: --l1 inf", good_lora_then("--l1", "inf"), ["--l1 inf", "finite"]),
+    ("adapt: --bounds nan", good_lora_then("--bounds", "nan"), ["--bounds nan", "finite"]),
+    ("generate: negative --seed", cli_args("generate", "{bundle}", "hi", "--seed", "-1"), ["--seed -1", "0 or more"]),
+    ("generate: --temperature nan", cli_args("generate", "{bundle}", "hi", "--temperature", "nan"),
+     ["--temperature nan"]),
+    ("generate: --top-p 0", cli_args("generate", "{bundle}", "hi", "--top-p", "0"), ["--top-p 0"]),
+    ("cluster: negative --seed", cli_args("cluster", "--bundle", "{bundle}", "--seed", "-1", "-o", "{tmp}/c.json"),
+     ["--seed -1", "0 or more"]),
+    ("model: eos_ids not integers", edit_model_meta(lambda m: m.update(eos_ids=[{}])), ["edgelora.json", "eos_ids"]),
+    ("model: max_len not positive", edit_model_meta(lambda m: m.update(max_len=0)),
+     ["edgelora.json", "max_len must be a positive integer"]),
     ("output: folder not writable", out_under_a_file, ["afile/out", "cannot write here", "not a writable folder"]),
     ("output: disk full", good_lora_then("--json"), ["out", "cannot write the output", "File too large"]),
     ("model: missing model file", adapt_then_break(lambda d: (d / "model.onnx").unlink()), ["model.onnx", "missing"]),

@@ -1,5 +1,7 @@
-"""Fuzzing the three readers of files a user (or anyone) hands edgelora: the JSONL reader, the
-bundle manifest reader and the LoRA loader. Whatever the bytes, nothing escapes but UserError."""
+"""Fuzzing the readers of files a user (or anyone) hands edgelora: the JSONL reader, the bundle
+manifest (read by Bundle.open, and by `edgelora info` and `edgelora export` through the command
+line), an adapted model's edgelora.json (read by `edgelora generate`) and the LoRA loader.
+Whatever the bytes, nothing escapes but UserError: the commands end 0 or 2, never a traceback."""
 from __future__ import annotations
 
 import json
@@ -55,12 +57,13 @@ def test_jsonl_reader_bytes(tmp_path, data):
 
 
 def paths(obj, prefix=()) -> list[tuple]:
-    """Every key path into nested dicts (lists are replaced whole)."""
+    """Every key path into nested dicts (lists are replaced whole); of `files`, the bundle's hash
+    list, only a few entries, so that the fields the commands read are drawn often."""
     out = []
     for k, v in obj.items():
         out.append(prefix + (k,))
         if isinstance(v, dict):
-            out += paths(v, prefix + (k,))
+            out += paths(v, prefix + (k,))[: 6 if prefix + (k,) == ("files",) else None]
     return out
 
 
@@ -74,21 +77,161 @@ def fuzz_bundle(tiny_bundle_ro, tmp_path_factory) -> Path:
 @FUZZ
 @given(st.data())
 def test_manifest_reader(fuzz_bundle, data):
-    manifest = json.loads((fuzz_bundle / "manifest.json").read_text())
+    manifest = mutate(data, json.loads((fuzz_bundle / "manifest.json").read_text()))
+    mpath = fuzz_bundle / "manifest.json"
+    original = mpath.read_bytes()
+    try:
+        mpath.write_text(json.dumps(manifest))
+        only_user_errors(lambda: Bundle.open(fuzz_bundle))
+    finally:
+        mpath.write_bytes(original)
+
+
+def mutate(data, obj: dict, only: tuple[str, ...] = ()) -> dict:
+    """1 to 3 keys anywhere in `obj` (under the top-level keys `only`, where given) replaced by any
+    JSON value or deleted."""
     for _ in range(data.draw(st.integers(1, 3))):
-        path = data.draw(st.sampled_from(paths(manifest)))
-        parent = manifest
+        where = [p for p in paths(obj) if not only or p[0] in only]
+        if not where:
+            break
+        path = data.draw(st.sampled_from(where))
+        parent = obj
         for k in path[:-1]:
             parent = parent[k]
         if data.draw(st.booleans()):
             parent[path[-1]] = data.draw(json_values)
         else:
             del parent[path[-1]]
+    return obj
+
+
+def exits_0_or_2(argv: list[str]) -> None:
+    """`edgelora ARGV` in this process: done, or one line and exit 2; any other exception fails."""
+    from edgelora.cli import main
+    assert main(argv) in (0, 2), argv
+
+
+@pytest.fixture(scope="module")
+def fuzz_adapted(fuzz_bundle, tmp_path_factory) -> Path:
+    """An adapt output (no model) made on the fuzz bundle, for `edgelora export` to read."""
+    from edgelora.examples import Example
+    from edgelora.outputs import write_outputs
+    from edgelora.search import adapt
+    bundle = Bundle.open(fuzz_bundle)
+    rng = np.random.default_rng(1)
+    L = bundle.arch["layers"]
+    work = tmp_path_factory.mktemp("adapted")
+    save_lora(work / "l.safetensors", Lora("l", 2, 4.0, {m: rng.normal(0, 0.1, (L, 2, t["in"])) for m, t in bundle.targets.items()},
+                                           {m: rng.normal(0, 0.1, (L, t["out"], 2)) for m, t in bundle.targets.items()}))
+    res = adapt([Example("What is 2 plus 3?", "5")], bundle, loras=[str(work / "l.safetensors")], budget=2,
+                warn=lambda m: None)
+    write_outputs(res, bundle, work / "done")
+    return work
+
+
+CLI_FUZZ = settings(FUZZ, max_examples=60)
+
+
+@CLI_FUZZ
+@given(st.data())
+def test_manifest_through_info_and_export(fuzz_bundle, fuzz_adapted, data):
+    """A damaged manifest as `edgelora info` and `edgelora export` (every format) read it: the
+    fields they use beyond Bundle.open's (model type, head counts, sizes) included."""
     mpath = fuzz_bundle / "manifest.json"
     original = mpath.read_bytes()
     try:
-        mpath.write_text(json.dumps(manifest))
-        only_user_errors(lambda: Bundle.open(fuzz_bundle))
+        mpath.write_text(json.dumps(mutate(data, json.loads(original), ("base", "arch", "targets", "decoder"))))
+        exits_0_or_2(["info", "--bundle", str(fuzz_bundle)])
+        exits_0_or_2(["info", "--bundle", str(fuzz_bundle), "--json"])
+        for fmt, name in (("peft", "p"), ("gguf", "a.gguf"), ("onnx-adapter", "a.onnx_adapter")):
+            exits_0_or_2(["export", str(fuzz_adapted / "done"), "--format", fmt, "--bundle", str(fuzz_bundle),
+                          "-o", str(fuzz_adapted / name)])
+    finally:
+        mpath.write_bytes(original)
+
+
+WRONG_VALUES = [None, -1, 0, 3, 2.5, "x", [1], [{}], {"a": 1}]
+
+
+def test_every_manifest_field_info_and_export_read(fuzz_bundle, fuzz_adapted):
+    """Each field under base, arch, targets and decoder, alone, deleted or given each wrong value:
+    `edgelora info` and `edgelora export` end 0 or 2 (the random fuzz above samples such cases;
+    this tries every one)."""
+    from edgelora.cli import main
+    mpath = fuzz_bundle / "manifest.json"
+    original = mpath.read_bytes()
+    manifest = json.loads(original)
+    cases = [p for p in paths(manifest) if p[0] in ("base", "arch", "targets", "decoder")]
+    try:
+        for path in cases:
+            for value in ["<deleted>", *WRONG_VALUES]:
+                m = json.loads(original)
+                parent = m
+                for k in path[:-1]:
+                    parent = parent[k]
+                if value == "<deleted>":
+                    del parent[path[-1]]
+                else:
+                    parent[path[-1]] = value
+                mpath.write_text(json.dumps(m))
+                for argv in (["info", "--bundle", str(fuzz_bundle)],
+                             *(["export", str(fuzz_adapted / "done"), "--format", fmt, "--bundle", str(fuzz_bundle),
+                                "-o", str(fuzz_adapted / name)] for fmt, name in (("gguf", "a.gguf"),
+                                                                                  ("onnx-adapter", "a.onnx_adapter")))):
+                    try:
+                        code = main(argv)
+                    except Exception as e:  # noqa: BLE001 - the failure names the case
+                        raise AssertionError(f"{'.'.join(path)} = {value!r}: {argv[0]} raised {e!r}") from e
+                    assert code in (0, 2), (path, value, argv[0], code)
+    finally:
+        mpath.write_bytes(original)
+
+
+@pytest.fixture(scope="module")
+def fuzz_model(fuzz_bundle, tmp_path_factory) -> Path:
+    """An adapted model folder (the base, written back at int8) whose edgelora.json is fuzzed."""
+    from edgelora.writeback import write_model
+    out = tmp_path_factory.mktemp("model") / "m"
+    write_model(Bundle.open(fuzz_bundle), None, None, out, "int8")
+    return out
+
+
+def test_every_model_meta_field_generate_reads(fuzz_model):
+    """Each field of an adapted model's edgelora.json, alone, deleted or given each wrong value:
+    `edgelora generate` ends 0 or 2."""
+    from edgelora.cli import main
+    mpath = fuzz_model / "edgelora.json"
+    original = mpath.read_bytes()
+    try:
+        for path in paths(json.loads(original)):
+            for value in ["<deleted>", *WRONG_VALUES]:
+                m = json.loads(original)
+                parent = m
+                for k in path[:-1]:
+                    parent = parent[k]
+                if value == "<deleted>":
+                    del parent[path[-1]]
+                else:
+                    parent[path[-1]] = value
+                mpath.write_text(json.dumps(m))
+                try:
+                    code = main(["generate", str(fuzz_model), "hi", "--max-new-tokens", "2"])
+                except Exception as e:  # noqa: BLE001 - the failure names the case
+                    raise AssertionError(f"{'.'.join(path)} = {value!r}: generate raised {e!r}") from e
+                assert code in (0, 2), (path, value, code)
+    finally:
+        mpath.write_bytes(original)
+
+
+@CLI_FUZZ
+@given(st.data())
+def test_model_meta_through_generate(fuzz_model, data):
+    """A damaged edgelora.json (stop ids, prompt format, limits, hashes) as `edgelora generate` reads it."""
+    mpath = fuzz_model / "edgelora.json"
+    original = mpath.read_bytes()
+    try:
+        mpath.write_text(json.dumps(mutate(data, json.loads(original))))
+        exits_0_or_2(["generate", str(fuzz_model), "hi", "--max-new-tokens", "2"])
     finally:
         mpath.write_bytes(original)
 
