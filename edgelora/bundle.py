@@ -184,7 +184,8 @@ class Bundle:
             raise UserError(f"{mpath}: not an edgelora bundle manifest")
         if manifest.get("format_version") != FORMAT_VERSION:
             raise UserError(f"{mpath}: bundle format {manifest.get('format_version')!r} is not supported "
-                            f"(this edgelora reads {FORMAT_VERSION}); rebuild it with edgelora-export")
+                            f"(this edgelora reads {FORMAT_VERSION}); rebuild it with: edgelora-export base"
+                            + ("" if path == default_bundle_path() else f" -o {path}"))
         check_schema(manifest, SCHEMA, mpath)
         check_entries(manifest, mpath)
         for name, info in manifest["files"].items():

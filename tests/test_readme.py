@@ -28,6 +28,10 @@ def test_adapt_usage_shows_every_setting_with_its_default():
     text, d = usage("adapt"), AdaptConfig()
     for f in fields(AdaptConfig):
         flag = "--" + f.name.replace("_", "-")
+        if isinstance(getattr(d, f.name), bool):  # a switch: shown as the flag that turns the default off
+            off = f"[--no-{flag[2:]}]" if getattr(d, f.name) else f"[{flag}]"
+            assert off in text, f"README's adapt usage lacks {off}"
+            continue
         m = re.search(rf"\[{flag} ([^\]]+)\]", text)
         assert m, f"README's adapt usage lacks {flag}"
         shown, default = m.group(1), getattr(d, f.name)

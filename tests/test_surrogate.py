@@ -158,3 +158,13 @@ def test_on_long_examples_the_surrogate_spans_the_shortlist_the_cut_ranking_pick
     short = sorted(cut, key=cut.get)[:2]
     assert res.loras == sorted(short, key=whole.get)
     assert res.settings["selection_forwards"] == len(loras) + 2
+
+
+def test_a_bundle_of_the_previous_format_is_refused_with_the_command_that_rebuilds_it(tiny_bundle):
+    from helpers import assert_refused, cli
+    from edgelora.bundle import write_manifest
+    manifest = json.loads((tiny_bundle / "manifest.json").read_text())
+    write_manifest(tiny_bundle, {**manifest, "format_version": 2})
+    r = cli("edgelora.cli", "info", "--bundle", str(tiny_bundle))
+    assert_refused(r)
+    assert f"bundle format 2 is not supported (this edgelora reads 3); rebuild it with: edgelora-export base -o {tiny_bundle}" in r.stderr

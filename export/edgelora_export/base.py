@@ -16,7 +16,7 @@ import torch
 
 from edgelora.bundle import FORMAT, FORMAT_VERSION, is_bundle, write_manifest
 from edgelora.errors import UserError
-from edgelora.io import check_replaceable, replace_dir
+from edgelora.io import check_replaceable, read_json, replace_dir
 from edgelora.lora import load_lora, save_lora
 from .model import ScoringModel, load_base, target_shapes
 
@@ -230,7 +230,7 @@ def decoder_weight_map(onnx_path: Path, model, shapes: dict) -> dict[str, list[d
 
 def export_base(source, out: Path, targets: list[str], force: bool = False, log=print) -> Path:
     out = Path(out)
-    if is_bundle(out) and not force:
+    if is_bundle(out) and not force and read_json(out / "manifest.json").get("format_version") == FORMAT_VERSION:
         log(f"{out}: bundle exists (--force rebuilds it)")
         return out
     check_replaceable(out, is_bundle, "-o")  # never wipe a folder that is not a bundle
