@@ -51,6 +51,20 @@ def cli(*args, cwd=None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=cwd)
 
 
+def cli_here(capsys, module: str, *args: str) -> subprocess.CompletedProcess:
+    """`python -m MODULE ARGS` run in this process, as `cli` returns it: for the workstation's
+    refusals, where a new interpreter would pay torch's import for one line of stderr. An exception
+    that is not a UserError escapes, failing the test, as a traceback would."""
+    import importlib
+    capsys.readouterr()
+    try:
+        code = importlib.import_module(module).main(list(args))
+    except SystemExit as e:  # argparse's own refusals
+        code = e.code
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess([module, *args], code, out.out, out.err)
+
+
 def assert_refused(r, *words):
     assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
     lines = r.stderr.strip().splitlines()

@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import assert_refused, encode, make_peft_lora, torch_losses
+from helpers import assert_refused, cli_here, encode, make_peft_lora, torch_losses
 from helpers import cli as run_cli
 
 from edgelora.bundle import Bundle
@@ -131,42 +131,42 @@ def test_peft_round_trip_is_bit_exact(tiny_bundle, tiny_hf, tmp_path):
             assert np.array_equal(lora.B[m][i], src[key % "B"])
 
 
-def test_refuses_lora_for_another_base(tiny_bundle, tmp_path):
+def test_refuses_lora_for_another_base(tiny_bundle, tmp_path, capsys):
     from transformers import LlamaConfig, LlamaForCausalLM
     other = tmp_path / "other"
     cfg = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2)
     LlamaForCausalLM(cfg).save_pretrained(other)
     peft_dir = make_peft_lora(other, tmp_path / "peft", seed=0)
-    r = run_cli("edgelora_export.cli", "lora", str(peft_dir), "--bundle", str(tiny_bundle))
+    r = cli_here(capsys, "edgelora_export.cli", "lora", str(peft_dir), "--bundle", str(tiny_bundle))
     assert_refused(r, "q_proj", "(2, 4, 32)", "(2, 4, 64)")
 
 
-def test_refuses_lora_with_missing_target(tiny_bundle, tiny_hf, tmp_path):
+def test_refuses_lora_with_missing_target(tiny_bundle, tiny_hf, tmp_path, capsys):
     peft_dir = make_peft_lora(tiny_hf, tmp_path / "peft", seed=0, targets=("k_proj",))
-    r = run_cli("edgelora_export.cli", "lora", str(peft_dir), "--bundle", str(tiny_bundle))
+    r = cli_here(capsys, "edgelora_export.cli", "lora", str(peft_dir), "--bundle", str(tiny_bundle))
     assert_refused(r, "k_proj", "not a LoRA target")
 
 
-def test_refuses_non_peft_folder(tiny_bundle, tmp_path):
-    r = run_cli("edgelora_export.cli", "lora", str(tmp_path), "--bundle", str(tiny_bundle))
+def test_refuses_non_peft_folder(tiny_bundle, tmp_path, capsys):
+    r = cli_here(capsys, "edgelora_export.cli", "lora", str(tmp_path), "--bundle", str(tiny_bundle))
     assert_refused(r, "adapter_config.json")
 
 
-def test_refuses_non_llama_model(tmp_path):
+def test_refuses_non_llama_model(tmp_path, capsys):
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
-    r = run_cli("edgelora_export.cli", "base", str(tmp_path / "m"), "-o", str(tmp_path / "b"))
+    r = cli_here(capsys, "edgelora_export.cli", "base", str(tmp_path / "m"), "-o", str(tmp_path / "b"))
     assert_refused(r, "gpt2", "Llama-family")
 
 
-def test_refuses_unknown_target(tiny_hf, tmp_path):
-    r = run_cli("edgelora_export.cli", "base", str(tiny_hf), "-o", str(tmp_path / "b"), "--targets", "q_proj,lm_head")
+def test_refuses_unknown_target(tiny_hf, tmp_path, capsys):
+    r = cli_here(capsys, "edgelora_export.cli", "base", str(tiny_hf), "-o", str(tmp_path / "b"), "--targets", "q_proj,lm_head")
     assert_refused(r, "lm_head", "linear projection")
 
 
-def test_refuses_missing_source(tmp_path):
-    r = run_cli("edgelora_export.cli", "base", str(tmp_path / "nope.gguf"), "-o", str(tmp_path / "b"))
+def test_refuses_missing_source(tmp_path, capsys):
+    r = cli_here(capsys, "edgelora_export.cli", "base", str(tmp_path / "nope.gguf"), "-o", str(tmp_path / "b"))
     assert_refused(r, "nope.gguf", "no such file")
 
 
@@ -194,7 +194,7 @@ def test_info_lists_loras(tiny_bundle, tiny_hf, tmp_path):
     r = run_cli("edgelora.cli", "info", "--bundle", str(tiny_bundle), "--json")
     assert r.returncode == 0, r.stderr
     info = json.loads(r.stdout)
-    assert info["loras"] == [{"name": "task_a", "rank": 4, "alpha": 8.0, "source": info["loras"][0]["source"]}]
+    assert info["loras"] == [{"name": "task_a", "rank": 4, "alpha": 8.0, "source": str(tiny_hf)}]  # the PEFT base
     assert info["targets"]["v_proj"] == {"in": 64, "out": 32}
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import assert_refused, cli
+from helpers import assert_refused, cli, cli_here
 
 from edgelora.bundle import Bundle, write_manifest
 from edgelora.cluster import cluster_loras, keep_largest
@@ -217,13 +217,14 @@ def test_bad_clusters_files_are_one_line(tasks_and_clusters, tmp_path, capsys, c
     assert not (tmp_path / "o").exists()
 
 
-def test_missing_mbc_library_is_one_line(tiny_bundle_ro, tmp_path):
+def test_missing_mbc_library_is_one_line(tiny_bundle_ro, tmp_path, capsys):
     ex = tmp_path / "ex.jsonl"
     ex.write_text("".join(json.dumps({"input": p, "output": "red"}) + "\n" for p in PROMPTS))
     b = str(tiny_bundle_ro)
     for args in (["adapt", str(ex), "--bundle", b, "--out", str(tmp_path / "a")], ["eval", str(ex), "--model", b]):
         assert_refused(cli("edgelora.cli", *args, "--library", "mbc"), b, "no mbc library", "edgelora-export library")
-    r = cli("edgelora_export.cli", "library", str(tmp_path), "-o", str(tmp_path / "o"), "--bundle", str(tiny_bundle_ro))
+    r = cli_here(capsys, "edgelora_export.cli", "library", str(tmp_path), "-o", str(tmp_path / "o"), "--bundle",
+                 str(tiny_bundle_ro))
     assert_refused(r, "--clusters")
 
 

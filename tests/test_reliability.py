@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import assert_refused, cli, make_peft_lora
+from helpers import assert_refused, cli, cli_here, make_peft_lora
 from test_adapt import PROMPTS, library  # noqa: F401  (library: a fixture)
 
 from edgelora.errors import UserError
@@ -23,11 +23,11 @@ def task_file(folder: Path, name: str = "task.jsonl") -> Path:
 
 
 # -- 1. data loss ---------------------------------------------------------------------------
-def test_export_base_refuses_a_folder_that_is_not_a_bundle(tiny_hf, tmp_path):
+def test_export_base_refuses_a_folder_that_is_not_a_bundle(tiny_hf, tmp_path, capsys):
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "thesis.tex").write_text("years of work")
-    r = cli("edgelora_export.cli", "base", str(tiny_hf), "-o", str(mine), "--force")
+    r = cli_here(capsys, "edgelora_export.cli", "base", str(tiny_hf), "-o", str(mine), "--force")
     assert_refused(r, str(mine), "not an edgelora output")
     assert (mine / "thesis.tex").read_text() == "years of work" and len(list(tmp_path.iterdir())) == 1
 
@@ -315,13 +315,13 @@ def test_a_killed_export_base_is_tidied_by_the_next(tiny_hf, tiny_bundle, tmp_pa
     assert Bundle.open(tiny_bundle).verify() == []
 
 
-def test_a_live_export_base_is_not_tidied_away(tiny_hf, tiny_bundle, tmp_path):
+def test_a_live_export_base_is_not_tidied_away(tiny_hf, tiny_bundle, tmp_path, capsys):
     """While one `edgelora-export base` writes a bundle (it holds the bundle's lock), a second one
     for the same bundle is refused in one line and deletes nothing."""
     from edgelora_export.cli import export_lock
     live = tmp_path / ".bundle.live0000"
     (live / "hf").mkdir(parents=True)
     with export_lock(tiny_bundle):
-        r = cli("edgelora_export.cli", "base", str(tiny_hf), "-o", str(tiny_bundle), "--force")
+        r = cli_here(capsys, "edgelora_export.cli", "base", str(tiny_hf), "-o", str(tiny_bundle), "--force")
     assert_refused(r, str(tiny_bundle), "another edgelora-export base")
     assert live.is_dir()

@@ -3,12 +3,11 @@ only, an interrupted run resumes to the same weights, and held-out tasks are ref
 from __future__ import annotations
 
 import stat
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import assert_refused, cli_here
 
 from edgelora.errors import UserError
 from edgelora.io import user_mode
@@ -48,11 +47,21 @@ def test_loraplus_groups_and_training_lowers_heldout(train_base, colors, tmp_pat
 
 
 def test_loss_covers_answer_tokens_only(train_base):
+    """target_loss on a padded batch of examples of different lengths is the mean cross-entropy of
+    the answer tokens alone, each example run by itself with full logits (an independent path)."""
+    import torch
     model, tok, fmt, _ = train_base
-    rows = train_mod.tokenize([type("E", (), {"input": "hi", "output": "red"})()], tok, fmt, 64)
-    ids, mask, pos, tgt = train_mod.collate(rows, 0)
-    p, t = rows[0]
-    assert tgt.tolist() == t and pos[:, 1].tolist() == list(range(len(p) - 1, len(p) + len(t) - 1))
+    E = lambda i, o: type("E", (), {"input": i, "output": o})()
+    rows = train_mod.tokenize([E("hi", "red"), E("What is 2 plus 3? " * 3, "the answer is 5")], tok, fmt, 64)
+    assert len({len(p) + len(t) for p, t in rows}) == 2  # one row is padded
+    shim = type("Peft", (), {"get_base_model": lambda self: model})()  # target_loss reads the base through peft's API
+    with torch.no_grad():
+        got = train_mod.target_loss(shim, *train_mod.collate(rows, tok.pad_token_id)).item()
+        nll = []
+        for p, t in rows:
+            logp = torch.log_softmax(model(input_ids=torch.tensor([p + t])).logits[0].float(), -1)
+            nll += [-logp[len(p) - 1 + k, tok_id].item() for k, tok_id in enumerate(t)]
+    assert got == pytest.approx(float(np.mean(nll)), rel=1e-5)
 
 
 def test_interrupted_training_resumes_to_same_weights(train_base, colors, tmp_path, monkeypatch):
@@ -82,13 +91,12 @@ def test_interrupted_training_resumes_to_same_weights(train_base, colors, tmp_pa
         np.testing.assert_allclose(wp[k], wf[k], rtol=1e-5, atol=1e-7)
 
 
-def test_held_out_tasks_are_refused(tmp_path):
+def test_held_out_tasks_are_refused(tmp_path, capsys):
     for path in (tmp_path / "bbh" / "navigate.jsonl", tmp_path / "x" / "navigate.adapt.jsonl"):
         with pytest.raises(UserError, match="never train"):
             check_trainable(path)
     bbh = tmp_path / "near"
     bbh.mkdir()
     (bbh / "t.jsonl").write_text('{"input": "a", "output": "b"}\n')
-    r = subprocess.run([sys.executable, "-m", "edgelora_export.cli", "train", str(bbh / "t.jsonl"), "-o", str(tmp_path / "o")],
-                       capture_output=True, text=True)
-    assert r.returncode == 2 and "never train" in r.stderr and "Traceback" not in r.stderr
+    r = cli_here(capsys, "edgelora_export.cli", "train", str(bbh / "t.jsonl"), "-o", str(tmp_path / "o"))
+    assert_refused(r, "never train")
