@@ -16,7 +16,7 @@ by nevergrad's NGOpt in [-1.5, 1.5]^n from 0 with `optimizer.minimize`. What cha
   with batch_size=None;
 - upstream's `default_get_loss` divides the batch's mean token loss by the number of examples
   (weakening the loss 5x against the L1 term); `divide_by_examples=False` (the default here)
-  drops that, so the objective is the one edgelora and DESIGN.md minimise.
+  drops that, so the objective is the one edgelora minimises (README.md, "Adapting").
 Needs nevergrad, a bench-only dependency: pip install nevergrad
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The bundle: the folder a workstation writes and an edge device reads (see DESIGN.md).
+"""The bundle: the folder a workstation writes and an edge device reads (README.md, "Two sides").
 
 `Bundle.open` checks the manifest's shape and every file against its sha256 before any ONNX
 file is loaded, so a damaged or edited bundle fails with one line, never inside onnxruntime;
@@ -103,8 +103,8 @@ REBUILD = "rebuild the bundle with edgelora-export base"
 LIBRARIES = {"per-task": "loras", "mbc": "loras-mbc"}
 LIBRARY_HINT = {
     "per-task": "add LoRAs with edgelora-export lora",
-    "mbc": "build it with edgelora cluster, then edgelora-export library TASKS_DIR -o DIR "
-           "--clusters clusters.json --bundle BUNDLE",
+    "mbc": "install the shipped one with edgelora-export base --mbc (the default base), or build one with "
+           "edgelora cluster, then edgelora-export library TASKS_DIR -o DIR --clusters clusters.json --bundle BUNDLE",
 }
 JSON_TYPE = {str: "a string", int: "an integer", bool: "true or false", dict: "an object", list: "a list",
              Positive: "a positive integer"}

@@ -254,3 +254,49 @@ def test_cluster_out_replaces_only_its_own_files_unless_forced(clustered_bundle,
         assert main(argv + ["--force"]) == 0
         assert json.loads(out.read_text())["format"] == "edgelora-clusters"
         assert main(argv) == 0  # its own files now: replaced without --force
+
+
+# -- the shipped MBC library ------------------------------------------------------------------
+EXPORT = Path(__file__).resolve().parent.parent / "export"
+
+
+def test_every_shipped_library_file_is_package_data():
+    """`pip install ./export` (not editable) installs only what package-data names: both shipped
+    libraries, each LoRA and its report, must be in it, or the documented commands find nothing."""
+    import fnmatch
+    import tomllib
+    data = tomllib.loads((EXPORT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["edgelora_export"]
+    pkg = EXPORT / "edgelora_export"
+    for library in ("library", "library-mbc"):
+        shipped = sorted(p.relative_to(pkg).as_posix() for p in (pkg / library).glob("*")
+                         if p.is_file() and (p.suffix == ".safetensors" or p.stem == "report"))
+        assert shipped, library
+        missing = [f for f in shipped if not any(fnmatch.fnmatch(f, g) for g in data)]
+        assert not missing, f"not package data: {missing}"
+
+
+def test_export_base_mbc_installs_the_shipped_cluster_library(tiny_bundle, capsys, monkeypatch, tmp_path):
+    """`edgelora-export base --mbc`, on a bundle that exists, installs the shipped MBC library as its
+    mbc library (here a stand-in of LoRAs shaped for the tiny model: the shipped ones are SmolLM2's)."""
+    from helpers import cli_here
+    from edgelora_export import lora as export_lora
+    b = Bundle.open(tiny_bundle)
+    shapes = {m: (t["in"], t["out"]) for m, t in b.targets.items()}
+    loras, _ = planted(shapes, b.arch["layers"], groups=1, per_group=2, seed=3)
+    for l in loras:
+        save_lora(tmp_path / f"cluster_{l.name}.safetensors", l, np.float16)
+    monkeypatch.setitem(export_lora.SHIPPED, "mbc", tmp_path)
+    r = cli_here(capsys, "edgelora_export.cli", "base", "-o", str(tiny_bundle), "--mbc")
+    assert r.returncode == 0, r.stderr
+    b = Bundle.open(tiny_bundle)
+    assert sorted(b.lora_paths("mbc")) == sorted(f"cluster_{l.name}" for l in loras) and b.verify() == []
+
+
+def test_cluster_outputs_in_a_checkout_are_ignored_by_git():
+    """`edgelora cluster` run in the checkout writes clusters.json and clusters.svg there by default."""
+    import shutil
+    root = EXPORT.parent
+    if shutil.which("git") is None or not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    r = subprocess.run(["git", "check-ignore", "clusters.json", "clusters.svg"], cwd=root, capture_output=True, text=True)
+    assert r.stdout.split() == ["clusters.json", "clusters.svg"], r.stdout

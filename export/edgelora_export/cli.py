@@ -23,6 +23,9 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("-o", "--out", type=Path, help=f"bundle folder (default: {default_bundle_path()})")
     b.add_argument("--targets", default=",".join(DEFAULT_TARGETS), help="LoRA target modules, comma-separated")
     b.add_argument("--force", action="store_true", help="rebuild an existing bundle")
+    b.add_argument("--mbc", action="store_true",
+                   help="also install the shipped MBC library (10 cluster LoRAs trained on the default base) as the "
+                        "bundle's mbc library; on an existing bundle, only that")
     l = sub.add_parser("lora", help="add a PEFT LoRA folder to a bundle")
     l.add_argument("peft_dir", type=Path)
     l.add_argument("--bundle", type=Path)
@@ -90,6 +93,10 @@ def run(args) -> None:
             for p in tidy_temp_folders(out, EXPORT_TEMP_CONTENTS):
                 print(f"removed {p}: the temporary folder of an export that was killed")
             export_base(args.source, out, targets, force=args.force)
+            if args.mbc:
+                from .lora import SHIPPED, install_library
+                dst = install_library(sorted(SHIPPED["mbc"].glob("*.safetensors")), out, "mbc")
+                print(f"the shipped MBC library installed as the bundle's mbc library: {dst}")
     elif args.cmd == "lora":
         from .lora import add_lora
         print(add_lora(args.peft_dir, args.bundle, args.name, args.dtype, args.force, args.library))

@@ -13,6 +13,10 @@ from edgelora.errors import UserError
 from edgelora.io import building
 from edgelora.lora import check_compatible, from_peft, load_lora, save_lora
 
+# The libraries shipped in this package (package data), trained on the default base, SmolLM2-135M-Instruct:
+# one LoRA per upstream task (what `base` installs) and one per MBC cluster of them (`base --mbc`).
+SHIPPED = {"per-task": Path(__file__).parent / "library", "mbc": Path(__file__).parent / "library-mbc"}
+
 
 def install_library(files: list[Path], bundle_path: Path | None, library: str) -> Path:
     """The bundle LoRAs `files` (an `edgelora-export library` output) become the bundle's `library`
