@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import resource
+import shutil
 import struct
 import subprocess
 import sys
@@ -106,28 +107,39 @@ def out_under_a_file(tmp, bundle):
     return args
 
 
+# The adapt outputs the cases below only read (or break a copy of): made once per module, by
+# `adapted_outputs`, on the read-only bundle, so that each case does not pay a search and a write-back.
+SHARED: dict[str, Path] = {}
+
+
+@pytest.fixture(scope="module")
+def adapted_outputs(tiny_bundle_ro, tmp_path_factory) -> dict[str, Path]:
+    from edgelora.outputs import write_outputs
+    from edgelora.search import adapt
+    work = tmp_path_factory.mktemp("adapted")
+    (work / "ex.jsonl").write_text(GOOD)
+    lora = lora_file(tiny_bundle_ro, work / "good.safetensors")
+    res = adapt(work / "ex.jsonl", tiny_bundle_ro, loras=[str(lora)], budget=2, warn=lambda m: None)
+    bundle = Bundle.open(tiny_bundle_ro)
+    write_outputs(res, bundle, work / "model", "int8")
+    write_outputs(res, bundle, work / "nomodel")
+    return {"model": work / "model", "nomodel": work / "nomodel"}
+
+
 def adapt_then_break(breaks):
-    """A complete adapt output (written here, in-process), then `breaks` applied to it."""
+    """A copy of a complete adapt output (with its model), then `breaks` applied to it."""
     def setup(tmp, bundle):
-        from edgelora.outputs import write_outputs
-        from edgelora.search import adapt
-        args = good_lora_then()(tmp, bundle)
-        res = adapt(tmp / "ex.jsonl", bundle, loras=[str(tmp / "good.safetensors")], budget=2, warn=lambda m: None)
-        write_outputs(res, Bundle.open(bundle), tmp / "done", "int8")
+        shutil.copytree(SHARED["model"], tmp / "done")
         breaks(tmp / "done")
         return ["generate", str(tmp / "done"), "hi"]
     return setup
 
 
 def adapted_then_export(*extra: str):
-    """A complete adapt output without a model (written here, in-process), then `edgelora export`
-    of it with `extra`; `{tmp}` in `extra` is the work folder."""
+    """A copy of a complete adapt output without a model, then `edgelora export` of it with `extra`;
+    `{tmp}` in `extra` is the work folder."""
     def setup(tmp, bundle):
-        from edgelora.outputs import write_outputs
-        from edgelora.search import adapt
-        good_lora_then()(tmp, bundle)
-        res = adapt(tmp / "ex.jsonl", bundle, loras=[str(tmp / "good.safetensors")], budget=2, warn=lambda m: None)
-        write_outputs(res, Bundle.open(bundle), tmp / "done")
+        shutil.copytree(SHARED["nomodel"], tmp / "done")
         (tmp / "afile").write_text("")
         return ["export", str(tmp / "done"), *(a.format(tmp=tmp) for a in extra)]
     return setup
@@ -242,7 +254,8 @@ def limit_file_size():
 
 
 @pytest.mark.parametrize("case,setup,words", CASES, ids=[c[0] for c in CASES])
-def test_bad_input(case, setup, words, tiny_bundle, tmp_path):
+def test_bad_input(case, setup, words, tiny_bundle, tmp_path, adapted_outputs):
+    SHARED.update(adapted_outputs)
     work = tmp_path / "work"
     work.mkdir()
     args = setup(work, tiny_bundle)
