@@ -11,6 +11,7 @@ from .bundle import LIBRARIES, Bundle, default_bundle_path
 from .errors import UserError, interrupted_exit_code, run_command
 from .evaluate import MODES
 from .formats import FORMATS, export
+from .lora import COMPOSITIONS
 from .search import FINALISTS, OPTIMIZERS, SELECTS, AdaptConfig
 from .writeback import DEFAULT_QUANT, QUANTS
 
@@ -311,7 +312,14 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--budget", type=int, default=d.budget,
                    help=f"points scored, one forward pass each, the start included (default {d.budget})")
     a.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer,
-                   help=f"gradient-free optimizer (default {d.optimizer}: what the reference's NGOpt picks here)")
+                   help=f"gradient-free optimizer (default {d.optimizer}: what the reference's NGOpt picks here); "
+                        "surrogate models the hidden states of every forward, picks its span and radius by "
+                        "leave-one-out, and spends forwards only to correct the model")
+    a.add_argument("--compose", choices=COMPOSITIONS, default=d.compose,
+                   help=f"how LoRAs combine (default {d.compose}): lorahub, A = Σ w·A and B = Σ w·B as the paper; cat, "
+                        "the exact Σ w·scale·B·A (peft's cat; rank r per LoRA used; --optimizer surrogate needs it)")
+    a.add_argument("--no-loo", dest="loo", action="store_false",
+                   help="--optimizer surrogate: skip the leave-one-out choice; span --n-loras LoRAs, radius 0.5")
     a.add_argument("--l1", type=float, default=d.l1, help=f"weight of the mean |w| penalty (default {d.l1})")
     a.add_argument("--bounds", type=float, default=d.bounds, help=f"search box [-b, b] (default {d.bounds})")
     a.add_argument("--seed", type=int, default=d.seed, help=f"for --select random and --optimizer cma (default {d.seed})")
