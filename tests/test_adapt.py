@@ -244,13 +244,19 @@ def test_interrupt_keeps_best_and_writes(library, tmp_path):
     assert data["objective"] == min(e["objective"] for e in data["history"])
 
 
-def test_outputs_load_in_peft(library, tiny_hf, tmp_path):
+@pytest.mark.parametrize("compose", ["lorahub", "cat"])
+def test_outputs_load_in_peft(library, tiny_hf, tmp_path, compose):
+    """The written adapter is the searched model in peft; under "cat" it is the exact sum, of rank
+    r times the LoRAs with a weight (no truncation)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
     from helpers import encode, torch_losses
     bundle, _ = library
     ex = [Example(p, "yes") for p in PROMPTS]
-    res = adapt(ex, bundle, budget=15)
+    res = adapt(ex, bundle, budget=15, compose=compose)
+    if compose == "cat":
+        used = int(np.count_nonzero(res.weights))
+        assert used > 1 and next(iter(res.merged()[0].values())).shape[1] == used * res.stack.rank
     write_outputs(res, bundle, tmp_path / "out")
     assert (tmp_path / "out" / "loss_curve.svg").read_text().startswith("<svg")
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_hf), tmp_path / "out" / "adapter").eval()
