@@ -20,6 +20,7 @@ are each run's own, as if alone (the cache is cleared between the timed runs).
 Resumable: finished tasks in bench/results/surrogate.json are kept.
 
     python bench/surrogate.py [--tasks a,b] [--limit 100]
+    python bench/surrogate.py --report      # bench/results/surrogate.md from the JSON, nothing run
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ import numpy as np
 from common import DATA, RESULTS, accuracy, save
 
 from edgelora.bundle import Bundle
+from edgelora.io import atomic_write
 from edgelora.examples import encode_pairs, load_examples
 from edgelora.scorer import Scorer
 from edgelora.search import AdaptConfig, adapt
@@ -165,15 +167,45 @@ def summary(rows: list[dict]) -> dict:
     return out
 
 
+def table(rows: list[dict], summ: dict) -> str:
+    """One line per task: objective after 10 and 40 points, test CE, teacher-forced and generated
+    exact match, forwards and seconds, for COBYLA (today's default) and the surrogate."""
+    head = ("| suite | task | COBYLA obj@10 / @40 | surrogate obj@10 (setting) | fixed obj@10 | test CE C / S / fixed | "
+            "tf-exact C / S / fixed | exact C / S | forwards C / S | seconds C / S |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        c, s, f = r["cobyla"], r["surrogate"], r["surrogate_fixed"]
+        lines.append(
+            f"| {r['suite']} | {r['task']} | {c['best_after']['10']:.3f} / {c['best_after']['40']:.3f} | "
+            f"{s['best_after']['10']:.3f} ({s.get('setting', '')}) | {f['best_after']['10']:.3f} | "
+            f"{c['test_ce']:.3f} / {s['test_ce']:.3f} / {f['test_ce']:.3f} | "
+            f"{c['test_exact_tf'] * 100:.0f} / {s['test_exact_tf'] * 100:.0f} / {f['test_exact_tf'] * 100:.0f} | "
+            f"{c['exact'] * 100:.0f} / {s['exact'] * 100:.0f} | {c['forwards']} / {s['forwards']} | "
+            f"{c['seconds']:.0f} / {s['seconds']:.0f} |")
+    out = ["\n".join(lines), ""]
+    for suite, m in summ.items():
+        out.append(f"- {suite} ({m['tasks']} tasks): exact {m['cobyla_exact_mean'] * 100:.1f} (COBYLA) vs "
+                   f"{m['surrogate_exact_mean'] * 100:.1f} (surrogate); test CE {m['cobyla_test_ce_mean']:.3f} vs "
+                   f"{m['surrogate_test_ce_mean']:.3f} (fixed {m['surrogate_fixed_test_ce_mean']:.3f}); "
+                   f"time {m['time_ratio_total']:.2f}x, slowest surrogate {m['slowest_surrogate_s']:.0f} s; the optimiser "
+                   f"alone reached COBYLA's 40-point objective within 10 points on {m['fixed_within_10_of_cobyla_40']}")
+    return "\n".join(out) + "\n"
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tasks")
     ap.add_argument("--limit", type=int, default=100)
     ap.add_argument("--name", default="surrogate")
+    ap.add_argument("--report", action="store_true", help="only write NAME.md from NAME.json")
     args = ap.parse_args()
-    bundle = Bundle.open()
     path = RESULTS / f"{args.name}.json"
     done = {r["task"]: r for r in json.loads(path.read_text())["tasks"]} if path.exists() else {}
+    if args.report:
+        rows = list(done.values())
+        atomic_write(RESULTS / f"{args.name}.md", table(rows, summary(rows)))
+        return
+    bundle = Bundle.open()
     suites = {s: sorted(f.name.removesuffix(".adapt.jsonl") for f in (DATA / s).glob("*.adapt.jsonl"))
               for s in ("bbh", "near")}
     order = [(s, t) for pair in zip(suites["bbh"], suites["near"] + [None] * 12) for s, t in
@@ -186,6 +218,7 @@ def main():
             rows.append(done.get(task) or run_task(bundle, suite, task, args.limit, Path(tmp) / task))
             save(args.name, {"limit": args.limit, "defaults": AdaptConfig().__dict__, "variants": VARIANTS,
                              "summary": summary(rows), "tasks": rows})
+            atomic_write(RESULTS / f"{args.name}.md", table(rows, summary(rows)))
 
 
 if __name__ == "__main__":
