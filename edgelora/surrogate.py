@@ -24,7 +24,7 @@ import numpy as np
 from scipy.optimize import minimize
 from scipy.special import logsumexp
 
-SMOOTH = 1e-3        # |w| ≈ sqrt(w² + SMOOTH²) inside the model, so SLSQP sees a smooth L1 term
+SMOOTH = 1e-3        # |w| ≈ sqrt(w² + SMOOTH²) inside the model, so L-BFGS-B sees a smooth L1 term
 RADIUS = 0.5         # first trust radius: a box of half-width 0.75 mispredicted 20× in a prototype
 MIN_RADIUS = 0.02    # below this the model has failed: the search stops
 TOL = 1e-4           # a predicted gain below this ends the search (converged)

@@ -353,3 +353,17 @@ def test_lora_for_another_base_is_refused(library, tmp_path):
     r = subprocess.run([sys.executable, "-m", "edgelora.cli", "adapt", str(f), "--bundle", str(bundle.path),
                         "--loras", str(folder)], capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 2 and "bad.safetensors: q_proj has A (2, 4, 32)" in r.stderr, r.stderr
+
+
+def test_a_box_that_does_not_hold_weight_1_records_no_ranking_point_it_did_not_score(library):
+    """With --bounds below 1 the loss pick's forwards (each LoRA alone at weight 1) lie outside the
+    box: none is recorded as a search point (it used to be recorded at bounds·eᵢ with the loss at
+    weight 1), so every point in the history has the loss its weights give."""
+    bundle, loras = library
+    ex = [Example(p, "no") for p in PROMPTS]
+    res = adapt(ex, bundle, budget=6, n_loras=2, select="loss", bounds=0.5, patience=0)
+    chosen = [next(l for l in loras if l.name == n) for n in res.loras]
+    for e in res.history:
+        assert max(abs(w) for w in e.weights) <= 0.5
+        assert e.loss == pytest.approx(_loss_at(bundle, ex, chosen, e.weights), rel=1e-5)
+    assert res.loss == pytest.approx(_loss_at(bundle, ex, chosen, res.weights), rel=1e-5)
