@@ -140,8 +140,11 @@ def worker(kind: str, new_tokens: int) -> dict:
         import numpy as np
         sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "export"))
         from edgelora_export.model import default_gguf
-        llm = llama_cpp.Llama(model_path=str(default_gguf()), n_ctx=1024, n_threads=2, n_threads_batch=2, n_batch=512,
-                              verbose=False)
+        from edgelora.generate import Decoder
+        # the context edgelora's decoder reserves at its first call, so the peak RSS compares the
+        # same KV cache size (results before 2026-12-04 gave llama.cpp 1024 positions)
+        llm = llama_cpp.Llama(model_path=str(default_gguf()), n_ctx=Decoder.FIRST_ROOM, n_threads=2,
+                              n_threads_batch=2, n_batch=512, verbose=False)
 
         def last_logits() -> np.ndarray:
             # llm.scores is filled only with logits_all=True (zeros otherwise: every step decoded

@@ -25,6 +25,8 @@ class Decoder:
     buffer holds; a call may restart at any earlier position, which is how options branch
     from one prompt and a new prompt reuses the prefix it shares with the last."""
 
+    FIRST_ROOM = 256  # positions reserved at the first call; the buffer doubles when full
+
     def __init__(self, model_path: str | Path, eos_ids: list[int], threads: int | None = None):
         self.session = ort.InferenceSession(str(model_path), session_options(threads),
                                             providers=["CPUExecutionProvider"])
@@ -44,7 +46,7 @@ class Decoder:
         self._buffers: dict[str, np.ndarray] = {}  # the numpy arrays own the memory the OrtValues wrap
         self._values: dict[str, ort.OrtValue] = {}
         self._io = self.session.io_binding()
-        self.first_room = 256  # positions reserved at the first call
+        self.first_room = self.FIRST_ROOM
 
     def _reserve(self, n: int) -> None:
         """Room for `n` positions, kept from call to call; grown by doubling, the cached part copied.
