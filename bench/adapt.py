@@ -1,6 +1,8 @@
 """ADAPT end to end, edgelora vs the reference LoraHub loop, in one run on the real SmolLM2 bundle:
 20 LoRAs, 5 examples, budget 40, whole process including the write-back (edgelora: the int4 ONNX
-model; the reference: its own last step, `merge_and_unload`). Each method runs in its own process
+model; the reference: its own last step, `merge_and_unload`), each side from its own ready base (edgelora
+its bundle, the reference an HF folder made once beforehand: neither one-off export is timed), the
+whole-process and the per-evaluation ratios side by side. Each method runs in its own process
 so its wall time counts its own imports and setup and its peak RSS is its own; the parent only
 orchestrates and compares.
 
@@ -74,6 +76,23 @@ def lora_files(bundle: Bundle, n: int, seed: int, create: bool = False) -> tuple
     return paths, folders
 
 
+def reference_base(bundle: Bundle) -> Path:
+    """The base as a Hugging Face folder, made once and outside every timing: the reference starts
+    from it as edgelora starts from its bundle, so neither side's one-off export (the GGUF's
+    dequantisation, the ONNX export) is in its time."""
+    from edgelora.io import sha256_file
+    src = base_source(bundle)
+    if src and Path(src).is_dir():
+        return Path(src)
+    out = home() / "bench" / f"hf-{sha256_file(bundle.path / 'manifest.json')[:12]}"
+    if not (out / "config.json").exists():
+        from edgelora_export.model import load_base
+        model, tok, _ = load_base(src)
+        model.save_pretrained(out)
+        tok.save_pretrained(out)
+    return out
+
+
 def worker_reference(args, bundle: Bundle) -> dict:
     """The reference loop, timed from process start to its recommendation."""
     import torch
@@ -83,7 +102,7 @@ def worker_reference(args, bundle: Bundle) -> dict:
     examples = load_examples(task_file(args.task))
     prompts, targets = map(list, zip(*fmt.pairs(examples)))
     _, folders = lora_files(bundle, args.n_loras, args.seed)
-    model, tok, _ = load_base(base_source(bundle))
+    model, tok, _ = load_base(args.hf)
     peft_model, cache = load_base_model_and_lora_modules(model, folders)
     batch = encode(tok, prompts, targets, bundle.manifest["pad_id"])
     w, history, name = lorahub_learning(peft_model, cache, batch, args.budget, divide_by_examples=args.upstream_loss)
@@ -120,7 +139,8 @@ def worker_edgelora(args, bundle: Bundle) -> dict:
     from edgelora.writeback import write_model
     paths, _ = lora_files(bundle, args.n_loras, args.seed)
     res = adapt(task_file(args.task), bundle, loras=paths, budget=args.budget, optimizer=args.optimizer,
-                patience=args.patience, warn=lambda m: print(m, file=sys.stderr))
+                compose="cat" if args.optimizer == "surrogate" else "lorahub", patience=args.patience,
+                warn=lambda m: print(m, file=sys.stderr))
     t = time.perf_counter()
     with tempfile.TemporaryDirectory() as out:
         write_model(bundle, *res.merged(), Path(out))
@@ -189,6 +209,7 @@ def main() -> None:
     ap.add_argument("--worker", choices=["edgelora", "reference"], help=argparse.SUPPRESS)
     ap.add_argument("--optimizer", default=AdaptConfig.optimizer, help=argparse.SUPPRESS)
     ap.add_argument("--ref-weights", help=argparse.SUPPRESS)
+    ap.add_argument("--hf", help=argparse.SUPPRESS)
     args = ap.parse_args()
     bundle = Bundle.open(args.bundle)
     if args.worker:
@@ -198,7 +219,7 @@ def main() -> None:
 
     paths, _ = lora_files(bundle, args.n_loras, args.seed, create=True)
     print(f"{len(paths)} LoRAs from {paths[0].parent}, task {task_file(args.task)}, budget {args.budget}", file=sys.stderr)
-    ref = run_worker("reference", args, [])
+    ref = run_worker("reference", args, ["--hf", str(reference_base(bundle))])
     runs = [run_worker("edgelora", args, ["--ref-weights", json.dumps(ref["weights"])])]
     for opt in filter(None, args.also.split(",")):
         runs.append(run_worker("edgelora", args, ["--optimizer", opt]))

@@ -490,7 +490,8 @@ def adapt(examples: str | Path | list[Example], bundle: Bundle | str | Path | No
     timings["tokenise"] = time.perf_counter() - t0
     if cfg.library != "per-task":
         bundle.library(cfg.library)  # a library the bundle lacks is one line, whatever --loras names
-    ranked = cfg.select != "random" and loras is None
+    # the loss pick ranks the library; the surrogate ranks whatever it composes (its model's first points)
+    ranked = cfg.select != "random" and loras is None or cfg.optimizer == "surrogate"
     paths = choose_loras(bundle, loras, len(bundle.lora_paths(cfg.library)) if ranked else cfg.n_loras, cfg.seed,
                          cfg.library)
     loras_ = [] if ranked else load_checked(paths, bundle)  # named or sampled: checked before the session is built
@@ -535,8 +536,8 @@ def adapt(examples: str | Path | list[Example], bundle: Bundle | str | Path | No
         raise KeyboardInterrupt  # stopped before a single evaluation: nothing to keep
     settings = {**asdict(cfg), "examples": source, "n_examples": len(examples), "tokens": batch.n_tokens,
                 "padded_tokens": batch.padded_tokens, "prefix_tokens": batch.prefix_len,
-                "target_tokens": int(n_tokens), "n_loras": len(paths), "select": cfg.select if ranked else
-                ("given" if loras is not None else "random"), "selection_forwards": sel.forwards,
+                "target_tokens": int(n_tokens), "n_loras": len(paths), "select": "given" if loras is not None else
+                cfg.select if ranked else "random", "selection_forwards": sel.forwards,
                 "ranking_tokens": sel.ranking_tokens,
                 "forwards": sel.forwards + f.forwards}
     zero = f.seen(np.zeros(n))

@@ -168,3 +168,11 @@ def test_a_bundle_of_the_previous_format_is_refused_with_the_command_that_rebuil
     r = cli("edgelora.cli", "info", "--bundle", str(tiny_bundle))
     assert_refused(r)
     assert f"bundle format 2 is not supported (this edgelora reads 3); rebuild it with: edgelora-export base -o {tiny_bundle}" in r.stderr
+
+
+def test_the_surrogate_ranks_named_loras_too(library):
+    """Given --loras, the surrogate scores each of them alone (its model's first points) and spans them."""
+    bundle, loras = library
+    names = [l.name for l in loras[:3]]
+    res = adapt(EXAMPLES, bundle, loras=names, optimizer="surrogate", compose="cat", budget=6)
+    assert sorted(res.loras) == sorted(names) and res.settings["selection_forwards"] == 3
