@@ -18,6 +18,7 @@ from edgelora.bundle import FORMAT, FORMAT_VERSION, is_bundle, write_manifest
 from edgelora.errors import UserError
 from edgelora.io import check_replaceable, read_json, replace_dir
 from edgelora.lora import load_lora, save_lora
+from .console import Lap, say
 from .model import ScoringModel, load_base, target_shapes
 
 LIBRARY = Path(__file__).parent / "library"  # LoRAs trained on SmolLM2 by `edgelora-export library`
@@ -228,16 +229,17 @@ def decoder_weight_map(onnx_path: Path, model, shapes: dict) -> dict[str, list[d
     return out
 
 
-def export_base(source, out: Path, targets: list[str], force: bool = False, log=print) -> Path:
+def export_base(source, out: Path, targets: list[str], force: bool = False, log=say) -> Path:
+    """One line per step through `log`, each with its seconds."""
     out = Path(out)
     if is_bundle(out) and not force and read_json(out / "manifest.json").get("format_version") == FORMAT_VERSION:
         log(f"{out}: bundle exists (--force rebuilds it)")
         return out
     check_replaceable(out, is_bundle, "-o")  # never wipe a folder that is not a bundle
-    t0 = time.time()
+    t0, lap = time.time(), Lap()
     model, tok, name = load_base(source)
     shapes = target_shapes(model, targets)
-    log(f"loaded {name} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters) in {time.time() - t0:.0f}s")
+    log(f"loaded {name}, {sum(p.numel() for p in model.parameters()) / 1e6:.3g}M parameters ({lap()})")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
@@ -246,15 +248,17 @@ def export_base(source, out: Path, targets: list[str], force: bool = False, log=
         tok.save_pretrained(hf_dir)
         bundle = tmp / "bundle"
         export_decoder(hf_dir, bundle / "decoder")
-        log(f"decoder graph exported ({time.time() - t0:.0f}s)")
         weights = decoder_weight_map(bundle / "decoder" / "model.onnx", model, shapes)
+        log(f"decoder graph exported ({lap()})")
         inputs = export_scoring(model, shapes, bundle / "scoring.onnx")
         saved = share_weights(bundle / "scoring.onnx", bundle / "decoder")
-        log(f"scoring graph exported, {saved / 1e6:.0f} MB of weights shared with the decoder ({time.time() - t0:.0f}s)")
+        log(f"scoring graph exported, {saved / 1e6:.0f} MB of weights shared with the decoder ({lap()})")
         shutil.copy(bundle / "decoder" / "tokenizer.json", bundle / "tokenizer.json")
         (bundle / "loras").mkdir()
         if source is None:  # the default base gets the library trained for it (see README)
-            install_library(sorted(LIBRARY.glob("*.safetensors")), bundle / "loras")
+            shipped = sorted(LIBRARY.glob("*.safetensors"))
+            install_library(shipped, bundle / "loras")
+            log(f"{len(shipped)} LoRAs of the shipped library installed ({lap()})")
         cfg = model.config
         eos = {i for i in [tok.eos_token_id] if i is not None}
         fmt = prompt_format(tok)
@@ -278,6 +282,7 @@ def export_base(source, out: Path, targets: list[str], force: bool = False, log=
             "prompt": fmt,
         }
         write_manifest(bundle, manifest)
+        log(f"files hashed, manifest written ({lap()})")
         replace_dir(bundle, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

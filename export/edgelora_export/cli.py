@@ -1,4 +1,6 @@
-"""edgelora-export: the workstation commands. Thin: parse, call, print; user errors exit 2."""
+"""edgelora-export: the workstation commands. Thin: parse, call, print; user errors exit 2.
+Each prints one line per step; what the libraries underneath print goes to a log file under
+EDGELORA_HOME/logs/, named in the last line (--verbose shows it instead)."""
 from __future__ import annotations
 
 import argparse
@@ -11,14 +13,19 @@ from edgelora.bundle import LIBRARIES, Bundle, default_bundle_path, home
 from edgelora.errors import UserError, run_command
 from edgelora.io import exclusive, tidy_temp_folders
 
+from .console import Lap, captured, say
 from .model import DEFAULT_TARGETS
 from .train import TrainConfig
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edgelora-export", description=__doc__)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--verbose", action="store_true",
+                        help="show what torch.onnx, onnxscript, transformers and the onnxruntime-genai builder "
+                             "print, as they print it (by default it goes to a log file under EDGELORA_HOME/logs/)")
     sub = p.add_subparsers(dest="cmd", required=True)
-    b = sub.add_parser("base", help="export a base model (GGUF file or HF folder) into a bundle")
+    b = sub.add_parser("base", parents=[common], help="export a base model (GGUF file or HF folder) into a bundle")
     b.add_argument("source", nargs="?", help="GGUF file or Hugging Face model folder (default: SmolLM2-135M-Instruct)")
     b.add_argument("-o", "--out", type=Path, help=f"bundle folder (default: {default_bundle_path()})")
     b.add_argument("--targets", default=",".join(DEFAULT_TARGETS), help="LoRA target modules, comma-separated")
@@ -26,7 +33,7 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--mbc", action="store_true",
                    help="also install the shipped MBC library (10 cluster LoRAs trained on the default base) as the "
                         "bundle's mbc library; on an existing bundle, only that")
-    l = sub.add_parser("lora", help="add a PEFT LoRA folder to a bundle")
+    l = sub.add_parser("lora", parents=[common], help="add a PEFT LoRA folder to a bundle")
     l.add_argument("peft_dir", type=Path)
     l.add_argument("--bundle", type=Path)
     l.add_argument("--name")
@@ -36,7 +43,7 @@ def parser() -> argparse.ArgumentParser:
                    help="the bundle's library to add it to (default per-task; mbc: a per-cluster LoRA)")
     for name, help_ in (("train", "train one LoRA with LoRA+ on a task file"),
                         ("library", "train one LoRA per task file in a folder (resumable)")):
-        t = sub.add_parser(name, help=help_)
+        t = sub.add_parser(name, parents=[common], help=help_)
         t.add_argument("task" if name == "train" else "tasks_dir", type=Path)
         t.add_argument("-o", "--out", type=Path, required=True)
         t.add_argument("--base", help="GGUF file or HF folder (default: SmolLM2-135M-Instruct)")
@@ -85,32 +92,39 @@ def train_config(args):
 
 
 def run(args) -> None:
+    with captured(args.cmd, args.verbose):
+        run_quietly(args)
+
+
+def run_quietly(args) -> None:
     if args.cmd == "base":
         from .base import export_base
         targets = [t.strip() for t in args.targets.split(",") if t.strip()]
         out = args.out or default_bundle_path()
         with export_lock(out):
             for p in tidy_temp_folders(out, EXPORT_TEMP_CONTENTS):
-                print(f"removed {p}: the temporary folder of an export that was killed")
+                say(f"removed {p}: the temporary folder of an export that was killed")
             export_base(args.source, out, targets, force=args.force)
             if args.mbc:
                 from .lora import SHIPPED, install_library
                 dst = install_library(sorted(SHIPPED["mbc"].glob("*.safetensors")), out, "mbc")
-                print(f"the shipped MBC library installed as the bundle's mbc library: {dst}")
+                say(f"the shipped MBC library installed as the bundle's mbc library: {dst}")
     elif args.cmd == "lora":
         from .lora import add_lora
-        print(add_lora(args.peft_dir, args.bundle, args.name, args.dtype, args.force, args.library))
+        say(add_lora(args.peft_dir, args.bundle, args.name, args.dtype, args.force, args.library))
     elif args.cmd == "train":
         from .library import check_trainable
         from .train import load_for_training, train_lora
         check_trainable(args.task)
-        base, tok, fmt, _ = load_for_training(args.base)
+        lap = Lap()
+        base, tok, fmt, name = load_for_training(args.base)
+        say(f"loaded {name} ({lap()})")
         row = train_lora(base, tok, fmt, args.task, args.out, train_config(args))
-        print(f"{args.task.stem}: {row['steps']} steps, held-out loss {row['heldout_loss_start']:.3f} → "
-              f"{row['heldout_loss']:.3f}, {row['minutes']:.1f} min; PEFT folder {args.out}")
+        say(f"{args.task.stem}: {row['steps']} steps, held-out loss {row['heldout_loss_start']:.3f} → "
+            f"{row['heldout_loss']:.3f}, {row['minutes']:.1f} min; PEFT folder {args.out}")
         if args.bundle:
             from .lora import add_lora
-            print(add_lora(args.out, args.bundle, args.task.stem, force=True))
+            say(add_lora(args.out, args.bundle, args.task.stem, force=True))
     elif args.cmd == "library":
         from .library import train_library
         if args.bundle:
@@ -122,7 +136,7 @@ def run(args) -> None:
         if args.bundle:
             from .lora import install_library
             dst = install_library([args.out / f"{r['task']}.safetensors" for r in rows], args.bundle, "mbc")
-            print(f"{len(rows)} cluster LoRAs installed as the bundle's mbc library: {dst}")
+            say(f"{len(rows)} cluster LoRAs installed as the bundle's mbc library: {dst}")
 
 
 def main(argv=None) -> int:

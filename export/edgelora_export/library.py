@@ -18,6 +18,7 @@ from edgelora.cluster import read_clusters
 from edgelora.errors import UserError
 from edgelora.io import atomic_write, atomic_write_json, read_json, read_text
 from edgelora.lora import from_peft, save_lora
+from .console import say
 from .model import target_shapes
 from .train import TrainConfig, check_same_config, load_for_training, train_lora
 
@@ -92,7 +93,7 @@ def check_resumable(out: Path, cfg: TrainConfig, clusters: dict | None) -> dict[
     return {r["task"]: r for r in saved.get("tasks", []) if isinstance(r, dict) and "task" in r}
 
 
-def train_library(tasks_dir: Path, out: Path, cfg: TrainConfig, source=None, log=print,
+def train_library(tasks_dir: Path, out: Path, cfg: TrainConfig, source=None, log=say,
                   clusters_file: Path | None = None) -> list[dict]:
     """One LoRA per task file of `tasks_dir`, or with `clusters_file` one per cluster, on the union
     of its tasks. Resumes LoRA by LoRA: one is done when its file and its report row both exist."""

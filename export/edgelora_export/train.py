@@ -19,6 +19,7 @@ from tqdm import tqdm
 from edgelora.errors import UserError
 from edgelora.examples import PromptFormat, load_examples
 from edgelora.io import atomic_write_json, peak_rss_mb, read_json, writing
+from .console import say, stderr
 from .model import DEFAULT_TARGETS
 
 
@@ -123,7 +124,7 @@ def load_checkpoint(path: Path, model, opt, cfg: TrainConfig) -> tuple[dict, dic
     return meta, {n[len("best/"):]: t for n, t in tensors.items() if n.startswith("best/")}
 
 
-def train_lora(base, tok, fmt: PromptFormat, task: Path, out: Path, cfg: TrainConfig, log=print) -> dict:
+def train_lora(base, tok, fmt: PromptFormat, task: Path, out: Path, cfg: TrainConfig, log=say) -> dict:
     """Train one LoRA on `task`; write a PEFT folder to `out`. Returns the report row."""
     from peft import LoraConfig, get_peft_model
     from peft.optimizers import create_loraplus_optimizer
@@ -154,7 +155,8 @@ def train_lora(base, tok, fmt: PromptFormat, task: Path, out: Path, cfg: TrainCo
             meta["best"] = {"step": 0, "loss": evaluate(model, held, pad_id, cfg.batch)}
             meta["held"].append([0, meta["best"]["loss"]])
         per_epoch = max(1, len(train) // cfg.batch)
-        bar = tqdm(total=cfg.steps, initial=meta["step"], desc=task.stem[:32], unit="step", leave=False)
+        bar = tqdm(total=cfg.steps, initial=meta["step"], desc=task.stem[:32], unit="step", leave=False,
+                   file=stderr())  # the terminal, also while the libraries' output goes to the log
         while meta["step"] < cfg.steps:
             step = meta["step"]
             epoch, k = divmod(step, per_epoch)
