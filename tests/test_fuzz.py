@@ -165,15 +165,7 @@ def test_every_manifest_field_info_and_export_read(fuzz_bundle, fuzz_adapted):
     try:
         for path in cases:
             for value in ["<deleted>", *WRONG_VALUES]:
-                m = json.loads(original)
-                parent = m
-                for k in path[:-1]:
-                    parent = parent[k]
-                if value == "<deleted>":
-                    del parent[path[-1]]
-                else:
-                    parent[path[-1]] = value
-                mpath.write_text(json.dumps(m))
+                mpath.write_text(json.dumps(mutated(original, path, value)))
                 for argv in (["info", "--bundle", str(fuzz_bundle)],
                              *(["export", str(fuzz_adapted / "done"), "--format", fmt, "--bundle", str(fuzz_bundle),
                                 "-o", str(fuzz_adapted / name)] for fmt, name in (("gguf", "a.gguf"),
@@ -185,6 +177,19 @@ def test_every_manifest_field_info_and_export_read(fuzz_bundle, fuzz_adapted):
                     assert code in (0, 2), (path, value, argv[0], code)
     finally:
         mpath.write_bytes(original)
+
+
+def mutated(original: bytes, path: tuple, value) -> dict:
+    """The JSON `original` with the field at `path` deleted ("<deleted>") or set to `value`."""
+    m = json.loads(original)
+    parent = m
+    for k in path[:-1]:
+        parent = parent[k]
+    if value == "<deleted>":
+        del parent[path[-1]]
+    else:
+        parent[path[-1]] = value
+    return m
 
 
 @pytest.fixture(scope="module")
@@ -205,15 +210,7 @@ def test_every_model_meta_field_generate_reads(fuzz_model):
     try:
         for path in paths(json.loads(original)):
             for value in ["<deleted>", *WRONG_VALUES]:
-                m = json.loads(original)
-                parent = m
-                for k in path[:-1]:
-                    parent = parent[k]
-                if value == "<deleted>":
-                    del parent[path[-1]]
-                else:
-                    parent[path[-1]] = value
-                mpath.write_text(json.dumps(m))
+                mpath.write_text(json.dumps(mutated(original, path, value)))
                 try:
                     code = main(["generate", str(fuzz_model), "hi", "--max-new-tokens", "2"])
                 except Exception as e:  # noqa: BLE001 - the failure names the case
