@@ -174,10 +174,14 @@ class Objective:
     def clip(self, w) -> np.ndarray:
         return np.clip(np.asarray(w, np.float64), -self.cfg.bounds, self.cfg.bounds)
 
+    def penalised(self, w: np.ndarray, loss: float) -> float:
+        """The objective: loss + α·mean|w|."""
+        return loss + self.cfg.l1 * float(np.abs(w).mean())
+
     def record(self, w: np.ndarray, loss: float, seconds: float) -> Evaluation:
         """A scored point: into the history, the cache and the best so far."""
         w = self.clip(w)
-        ev = Evaluation(loss, loss + self.cfg.l1 * float(np.abs(w).mean()), w.tolist(), seconds)
+        ev = Evaluation(loss, self.penalised(w, loss), w.tolist(), seconds)
         self.history.append(ev)
         self._seen[w.tobytes()] = ev
         if self.best is None or ev.objective < self.best.objective:
@@ -191,7 +195,7 @@ class Objective:
         return self._seen.get(self.clip(w).tobytes())
 
     def objective(self, p: Point) -> float:
-        return pooled_loss(p.logprob, self.n_tokens) + self.cfg.l1 * float(np.abs(p.w).mean())
+        return self.penalised(p.w, pooled_loss(p.logprob, self.n_tokens))
 
     def add_point(self, w: np.ndarray, out: tuple) -> Point:
         """A forward's outputs (loss, logprob, hidden) as a surrogate point: hidden at the real targets."""
@@ -216,7 +220,7 @@ class Objective:
         # "cat" runs only the LoRAs with a weight: the slot's rank is r times those, not the stack's
         A, B = self.stack.merged(w) if self.stack.mode == "cat" else self.stack.compose(w)
         t1 = time.perf_counter()
-        out = self.scorer.run(A, B, hidden=True) if self.hidden else self.scorer.run(A, B)
+        out = self.scorer.run(A, B, hidden=self.hidden)
         logprob = out[1]
         if self.hidden:
             self.add_point(w, out)
@@ -240,8 +244,7 @@ def rank_by_loss(scorer: Scorer, n_tokens: float, loras: list[Lora], modules: li
     `on_rank(done, total)` after each: the whole library takes a minute on a laptop."""
     losses = []
     for lora in loras:
-        slot = LoraStack([lora], modules).compose(np.ones(1))
-        out = scorer.run(*slot, hidden=True) if outputs is not None else scorer.run(*slot)
+        out = scorer.run(*LoraStack([lora], modules).compose(np.ones(1)), hidden=outputs is not None)
         losses.append(pooled_loss(out[1], n_tokens))
         if outputs is not None:
             outputs.append(out)

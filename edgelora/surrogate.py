@@ -186,7 +186,7 @@ def trust_region(evaluate, points: list[Point], head: Head, objective, setting: 
     P = len(head.y)
     pos_weight = np.full(P, 1.0 / P)
     while True:
-        centre = min(points, key=lambda p: objective(p))
+        centre = min(points, key=objective)
         model = Model(head, centre, fit_jacobian(points, centre, max(radius, 0.1)))
         f_c = objective(centre)
         w, pred = minimise(model, centre.w, setting.span, radius, bounds, l1, pos_weight)
@@ -218,12 +218,12 @@ def loo_table(points: list[Point], head: Head, ex_of: np.ndarray, n_tokens: np.n
     singles = [p for p in points if np.count_nonzero(p.w) <= 1]
     best = max(singles, key=lambda p: p.logprob.sum())
     model = Model(head, best, fit_jacobian(points, best, RADIUS))
+    # each fold's best single LoRA on the other examples: the span-1 fit, and every setting's start
+    picks = [max(singles, key=lambda p: p.logprob.sum() - p.logprob[j]) for j in range(n_ex)]
     rows = []
     for s in settings:
         held, fits = [], []
-        for j in range(n_ex):
-            others = np.setdiff1d(np.arange(n_ex), [j])
-            pick = max(singles, key=lambda p: p.logprob[others].sum())
+        for j, pick in enumerate(picks):
             if s.span == 1:
                 held.append(-pick.logprob[j])
                 fits.append(pick.w)
@@ -240,8 +240,8 @@ def choose_setting(evaluate, points: list[Point], head: Head, ex_of: np.ndarray,
                    settings: list[Setting], bounds: float, l1: float, trace: Trace) -> Setting:
     """The setting with the best leave-one-out loss. The model's held-out losses are predictions,
     so the best modelled setting is checked with true forwards at its folds' weights (one forward
-    per example, each appended to `points` by `evaluate`, where they then serve the search) and kept only if its true leave-one-out loss
-    beats the best single LoRA's, which is exact."""
+    per example, each appended to `points` by `evaluate`, where they then serve the search) and
+    kept only if its true leave-one-out loss beats the best single LoRA's, which is exact."""
     rows = loo_table(points, head, ex_of, n_tokens, settings, bounds, l1)
     single = next(r for r in rows if r["setting"].span == 1)
     single["true"] = single["modelled"]

@@ -91,7 +91,7 @@ def test_budget_and_bounds_respected(library, optimizer, monkeypatch):
     bundle, loras = library
     calls = []
     orig = scorer_mod.Scorer.run
-    monkeypatch.setattr(scorer_mod.Scorer, "run", lambda self, A, B: calls.append(1) or orig(self, A, B))
+    monkeypatch.setattr(scorer_mod.Scorer, "run", lambda self, A, B, **kw: calls.append(1) or orig(self, A, B, **kw))
     res = adapt([Example(p, "yes") for p in PROMPTS], bundle, budget=9, optimizer=optimizer, bounds=0.3,
                 select="random")
     assert len(calls) == 9 == len(res.history)
@@ -199,7 +199,7 @@ def test_patience_stops_a_search_that_no_longer_gains(library, tmp_path):
     from edgelora.search import Objective, _Stop
 
     class Flat:  # a scorer whose loss never changes
-        def run(self, A, B):
+        def run(self, A, B, hidden=False):
             return np.ones(1), -np.ones(1)
 
     bundle, loras = library
