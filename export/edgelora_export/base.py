@@ -78,6 +78,19 @@ def export_scoring(model, shapes: dict, path: Path) -> list[str]:
     return names
 
 
+def external_weights(decoder_dir: Path, data_file: str):
+    """Each decoder initializer stored in `data_file`: (initializer, offset, length, the file
+    memory-mapped), for finding a weight in it by its bytes. Iterate it to the end: that closes the map."""
+    import mmap
+
+    import onnx
+    with open(decoder_dir / data_file, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        for t in onnx.load(str(decoder_dir / "model.onnx"), load_external_data=False).graph.initializer:
+            ext = {e.key: e.value for e in t.external_data}
+            if t.data_location == onnx.TensorProto.EXTERNAL and ext.get("location") == data_file:
+                yield t, int(ext.get("offset", 0)), int(ext["length"]), data
+
+
 def share_weights(scoring: Path, decoder_dir: Path, data_file: str = "model.onnx.data",
                   min_bytes: int = 1024) -> int:
     """Point the scoring graph's weights at the decoder's copy: every initializer whose bytes
@@ -85,19 +98,12 @@ def share_weights(scoring: Path, decoder_dir: Path, data_file: str = "model.onnx
     data file becomes a reference into that file, so the bundle holds the base weights once.
     Returns the bytes saved. A weight with no twin stays inline."""
     import hashlib
-    import mmap
 
     import onnx
     from onnx import helper, numpy_helper
-    data_path = decoder_dir / data_file
     location = f"{decoder_dir.name}/{data_file}"  # relative to the bundle root, where scoring.onnx lies
-    twins: dict[str, tuple[int, int, list[int]]] = {}
-    with open(data_path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as data:
-        for t in onnx.load(str(decoder_dir / "model.onnx"), load_external_data=False).graph.initializer:
-            ext = {e.key: e.value for e in t.external_data}
-            if t.data_location == onnx.TensorProto.EXTERNAL and ext.get("location") == data_file:
-                off, n = int(ext.get("offset", 0)), int(ext["length"])
-                twins[hashlib.sha256(data[off: off + n]).hexdigest()] = (off, n, list(t.dims))
+    twins = {hashlib.sha256(data[off: off + n]).hexdigest(): (off, n, list(t.dims))
+             for t, off, n, data in external_weights(decoder_dir, data_file)}
     model = onnx.load(str(scoring))
     graph, saved, transposes = model.graph, 0, []
     for t in list(graph.initializer):
@@ -130,22 +136,14 @@ def head_refs(decoder_dir: Path, model, data_file: str = "model.onnx.data") -> d
     """Where the final norm's weight and the LM head's weight lie in the decoder's external data
     (found by their bytes, as share_weights finds its twins), so the runtime reads them with a
     memory map and no copy in the bundle: the surrogate search applies them to hidden states."""
-    import mmap
-
-    import onnx
     want = {"norm": model.model.norm.weight.detach().numpy(), "lm_head": model.lm_head.weight.detach().numpy()}
     found: dict[str, dict] = {}
-    with open(decoder_dir / data_file, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as data:
-        for t in onnx.load(str(decoder_dir / "model.onnx"), load_external_data=False).graph.initializer:
-            ext = {e.key: e.value for e in t.external_data}
-            if t.data_location != onnx.TensorProto.EXTERNAL or ext.get("location") != data_file:
-                continue
-            off, n = int(ext.get("offset", 0)), int(ext["length"])
-            for key, w in want.items():
-                for transposed, b in ((False, w), (True, w.T)):
-                    if key not in found and n == w.nbytes and tuple(t.dims) == b.shape \
-                            and data[off: off + n] == np.ascontiguousarray(b, np.float32).tobytes():
-                        found[key] = {"offset": off, "shape": list(b.shape), "transposed": transposed}
+    for t, off, n, data in external_weights(decoder_dir, data_file):
+        for key, w in want.items():
+            for transposed, b in ((False, w), (True, w.T)):
+                if key not in found and n == w.nbytes and tuple(t.dims) == b.shape \
+                        and data[off: off + n] == np.ascontiguousarray(b, np.float32).tobytes():
+                    found[key] = {"offset": off, "shape": list(b.shape), "transposed": transposed}
     missing = sorted(set(want) - set(found))
     if missing:
         raise UserError(f"decoder graph: no fp32 initializer holds the {', '.join(missing)} weight")
