@@ -12,6 +12,7 @@ from .errors import UserError, interrupted_exit_code, run_command
 from .evaluate import MODES
 from .formats import FORMATS, export
 from .lora import COMPOSITIONS
+from .recipe import CHOICES
 from .search import FINALISTS, OPTIMIZERS, SELECTS, AdaptConfig
 from .writeback import DEFAULT_QUANT, QUANTS
 
@@ -59,6 +60,7 @@ def cmd_verify(args) -> None:
 def cmd_adapt(args) -> int:
     from tqdm import tqdm
     from .outputs import NO_MODEL, check_out, summary_table, write_adapted_model, write_result
+    from .recipe import deployed, line as recipe_line
     from .search import adapt
     bundle = Bundle.open(args.bundle)
     out = args.out or Path(f"{args.examples.name.removesuffix('.jsonl').removesuffix('.adapt')}-adapted")
@@ -94,9 +96,10 @@ def cmd_adapt(args) -> int:
     stopped = False
     if quant:
         if not args.json:
-            print(f"writing the adapted model ({quant}) ...", file=sys.stderr)
+            what = "adapted" if deployed(result.recipe)[0] else "base"
+            print(f"writing the {what} model ({quant}) ...", file=sys.stderr)
         try:
-            write_adapted_model(bundle, A, B, out, quant)
+            write_adapted_model(bundle, A, B, out, quant, result.recipe)
         except KeyboardInterrupt:
             stopped = True
         except UserError as e:  # a full disk, no permission: building()'s message says what is left
@@ -110,12 +113,17 @@ def cmd_adapt(args) -> int:
                           "forwards": result.settings["forwards"], "stop": result.stop,
                           "interrupted": result.interrupted or stopped, "model": bool(quant) and not stopped,
                           "seconds": round(result.seconds, 2),
+                          "recipe": result.recipe and result.recipe["choice"],
                           "weights": dict(zip(result.loras, result.weights.round(6).tolist()))}))
     else:
         print(summary_table(result))
         print(f"\nloss {result.start_loss:.4f} (base) -> {result.loss:.4f} after {len(result.history)} evaluations "
               f"({result.settings['forwards']} forward passes, stopped: {result.stop}) in {result.seconds:.1f}s; "
               f"written to {out}/")
+        if result.recipe and result.recipe["table"]:
+            print(recipe_line(result.recipe))
+        if result.recipe:
+            print(f"recipe: {result.recipe['choice']} ({result.recipe['why']}; --recipe to choose another)")
     if stopped:
         print(f"edgelora: interrupted while writing the adapted model; {no_model}", file=sys.stderr)
         return interrupted_exit_code()
@@ -203,7 +211,8 @@ def cmd_generate(args) -> None:
     prompt = args.prompt if args.prompt not in (None, "-") else sys.stdin.read().strip()
     if not prompt:
         raise UserError("no prompt: give one as an argument or on standard input")
-    for piece in model.stream_text(prompt, raw=args.raw, max_new_tokens=args.max_new_tokens,
+    for piece in model.stream_text(prompt, raw=args.raw, shots=[] if args.zero_shot else None,
+                                   max_new_tokens=args.max_new_tokens,
                                    temperature=args.temperature, top_p=args.top_p, seed=args.seed):
         print(piece, end="", flush=True)
     print()
@@ -254,7 +263,7 @@ def cmd_eval(args) -> None:
         raise UserError(f"--mode adapted: {args.model} is a bundle, not an `edgelora adapt` output")
     if mode == "icl" and not args.shots:
         raise UserError("--mode icl needs --shots FILE (e.g. the task's adapt examples)")
-    shots = load_examples(args.shots)[: args.k] if mode == "icl" else []
+    shots = load_examples(args.shots)[: args.k] if mode == "icl" else [] if args.zero_shot else model.shots
     examples = load_examples(args.task)[: args.limit]
     out = args.out or Path(f"{args.task.name.removesuffix('.jsonl')}.eval-{mode}{'-arrow' if route else ''}.json")
     check_file_replaceable(out, is_eval_results, "--out", args.force)
@@ -269,6 +278,7 @@ def cmd_eval(args) -> None:
         print(f"note: some prompts were longer than the model's {model.max_len} tokens with all {len(shots)} shots; "
               f"their oldest shots were dropped (mean {res['shots_mean']:.1f} shots)", file=sys.stderr)
     res = {"task": str(args.task), "model": str(args.model), "mode": mode, "shots": len(shots),
+           "recipe": model.meta.get("recipe"),
            "quant": model.meta.get("quant"), "library": library, "route": route and vars(route), **res}
     atomic_write_json(out, res)
     if args.json:
@@ -320,6 +330,10 @@ def parser() -> argparse.ArgumentParser:
                         "the exact Σ w·scale·B·A (peft's cat; rank r per LoRA used; --optimizer surrogate needs it)")
     a.add_argument("--no-loo", dest="loo", action="store_false",
                    help="--optimizer surrogate: skip the leave-one-out choice; span --n-loras LoRAs, radius 0.5")
+    a.add_argument("--recipe", choices=CHOICES, default=d.recipe,
+                   help=f"what to deploy (default {d.recipe}): auto picks by leave-one-out on the examples (with "
+                        "--optimizer surrogate) among adapted (the adapted model), adapted+icl (it, with the examples "
+                        "in every prompt), icl (the base model with them) and zero-shot (the base alone)")
     a.add_argument("--l1", type=float, default=d.l1, help=f"weight of the mean |w| penalty (default {d.l1})")
     a.add_argument("--bounds", type=float, default=d.bounds, help=f"search box [-b, b] (default {d.bounds})")
     a.add_argument("--seed", type=int, default=d.seed, help=f"for --select random and --optimizer cma (default {d.seed})")
@@ -367,6 +381,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--zero-shot", action="store_true", help="leave out the examples an adapt output's recipe "
+                   "(adapted+icl, icl) puts before every prompt")
     g.add_argument("--library", choices=LIBRARIES, help="--route arrow: the bundle's library to route (default per-task)")
     add_route_flags(g)
     g.set_defaults(fn=cmd_generate)
@@ -376,6 +392,8 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--mode", choices=MODES)
     e.add_argument("--shots", type=Path, help="examples to put in the prompt (icl)")
     e.add_argument("-k", type=int, default=5, help="how many shots (default 5)")
+    e.add_argument("--zero-shot", action="store_true", help="leave out the examples an adapt output's recipe "
+                   "(adapted+icl, icl) puts before every prompt")
     e.add_argument("--limit", type=int, help="score only the first N examples")
     e.add_argument("--max-new-tokens", type=int, default=32)
     e.add_argument("--out", type=Path, help="JSON with per-example results (default: <task>.eval-<mode>.json)")

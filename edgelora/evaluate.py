@@ -32,13 +32,10 @@ def exact_match(generated: str, ex: Example) -> bool:
 
 
 def prompt_ids(model: Model, ex: Example, shots: list[Example]) -> tuple[list[int], int]:
-    """The prompt's tokens and how many shots it holds: the oldest shots are dropped whole while
-    it is longer than the model takes, rather than cutting the system turn and a shot in half."""
-    for k in range(len(shots), 0, -1):
-        ids = model.encode(model.fmt.prompt(ex.input, list(shots[len(shots) - k:])))
-        if len(ids) <= model.max_len:
-            return ids, k
-    return model.encode(model.fmt.prompt(ex.input))[-model.max_len:], 0
+    """The prompt's tokens and how many shots it holds (`PromptFormat.fitted`: the oldest dropped
+    whole while it is longer than the model takes)."""
+    prompt, k = model.fmt.fitted(model.encode, ex.input, shots, model.max_len)
+    return model.encode(prompt)[-model.max_len:], k
 
 
 def evaluate(model: Model, examples: list[Example], shots: list[Example] = (), max_new_tokens: int = 32,

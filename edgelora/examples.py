@@ -119,6 +119,15 @@ class PromptFormat:
         parts += [text, self.mid]
         return "".join(parts)
 
+    def fitted(self, encode, text: str, shots: list[Example], room: int) -> tuple[str, int]:
+        """The prompt with as many of the last `shots` as keep it within `room` tokens, and how many:
+        the oldest are dropped whole, rather than cutting the system turn and a shot in half."""
+        for k in range(len(shots), 0, -1):
+            prompt = self.prompt(text, list(shots[len(shots) - k:]))
+            if len(encode(prompt)) <= room:
+                return prompt, k
+        return self.prompt(text), 0
+
     def pairs(self, examples: list[Example]) -> list[tuple[str, str]]:
         """(prompt, target) per example, as scoring and training see them: the answer and the
         stop text are the target, so the loss also teaches the model to stop."""

@@ -3,7 +3,7 @@ past_key_values.N → logits / present.N layout that onnxruntime-genai's builder
 share): greedy or top-p sampling, streamed token by token."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -11,7 +11,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .errors import UserError
-from .examples import PromptFormat, common_prefix
+from .examples import Example, PromptFormat, common_prefix, parse_example
 from .scorer import session_options
 from .lora import ArrowRoute
 from .writeback import MODEL_META, check_model, routed_decoder
@@ -151,6 +151,7 @@ class Model:
     fmt: PromptFormat
     max_len: int
     meta: dict
+    shots: list[Example] = field(default_factory=list)  # an adapt output's recipe puts them in every prompt
 
     @classmethod
     def load(cls, path: str | Path, threads: int | None = None, route: ArrowRoute | None = None) -> "Model":
@@ -183,14 +184,18 @@ class Model:
         except Exception as e:  # tokenizers raises a bare Exception for a damaged file
             raise UserError(f"{tok_path}: not a readable tokenizer ({str(e).splitlines()[0] if str(e) else e!r})") from None
         return cls(path, Decoder(onnx_path, meta["eos_ids"], threads), tokenizer,
-                   PromptFormat.from_dict(meta["prompt"]), meta["max_len"], meta)
+                   PromptFormat.from_dict(meta["prompt"]), meta["max_len"], meta, recipe_shots(meta, path))
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
-    def stream_text(self, prompt: str, raw: bool = False, **kw) -> Iterator[str]:
-        """Text pieces as tokens come; a piece is held back while it ends inside a UTF-8 character."""
-        full = self.encode(prompt if raw else self.fmt.prompt(prompt))
+    def stream_text(self, prompt: str, raw: bool = False, shots: list[Example] | None = None, **kw) -> Iterator[str]:
+        """Text pieces as tokens come; a piece is held back while it ends inside a UTF-8 character.
+        `shots`: earlier turns before the prompt (default: the recipe's), the oldest dropped whole
+        where they would leave no room for --max-new-tokens."""
+        room = max(self.max_len - kw.get("max_new_tokens", 128), 1)
+        full = self.encode(prompt if raw else self.fmt.fitted(self.encode, prompt, self.shots if shots is None else shots,
+                                                              room)[0])
         ids = full[-self.max_len:]
         self.prompt_tokens = (len(full), len(ids))  # as given, as run: the model takes max_len
         out: list[int] = []
@@ -216,6 +221,16 @@ class Model:
                 break
         lps = self.decoder.option_logprobs(prompt_ids, [self.encode(o) for o in options], prefill) if options else []
         return text, lps
+
+
+def recipe_shots(meta: dict, folder: Path) -> list[Example]:
+    """The examples an adapt output's recipe prompts with (edgelora.json's `shots`), checked as
+    an examples file's lines are."""
+    shots = meta.get("shots", [])
+    where = folder / MODEL_META
+    if not isinstance(shots, list):
+        raise UserError(f"{where}: 'shots' must be a list of examples; re-run edgelora adapt to rewrite it")
+    return [parse_example(s, f"{where}: shots[{i}]") for i, s in enumerate(shots)]
 
 
 def pick(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:

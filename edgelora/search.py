@@ -20,6 +20,7 @@ from .bundle import LIBRARIES, Bundle
 from .errors import UserError
 from .examples import Batch, Example, check_batch_size, encode_pairs, keep_ends, load_examples
 from .lora import COMPOSITIONS, Lora, LoraStack, arrow_weights, check_compatible, load_lora, load_prototypes, routing_slots
+from .recipe import CHOICES, choose
 from .scorer import Scorer
 from .surrogate import MISPREDICTING, RADIUS, Head, Point, Setting, Trace, choose_setting, trust_region
 
@@ -51,6 +52,7 @@ class AdaptConfig:
     library: str = "per-task"  # the bundle's library to compose: per-task (a LoRA per upstream task) | mbc (per cluster)
     compose: str = "lorahub"   # lorahub: A = Σ wA, B = Σ wB (the paper's) | cat: the exact Σ w·s·BA (peft's cat)
     loo: bool = True           # surrogate: choose its span and radius by leave-one-out (else --n-loras, radius 0.5)
+    recipe: str = "auto"       # auto: adapted, adapted+icl, icl or zero-shot by leave-one-out (recipe.py), or the one named
 
     def check(self) -> "AdaptConfig":
         if self.compose not in COMPOSITIONS:
@@ -62,6 +64,8 @@ class AdaptConfig:
                             f"so the box must hold 1")
         if self.optimizer == "surrogate" and self.select != "loss":
             raise UserError("--optimizer surrogate starts from the library ranking's points: use it with --select loss")
+        if self.recipe not in CHOICES:
+            raise UserError(f"--recipe {self.recipe}: choose one of {', '.join(CHOICES)}")
         if self.optimizer not in OPTIMIZERS:
             raise UserError(f"--optimizer {self.optimizer}: choose one of {', '.join(OPTIMIZERS)}")
         if self.select not in SELECTS:
@@ -115,6 +119,7 @@ class AdaptResult:
     timings: dict = field(default_factory=dict)  # seconds per phase (bench/profile_adapt.py)
     stack: LoraStack | None = field(default=None, repr=False)
     surrogate: dict | None = None  # the surrogate search's leave-one-out table and per-forward trace
+    recipe: dict | None = None     # recipe.choose's: the choice, why, the leave-one-out table
 
     def merged(self) -> tuple[dict, dict]:
         """The composed A and B (scale folded into B) at the best weights."""
@@ -537,6 +542,14 @@ def adapt(examples: str | Path | list[Example], bundle: Bundle | str | Path | No
     best = f.best
     if best is None:
         raise KeyboardInterrupt  # stopped before a single evaluation: nothing to keep
+    recipe = None
+    if not interrupted:
+        t0 = time.perf_counter()
+        try:
+            recipe = choose(scorer, examples, stack, trace.folds or None, cfg.recipe)
+        except KeyboardInterrupt:  # the search's result stands; the model is not written
+            interrupted, stop = True, "interrupted while choosing the recipe"
+        timings["recipe"] = time.perf_counter() - t0
     settings = {**asdict(cfg), "examples": source, "n_examples": len(examples), "tokens": batch.n_tokens,
                 "padded_tokens": batch.padded_tokens, "prefix_tokens": batch.prefix_len,
                 "target_tokens": int(n_tokens), "n_loras": len(paths), "select": "given" if loras is not None else
@@ -547,4 +560,4 @@ def adapt(examples: str | Path | list[Example], bundle: Bundle | str | Path | No
     return AdaptResult([p.stem for p in paths], np.array(best.weights), best.loss, best.objective,
                        zero.loss if zero else float("nan"), f.history, settings, interrupted,
                        time.perf_counter() - t_start, stop, timings, stack,
-                       asdict(trace) if cfg.optimizer == "surrogate" else None)
+                       asdict(trace) if cfg.optimizer == "surrogate" else None, recipe)

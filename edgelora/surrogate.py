@@ -174,6 +174,7 @@ class Trace:
     steps: list[dict] = field(default_factory=list)  # per true forward: radius, predicted, true, ratio
     loo: list[dict] = field(default_factory=list)    # the leave-one-out table
     setting: str = ""
+    folds: list[list[float]] = field(default_factory=list)  # the chosen setting's weights without each example
 
 
 def trust_region(evaluate, points: list[Point], head: Head, objective, setting: Setting, bounds: float,
@@ -256,4 +257,5 @@ def choose_setting(evaluate, points: list[Point], head: Head, ex_of: np.ndarray,
     trace.loo = [{"setting": r["setting"].label(), "modelled": round(r["modelled"], 5),
                   **({"true": round(r["true"], 5)} if "true" in r else {})} for r in rows]
     trace.setting = chosen["setting"].label()
+    trace.folds = [np.round(w, 6).tolist() for w in chosen["folds"]]  # what the recipe's leave-one-out scores
     return chosen["setting"]

@@ -1,0 +1,163 @@
+"""The per-task recipe (adapt --recipe auto) against its candidates and today's default, on every
+bbh/ and near/ task.
+
+Per task, on the first --limit test examples, exact match and option accuracy of generated answers
+from models written back as `adapt` writes them (int4, the LoRA's targets at 8 bits, merged):
+- `zero-shot`, `icl`: the base model written back the same way (what adapt writes for those
+  recipes), alone or with the 5 adapt examples as earlier chat turns;
+- `adapted`, `adapted+icl`: `adapt --optimizer surrogate --compose cat`'s model, alone or with
+  the 5 examples as shots;
+- `chosen`: the recipe its leave-one-out picked (`--recipe auto`), which is one of the four: the
+  folder adapt writes holds that model (the same write_model call) and those shots (the same
+  examples, in file order), so its column is the candidate's;
+- `today`: today's default adapt (COBYLA, LoraHub's composition), taken from
+  bench/results/surrogate.json, measured the same way on the same examples (its `cobyla` rows).
+Also the leave-one-out table, and its seconds (what the recipe choice adds to an adapt).
+Resumable: finished tasks in bench/results/NAME.json are kept.
+
+    python bench/recipe.py [--tasks a,b] [--limit 100]
+    python bench/recipe.py --report
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from common import DATA, RESULTS, save
+
+from edgelora.bundle import Bundle
+from edgelora.evaluate import evaluate
+from edgelora.examples import load_examples
+from edgelora.generate import Model
+from edgelora.io import atomic_write
+from edgelora.lora import zero_slots
+from edgelora.recipe import RECIPES
+from edgelora.search import adapt
+from edgelora.writeback import write_model
+
+CANDIDATE = {"optimizer": "surrogate", "compose": "cat", "recipe": "auto"}
+COLUMNS = ("zero-shot", "icl", "adapted", "adapted+icl", "chosen", "today")
+
+
+def scored(model: Model, test, shots) -> dict:
+    r = evaluate(model, test, shots)
+    return {"exact": r["exact_match"], "options": r["option_accuracy"]}
+
+
+def run_task(bundle: Bundle, base: Model, suite: str, task: str, limit: int, work: Path, today: dict) -> dict:
+    adapt_file = DATA / suite / f"{task}.adapt.jsonl"
+    test = load_examples(DATA / suite / f"{task}.test.jsonl")[:limit]
+    shots = load_examples(adapt_file)
+    row = {"suite": suite, "task": task, "n_test": len(test)}
+    t0 = time.perf_counter()
+    res = adapt(adapt_file, bundle, warn=lambda m: None, **CANDIDATE)
+    row["adapt_s"], row["recipe_s"] = round(time.perf_counter() - t0, 1), round(res.timings["recipe"], 2)
+    row["recipe"] = {k: res.recipe[k] for k in ("choice", "why", "table")}
+    row["setting"] = res.surrogate["setting"]
+    write_model(bundle, *res.merged(), work / "adapted")
+    adapted = Model.load(work / "adapted")
+    for name, (use_adapted, with_shots) in RECIPES.items():
+        row[name] = scored(adapted if use_adapted else base, test, shots if with_shots else [])
+        print(f"[{task}] {name}: exact {row[name]['exact']:.2f}, options {row[name]['options']}", flush=True)
+    row["chosen"] = row[res.recipe["choice"]]
+    row["today"] = {k: today[task][k] for k in ("exact", "options")}
+    print(f"[{task}] chose {res.recipe['choice']} (adapt {row['adapt_s']:.0f} s, of which leave-one-out "
+          f"{row['recipe_s']:.1f} s)", flush=True)
+    return row
+
+
+def metric(r: dict, col: str) -> float:
+    """Option accuracy where the task has options, else exact match: what the task is scored by."""
+    d = r[col]
+    return d["options"] if d["options"] is not None else d["exact"]
+
+
+def summary(rows: list[dict]) -> dict:
+    out = {}
+    for suite in ("bbh", "near", "all"):
+        rs = [r for r in rows if suite in ("all", r["suite"])]
+        if not rs:
+            continue
+        s = {"tasks": len(rs)}
+        for col in COLUMNS:
+            for k in ("exact", "options"):
+                vals = [r[col][k] for r in rs if r[col][k] is not None]
+                if vals:
+                    s[f"{col}_{k}"] = round(statistics.mean(vals), 4)
+            s[f"{col}_task_metric"] = round(statistics.mean(metric(r, col) for r in rs), 4)
+        # the issue's bar: the chosen recipe within 5 points of the better of zero-shot and ICL
+        s["chosen_within_5_of_better_alternative"] = sum(
+            metric(r, "chosen") >= max(metric(r, "zero-shot"), metric(r, "icl")) - 0.05 for r in rs)
+        s["recipe_s_median"] = statistics.median(r["recipe_s"] for r in rs)
+        s["recipe_s_max"] = max(r["recipe_s"] for r in rs)
+        s["choices"] = {c: sum(r["recipe"]["choice"] == c for r in rs) for c in RECIPES}
+        out[suite] = s
+    return out
+
+
+def table(rows: list[dict], summ: dict) -> str:
+    pct = lambda v: "–" if v is None else f"{100 * v:.0f}"
+    head = ("| suite | task | zero-shot | ICL | adapted | adapted+ICL | **chosen** (recipe) | today's default | "
+            "leave-one-out (right of 5: adapted / zero-shot / adapted+ICL / ICL) | LOO s |")
+    lines = ["Exact match / option accuracy (%), first 100 test examples; models int4 as adapt writes them.", "",
+             head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        cell = lambda c: f"{pct(r[c]['exact'])} / {pct(r[c]['options'])}"
+        t = r["recipe"]["table"]
+        loo = " / ".join(str(t[c]["correct"]) if c in t else "–" for c in RECIPES)
+        lines.append(f"| {r['suite']} | {r['task']} | {cell('zero-shot')} | {cell('icl')} | {cell('adapted')} | "
+                     f"{cell('adapted+icl')} | **{cell('chosen')}** ({r['recipe']['choice']}) | {cell('today')} | "
+                     f"{loo} | {r['recipe_s']:.1f} |")
+    out = ["\n".join(lines), ""]
+    for suite, m in summ.items():
+        cols = ", ".join(f"{c} {100 * m[f'{c}_task_metric']:.1f}" for c in COLUMNS)
+        out.append(f"- {suite} ({m['tasks']} tasks), mean of each task's metric (options where it has them, else "
+                   f"exact): {cols}; exact: " + ", ".join(f"{c} {100 * m[f'{c}_exact']:.1f}" for c in COLUMNS)
+                   + f"; chosen within 5 points of the better of zero-shot and ICL on "
+                   f"{m['chosen_within_5_of_better_alternative']}/{m['tasks']}; leave-one-out seconds median "
+                   f"{m['recipe_s_median']:.1f}, max {m['recipe_s_max']:.1f}; choices {m['choices']}")
+    return "\n".join(out) + "\n"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tasks")
+    ap.add_argument("--limit", type=int, default=100)
+    ap.add_argument("--name", default="recipe")
+    ap.add_argument("--report", action="store_true", help="only write NAME.md from NAME.json")
+    args = ap.parse_args()
+    path = RESULTS / f"{args.name}.json"
+    done = {r["task"]: r for r in json.loads(path.read_text())["tasks"]} if path.exists() else {}
+    if args.report:
+        rows = list(done.values())
+        atomic_write(RESULTS / f"{args.name}.md", table(rows, summary(rows)))
+        return
+    prior = json.loads((RESULTS / "surrogate.json").read_text())
+    if prior["limit"] != args.limit and not args.tasks:
+        raise SystemExit(f"today's default column comes from surrogate.json, measured on {prior['limit']} examples")
+    today = {r["task"]: r["cobyla"] for r in prior["tasks"]}
+    bundle = Bundle.open()
+    suites = {s: sorted(f.name.removesuffix(".adapt.jsonl") for f in (DATA / s).glob("*.adapt.jsonl"))
+              for s in ("bbh", "near")}
+    order = [(s, t) for pair in zip(suites["bbh"], suites["near"] + [None] * 12) for s, t in
+             zip(("bbh", "near"), pair) if t]  # alternate the suites, so a partial run covers both
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        # the base as adapt writes it for zero-shot / icl: a zero LoRA merged, so q/v at 8 bits (outputs.py)
+        write_model(bundle, *zero_slots(bundle.targets, bundle.arch["layers"]), Path(tmp) / "base")
+        base = Model.load(Path(tmp) / "base")
+        for suite, task in order:
+            if args.tasks and task not in args.tasks.split(","):
+                continue
+            rows.append(done.get(task) or run_task(bundle, base, suite, task, args.limit, Path(tmp) / task, today))
+            save(args.name, {"limit": args.limit, "candidate": CANDIDATE,
+                             "summary": summary(rows), "tasks": rows})
+            atomic_write(RESULTS / f"{args.name}.md", table(rows, summary(rows)))
+
+
+if __name__ == "__main__":
+    main()
