@@ -66,6 +66,11 @@ def parser() -> argparse.ArgumentParser:
                            "trained on the union of its tasks (MBC), instead of one per task")
             t.add_argument("--bundle", type=Path, help="with --clusters: then install the cluster LoRAs as this "
                            "bundle's mbc library (loras-mbc/), replacing the one it has")
+            t.add_argument("--ray", nargs="?", const="auto", metavar="ADDRESS",
+                           help="train each LoRA as a task on a Ray cluster (default: the running one, 'auto'; "
+                                "'local' starts one here); -o and the tasks must be paths every node reads and writes "
+                                "(pip install './export[ray]')")
+            t.add_argument("--cpus-per-task", type=int, default=1, help="--ray: CPUs (torch threads) per LoRA (default 1)")
     return p
 
 
@@ -132,7 +137,10 @@ def run_quietly(args) -> None:
                 raise UserError("--bundle installs an MBC library: give --clusters (a per-task LoRA is added "
                                 "with edgelora-export lora)")
             Bundle.open(args.bundle)  # before hours of training, not after
-        rows = train_library(args.tasks_dir, args.out, train_config(args), args.base, clusters_file=args.clusters)
+        if args.cpus_per_task < 1:
+            raise UserError(f"--cpus-per-task {args.cpus_per_task}: must be at least 1")
+        rows = train_library(args.tasks_dir, args.out, train_config(args), args.base, clusters_file=args.clusters,
+                             ray=args.ray, cpus_per_task=args.cpus_per_task)
         if args.bundle:
             from .lora import install_library
             dst = install_library([args.out / f"{r['task']}.safetensors" for r in rows], args.bundle, "mbc")

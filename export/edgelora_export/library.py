@@ -93,10 +93,58 @@ def check_resumable(out: Path, cfg: TrainConfig, clusters: dict | None) -> dict[
     return {r["task"]: r for r in saved.get("tasks", []) if isinstance(r, dict) and "task" in r}
 
 
+def train_one(task: Path, name: str, out: Path, cfg: TrainConfig, source=None, member_of: list[str] | None = None,
+              base=None, threads: int | None = None, log=say) -> dict:
+    """One LoRA: trained on `task` (resuming from its checkpoint in `out/peft/`), exported as
+    `out/<name>.safetensors`. The unit of work, here or in a Ray task (`base` None: loaded here)."""
+    if base is None:
+        base = load_for_training(source, threads)
+    model, tok, fmt, _ = base
+    row = train_lora(model, tok, fmt, task, out / "peft" / name, cfg, log=log)
+    source_ = f"MBC cluster of {', '.join(member_of)}" if member_of else None
+    export_lora(out / "peft" / name, out / f"{name}.safetensors", target_shapes(model, list(cfg.targets)),
+                len(model.model.layers), name, source_)
+    return row
+
+
+def _train_remote(task: str, name: str, out: str, cfg: TrainConfig, source, member_of, threads: int) -> dict:
+    """train_one in a Ray worker, on `threads` torch threads (its CPUs), writing where every node
+    reads (`out`): the checkpoints too, so a retried task resumes where the killed one stopped."""
+    return train_one(Path(task), name, Path(out), cfg, source, member_of, threads=threads, log=lambda *_: None)
+
+
+def on_ray(address: str, jobs: dict[str, Path], out: Path, cfg: TrainConfig, source, clusters: dict | None,
+           cpus: int):
+    """Each job as a Ray task (`cpus` CPUs each, retried up to 3 times when its worker dies), as
+    they finish: (name, report row). `address`: a running cluster's ("auto", "IP:6379") or "local"
+    for one started here; a driver already connected keeps its cluster."""
+    try:
+        import ray
+    except ImportError:
+        raise UserError("--ray needs ray on every node: pip install './export[ray]'") from None
+    if not ray.is_initialized():
+        ray.init(address=None if address == "local" else address, include_dashboard=False, log_to_driver=False)
+    remote = ray.remote(num_cpus=cpus, max_retries=3)(_train_remote)
+    pending = {remote.remote(str(task.absolute()), name, str(out.absolute()), cfg, source,
+                             clusters[name] if clusters else None, cpus): name for name, task in jobs.items()}
+    while pending:
+        (ready,), _ = ray.wait(list(pending), num_returns=1)
+        name = pending.pop(ready)
+        try:
+            yield name, ray.get(ready)
+        except ray.exceptions.RayTaskError as e:
+            if isinstance(e.cause, UserError):
+                raise e.cause from None
+            raise
+
+
 def train_library(tasks_dir: Path, out: Path, cfg: TrainConfig, source=None, log=say,
-                  clusters_file: Path | None = None) -> list[dict]:
+                  clusters_file: Path | None = None, ray: str | None = None, cpus_per_task: int = 1) -> list[dict]:
     """One LoRA per task file of `tasks_dir`, or with `clusters_file` one per cluster, on the union
-    of its tasks. Resumes LoRA by LoRA: one is done when its file and its report row both exist."""
+    of its tasks. Resumes LoRA by LoRA: one is done when its file and its report row both exist.
+    `ray`: a Ray cluster's address, each LoRA a task there (`on_ray`); `out` and the task files must
+    then be paths every node reads and writes (one machine, or a shared file system). The report
+    lists the LoRAs in task order, however they finish."""
     tasks = task_files(tasks_dir)
     clusters = read_clusters(clusters_file) if clusters_file else None
     if clusters:
@@ -105,21 +153,21 @@ def train_library(tasks_dir: Path, out: Path, cfg: TrainConfig, source=None, log
     done = check_resumable(out, cfg, clusters)
     if clusters:
         tasks = cluster_files(clusters, tasks, out)
-    base, tok, fmt, _ = load_for_training(source)
-    shapes = target_shapes(base, list(cfg.targets))
-    layers = len(base.model.layers)
-    rows = []
-    for i, (name, task) in enumerate(tasks.items(), 1):
-        if name in done and (out / f"{name}.safetensors").exists():
-            rows.append(done[name])
-            continue
-        t0 = time.time()
-        row = train_lora(base, tok, fmt, task, out / "peft" / name, cfg, log=log)
-        source_ = f"MBC cluster of {', '.join(clusters[name])}" if clusters else None
-        export_lora(out / "peft" / name, out / f"{name}.safetensors", shapes, layers, name, source_)
-        rows.append(row)
-        write_report(out, rows, cfg, clusters)
-        log(f"[{i}/{len(tasks)}] {name}: {row['steps']} steps, held-out loss "
-            f"{row['heldout_loss_start']:.3f} → {row['heldout_loss']:.3f}, {time.time() - t0:.0f}s")
-    write_report(out, rows, cfg, clusters)
-    return rows
+    rows = {name: done[name] for name in tasks if name in done and (out / f"{name}.safetensors").exists()}
+    jobs = {name: task for name, task in tasks.items() if name not in rows}
+
+    def finished(name: str, row: dict) -> None:
+        rows[name] = row
+        write_report(out, [rows[n] for n in tasks if n in rows], cfg, clusters)
+        log(f"[{len(rows)}/{len(tasks)}] {name}: {row['steps']} steps, held-out loss "
+            f"{row['heldout_loss_start']:.3f} → {row['heldout_loss']:.3f}, {row['minutes'] * 60:.0f}s")
+
+    if ray and jobs:
+        for name, row in on_ray(ray, jobs, out, cfg, source, clusters, cpus_per_task):
+            finished(name, row)
+    elif jobs:
+        base = load_for_training(source)
+        for name, task in jobs.items():
+            finished(name, train_one(task, name, out, cfg, source, clusters[name] if clusters else None, base, log=log))
+    write_report(out, [rows[n] for n in tasks], cfg, clusters)
+    return [rows[n] for n in tasks]

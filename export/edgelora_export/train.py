@@ -202,10 +202,11 @@ def train_lora(base, tok, fmt: PromptFormat, task: Path, out: Path, cfg: TrainCo
         model.unload()  # the base model again, without LoRA layers, for the next task
 
 
-def load_for_training(source):
+def load_for_training(source, threads: int | None = None):
+    """(model, tokenizer, prompt format, name), on `threads` torch threads (default: every core)."""
     from .base import prompt_format
     from .model import load_base
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(threads or os.cpu_count() or 1)
     base, tok, name = load_base(source)
     for p in base.parameters():
         p.requires_grad_(False)
