@@ -62,12 +62,11 @@ def judge(ex: Example, loss: np.ndarray, logprob: np.ndarray, exact: np.ndarray,
     return Held(bool(correct), float(loss[0]), tokens)
 
 
-def score(scorer: Scorer, head: Head, A: dict, B: dict, cases: list[tuple[Example, list[Example]]]) -> list[Held]:
+def score(scorer: Scorer, head: Head, tok, A: dict, B: dict, cases: list[tuple[Example, list[Example]]]) -> list[Held]:
     """Each (example, shots) case under the slot (A, B): one forward per case, whose rows share
     its whole prompt, which the packed batch then runs once (rows of several prompts would share
     only the chat header, and a 4-shot prompt would run once per option)."""
-    bundle = scorer.bundle
-    tok, fmt, max_len = bundle.tokenizer(), bundle.prompt_format, bundle.arch["max_len"]
+    fmt, max_len = scorer.bundle.prompt_format, scorer.bundle.arch["max_len"]
     encode = lambda text: tok.encode(text, add_special_tokens=False).ids
     out = []
     for ex, shots in cases:
@@ -89,14 +88,14 @@ def leave_one_out(scorer: Scorer, examples: list[Example], stack: LoraStack | No
     bundle = scorer.bundle
     norm, weight, eps = bundle.head()
     head = Head(norm, weight, eps, np.zeros(0, np.int64))
-    zero = zero_slots(bundle.targets, bundle.arch["layers"])
+    zero, tok = zero_slots(bundle.targets, bundle.arch["layers"]), bundle.tokenizer()
     others = [examples[:j] + examples[j + 1:] for j in range(len(examples))]
-    table: dict[str, list[Held]] = {"zero-shot": score(scorer, head, *zero, [(ex, []) for ex in examples]),
-                                    "icl": score(scorer, head, *zero, list(zip(examples, others)))}
+    table: dict[str, list[Held]] = {"zero-shot": score(scorer, head, tok, *zero, [(ex, []) for ex in examples]),
+                                    "icl": score(scorer, head, tok, *zero, list(zip(examples, others)))}
     if folds is not None:
         table["adapted"], table["adapted+icl"] = [], []
         for ex, o, w in zip(examples, others, folds):
-            alone, shots = score(scorer, head, *stack.merged(np.asarray(w)), [(ex, []), (ex, o)])
+            alone, shots = score(scorer, head, tok, *stack.merged(np.asarray(w)), [(ex, []), (ex, o)])
             table["adapted"].append(alone)
             table["adapted+icl"].append(shots)
     return table

@@ -64,7 +64,7 @@ def test_held_out_exact_match_is_what_greedy_decoding_gives(tiny_bundle):
     bundle = Bundle.open(tiny_bundle)
     answer, wrong = dec(greedy[:k]), "blue"
     scorer, zero = Scorer(bundle), zero_slots(bundle.targets, bundle.arch["layers"])
-    right, miss, alias = score(scorer, _head(bundle), *zero, [(Example(prompt, answer), []), (Example(prompt, wrong), []),
+    right, miss, alias = score(scorer, _head(bundle), bundle.tokenizer(), *zero, [(Example(prompt, answer), []), (Example(prompt, wrong), []),
                                                              (Example(prompt, wrong, aliases=(answer,)), [])])
     assert right.correct and not miss.correct and alias.correct
 
@@ -81,7 +81,7 @@ def test_held_out_option_ranking_is_evals(library):
         lps = model.answer(ids, 1, list(options))[1]
         top = options[int(np.argmax(lps))]
         for out in options:
-            held = score(scorer, head, *zero, [(Example(p, out, options), [])])[0]
+            held = score(scorer, head, bundle.tokenizer(), *zero, [(Example(p, out, options), [])])[0]
             assert held.correct == (out == top)
 
 
@@ -93,9 +93,9 @@ def test_the_adapted_recipes_are_scored_at_the_weights_fitted_without_the_held_o
     seen = []
     real = recipe.score
 
-    def spy(scorer, head, A, B, cases):
+    def spy(scorer, head, tok, A, B, cases):
         seen.append(({m: a.copy() for m, a in A.items()}, {m: b.copy() for m, b in B.items()}, cases))
-        return real(scorer, head, A, B, cases)
+        return real(scorer, head, tok, A, B, cases)
 
     monkeypatch.setattr(recipe, "score", spy)
     res = adapt(EXAMPLES, bundle, optimizer="surrogate", compose="cat", budget=12)
