@@ -57,14 +57,72 @@ def cmd_verify(args) -> None:
     print(f"{bundle.path}: {len(bundle.manifest['files'])} files, all sha256 match")
 
 
+def adapted_folder(examples: Path) -> Path:
+    return Path(f"{examples.name.removesuffix('.jsonl').removesuffix('.adapt')}-adapted")
+
+
 def cmd_adapt(args) -> int:
+    """One examples file, or several, each into its own <examples>-adapted/: one after the other,
+    or with --ray as tasks on a Ray cluster. Every file is read and every output folder checked
+    before the first search, so a mistake in the last file costs no hours."""
+    from .examples import load_examples
+    from .outputs import check_out
+    files = args.examples
+    if args.cpus_per_task < 1:
+        raise UserError(f"--cpus-per-task {args.cpus_per_task}: must be at least 1")
+    if len(files) > 1 and args.out:
+        raise UserError("--out names one folder: with several examples files each goes to <examples>-adapted/")
+    outs = [args.out or adapted_folder(f) for f in files]
+    if len({o.absolute() for o in outs}) < len(outs):
+        raise UserError("two examples files have the same name, so the same output folder: rename one")
+    bundle = Bundle.open(args.bundle)
+    for f, out in zip(files, outs):
+        if len(files) > 1:
+            load_examples(f, warn=lambda m: None)  # the search reads it again, warnings and all
+        check_out(out)  # before the search, not after it
+    if args.ray:
+        return adapt_on_ray(args, bundle, files, outs)
+    for f, out in zip(files, outs):
+        if len(files) > 1 and not args.json:
+            print(f"{f}:", file=sys.stderr)
+        code = adapt_one(args, bundle, f, out)
+        if code:
+            return code  # interrupted: the next files are not started
+    return 0
+
+
+def _adapt_remote(examples: str, bundle: str, out: str, loras, config: AdaptConfig, quant: str | None, cpus: int) -> dict:
+    """adapt and write_outputs in a Ray worker, onnxruntime on its CPUs."""
+    import os
+    os.environ["EDGELORA_THREADS"] = str(cpus)
+    from .outputs import write_outputs
+    from .search import adapt
+    result = adapt(examples, bundle, loras=loras, config=config, warn=lambda m: None)
+    write_outputs(result, Bundle.open(bundle), Path(out), quant)
+    return {"examples": examples, "out": out, "loss": result.loss, "start_loss": result.start_loss,
+            "forwards": result.settings["forwards"], "seconds": round(result.seconds, 2),
+            "recipe": result.recipe and result.recipe["choice"]}
+
+
+def adapt_on_ray(args, bundle: Bundle, files: list[Path], outs: list[Path]) -> int:
+    """Each examples file as a Ray task (edgelora.distributed); one line (or JSON object) as each ends."""
+    from .distributed import on_ray
+    loras = args.loras[0] if args.loras and len(args.loras) == 1 else args.loras
+    config = AdaptConfig(**{k: getattr(args, k) for k in AdaptConfig.__dataclass_fields__}).check()
+    jobs = {str(f): (str(f.absolute()), str(bundle.path.absolute()), str(out.absolute()), loras, config, args.quant,
+                     args.cpus_per_task) for f, out in zip(files, outs)}
+    for _, r in on_ray(args.ray, _adapt_remote, jobs, args.cpus_per_task):
+        print(json.dumps(r) if args.json else
+              f"{r['examples']}: loss {r['start_loss']:.4f} -> {r['loss']:.4f} ({r['forwards']} forwards, "
+              f"{r['seconds']:.0f}s), recipe {r['recipe']}; written to {r['out']}/")
+    return 0
+
+
+def adapt_one(args, bundle: Bundle, examples: Path, out: Path) -> int:
     from tqdm import tqdm
-    from .outputs import NO_MODEL, check_out, summary_table, write_adapted_model, write_result
+    from .outputs import NO_MODEL, summary_table, write_adapted_model, write_result
     from .recipe import deployed, line as recipe_line
     from .search import adapt
-    bundle = Bundle.open(args.bundle)
-    out = args.out or Path(f"{args.examples.name.removesuffix('.jsonl').removesuffix('.adapt')}-adapted")
-    check_out(out)  # before the search, not after it
     bars = {}  # opened at the first step, so input errors stay one clean line
 
     def bar(desc: str, total: int):
@@ -85,7 +143,7 @@ def cmd_adapt(args) -> int:
     loras = args.loras[0] if args.loras and len(args.loras) == 1 else args.loras
     config = AdaptConfig(**{k: getattr(args, k) for k in AdaptConfig.__dataclass_fields__})
     try:
-        result = adapt(args.examples, bundle, loras=loras, config=config, on_eval=on_eval,
+        result = adapt(examples, bundle, loras=loras, config=config, on_eval=on_eval,
                        on_rank=on_rank, warn=lambda m: print(m, file=sys.stderr))
     finally:
         for b in bars.values():
@@ -303,7 +361,9 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--bundle", type=Path, help=bundle_help)
     v.set_defaults(fn=cmd_verify)
     a = sub.add_parser("adapt", help="find LoRA weights for a task from a few examples (LoraHub)")
-    a.add_argument("examples", type=Path, help='JSONL file: {"input": ..., "output": ...} per line')
+    a.add_argument("examples", type=Path, nargs="+",
+                   help='JSONL file: {"input": ..., "output": ...} per line; several files are adapted each into its '
+                        'own <examples>-adapted/')
     a.add_argument("--bundle", type=Path, help=bundle_help)
     a.add_argument("--out", type=Path, help="output folder (default: <examples>-adapted)")
     a.add_argument("--loras", nargs="+", help="LoRA names in the bundle, .safetensors files, or one folder "
@@ -350,6 +410,11 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--no-model", dest="quant", action="store_const", const=None,
                    help="write only the weights and the adapter, not the ONNX model")
     a.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    a.add_argument("--ray", nargs="?", const="auto", metavar="ADDRESS",
+                   help="several examples files as tasks on a Ray cluster (default: the running one, 'auto'; 'local' "
+                        "starts one here); the files, the bundle and the outputs on paths every node shares "
+                        "(pip install 'edgelora[ray]')")
+    a.add_argument("--cpus-per-task", type=int, default=1, help="--ray: CPUs (onnxruntime threads) per task (default 1)")
     a.set_defaults(fn=cmd_adapt)
     x = sub.add_parser("export", help="an adapt output's LoRA for other runtimes: PEFT, llama.cpp, onnxruntime")
     x.add_argument("adapted", type=Path, help="an `edgelora adapt` output folder")

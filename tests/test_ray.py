@@ -15,6 +15,9 @@ import pytest
 import ray  # the export side's ray extra: README's test command installs it
 from safetensors.numpy import load_file
 
+from helpers import assert_refused
+from test_adapt import library  # noqa: F401  (the fixture)
+
 from edgelora_export.library import train_library
 from edgelora_export.train import TrainConfig
 
@@ -99,3 +102,38 @@ def test_a_worker_killed_mid_lora_is_retried_and_the_library_completes(cluster, 
     a, b = load_file(tmp_path / "seq" / "t0.safetensors"), load_file(out / "t0.safetensors")
     for k in a:
         np.testing.assert_allclose(b[k].astype(np.float32), a[k].astype(np.float32), rtol=1e-3, atol=1e-4)
+
+
+def test_adapt_of_several_files_on_ray_writes_what_one_after_the_other_writes(cluster, library, tmp_path, monkeypatch):
+    """`edgelora adapt a.jsonl b.jsonl --ray`: each file a Ray task, into its own <examples>-adapted/,
+    with the weights the sequential run finds (the search is deterministic)."""
+    from edgelora.cli import main
+    bundle, _ = library
+    files = []
+    for k, answers in enumerate((["5", "yes", "red"], ["7", "no", "blue"])):
+        f = tmp_path / f"task{k}.jsonl"
+        f.write_text("".join(json.dumps({"input": f"Question {i} of task {k}?", "output": a}) + "\n"
+                             for i, a in enumerate(answers)))
+        files.append(str(f))
+    weights = {}
+    for mode, extra in (("seq", []), ("ray", ["--ray"])):
+        (tmp_path / mode).mkdir()
+        monkeypatch.chdir(tmp_path / mode)
+        assert main(["adapt", *files, "--bundle", str(bundle.path), "--budget", "6", "--no-model", "--json", *extra]) == 0
+        weights[mode] = {k: json.loads((tmp_path / mode / f"task{k}-adapted" / "weights.json").read_text())["weights"]
+                         for k in range(2)}
+    assert weights["ray"] == weights["seq"]
+
+
+def test_several_files_are_all_checked_before_the_first_search(library, tmp_path, capsys, monkeypatch):
+    from helpers import cli_here
+    bundle, _ = library
+    monkeypatch.chdir(tmp_path)
+    good, bad = tmp_path / "good.jsonl", tmp_path / "bad.jsonl"
+    good.write_text(json.dumps({"input": "a", "output": "b"}) + "\n")
+    bad.write_text("{not json\n")
+    r = cli_here(capsys, "edgelora.cli", "adapt", str(good), str(bad), "--bundle", str(bundle.path))
+    assert_refused(r, "bad.jsonl:1")
+    assert not (tmp_path / "good-adapted").exists()
+    r = cli_here(capsys, "edgelora.cli", "adapt", str(good), str(good), "--bundle", str(bundle.path), "--out", "x")
+    assert_refused(r, "--out names one folder")

@@ -113,36 +113,11 @@ def _train_remote(task: str, name: str, out: str, cfg: TrainConfig, source, memb
     return train_one(Path(task), name, Path(out), cfg, source, member_of, threads=threads, log=lambda *_: None)
 
 
-def on_ray(address: str, jobs: dict[str, Path], out: Path, cfg: TrainConfig, source, clusters: dict | None,
-           cpus: int):
-    """Each job as a Ray task (`cpus` CPUs each, retried up to 3 times when its worker dies), as
-    they finish: (name, report row). `address`: a running cluster's ("auto", "IP:6379") or "local"
-    for one started here; a driver already connected keeps its cluster."""
-    try:
-        import ray
-    except ImportError:
-        raise UserError("--ray needs ray on every node: pip install './export[ray]'") from None
-    if not ray.is_initialized():
-        ray.init(address=None if address == "local" else address, include_dashboard=False, log_to_driver=False)
-    remote = ray.remote(num_cpus=cpus, max_retries=3)(_train_remote)
-    pending = {remote.remote(str(task.absolute()), name, str(out.absolute()), cfg, source,
-                             clusters[name] if clusters else None, cpus): name for name, task in jobs.items()}
-    while pending:
-        (ready,), _ = ray.wait(list(pending), num_returns=1)
-        name = pending.pop(ready)
-        try:
-            yield name, ray.get(ready)
-        except ray.exceptions.RayTaskError as e:
-            if isinstance(e.cause, UserError):
-                raise e.cause from None
-            raise
-
-
 def train_library(tasks_dir: Path, out: Path, cfg: TrainConfig, source=None, log=say,
                   clusters_file: Path | None = None, ray: str | None = None, cpus_per_task: int = 1) -> list[dict]:
     """One LoRA per task file of `tasks_dir`, or with `clusters_file` one per cluster, on the union
     of its tasks. Resumes LoRA by LoRA: one is done when its file and its report row both exist.
-    `ray`: a Ray cluster's address, each LoRA a task there (`on_ray`); `out` and the task files must
+    `ray`: a Ray cluster's address, each LoRA a task there (edgelora.distributed); `out` and the task files must
     then be paths every node reads and writes (one machine, or a shared file system). The report
     lists the LoRAs in task order, however they finish."""
     tasks = task_files(tasks_dir)
@@ -163,7 +138,10 @@ def train_library(tasks_dir: Path, out: Path, cfg: TrainConfig, source=None, log
             f"{row['heldout_loss_start']:.3f} → {row['heldout_loss']:.3f}, {row['minutes'] * 60:.0f}s")
 
     if ray and jobs:
-        for name, row in on_ray(ray, jobs, out, cfg, source, clusters, cpus_per_task):
+        from edgelora.distributed import on_ray
+        args = {name: (str(task.absolute()), name, str(out.absolute()), cfg, source, clusters[name] if clusters else None,
+                       cpus_per_task) for name, task in jobs.items()}
+        for name, row in on_ray(ray, _train_remote, args, cpus_per_task):
             finished(name, row)
     elif jobs:
         base = load_for_training(source)
