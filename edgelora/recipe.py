@@ -16,7 +16,8 @@ Each held-out example is scored as the task will be: by option ranking (summed l
 option) where it has options, else by greedy exact match, read off one teacher-forced forward (the
 answer, or an alias, followed by the stop text, every token the argmax: what greedy decoding
 produces; an answer that equals it only after case or a final period is normalised counts as a
-miss here). The held-out answer's cross-entropy breaks ties, and within TIE of the best the
+miss here). Recipes within one standard error of the most examples right (one of five) count as
+tied; among them the held-out answer's cross-entropy decides, and within TIE of the lowest the
 recipe with the shorter prompt wins. One forward per held-out example and recipe, over that
 example's rows alone, which share its whole prompt: 20 small forwards for 5 examples.
 """
@@ -109,13 +110,20 @@ def summary(table: dict[str, list[Held]]) -> dict[str, dict]:
 
 
 def best(rows_: dict[str, dict]) -> str:
-    """The most held-out examples right; among those, the lowest cross-entropy, except that a
-    recipe within TIE of it with a shorter prompt (then the earlier in RECIPES) is preferred."""
+    """Among the recipes within noise of the most held-out examples right (`same`), the lowest
+    cross-entropy; within TIE of it, the shortest prompt (then the earlier in RECIPES)."""
     top = max(r["correct"] for r in rows_.values())
-    cands = [name for name in RECIPES if name in rows_ and rows_[name]["correct"] == top]
+    cands = [name for name in RECIPES if name in rows_ and rows_[name]["correct"] >= top - same(rows_[name]["n"])]
     low = min(rows_[name]["ce"] for name in cands)
     tied = [name for name in cands if rows_[name]["ce"] <= low * (1 + TIE) + 1e-9]
     return min(tied, key=lambda name: (rows_[name]["prompt_tokens"], list(RECIPES).index(name)))
+
+
+def same(n: int) -> int:
+    """How many held-out examples two recipes may differ by and still count as equal: one standard
+    error of an accuracy over n examples, sqrt(n·p(1-p)) at p = 1/2, rounded down (1 of 5; 2 of 16):
+    one example in five is a coin's toss, not a better recipe."""
+    return int(np.sqrt(n) / 2)
 
 
 def choose(scorer: Scorer, examples: list[Example], stack: LoraStack, folds: list | None, forced: str = "auto") -> dict:

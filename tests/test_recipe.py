@@ -17,7 +17,7 @@ from edgelora.examples import Example
 from edgelora.generate import Model
 from edgelora.lora import zero_slots
 from edgelora.outputs import write_outputs
-from edgelora.recipe import RECIPES, best, score
+from edgelora.recipe import RECIPES, best, same, score
 from edgelora.scorer import Scorer
 from edgelora.search import adapt
 from edgelora.surrogate import Head
@@ -33,12 +33,15 @@ def _row(correct, ce, tokens):
 
 
 def test_the_choice_most_right_then_lowest_cross_entropy_then_shortest_prompt():
-    assert best({"adapted": _row(3, 0.2, 30), "icl": _row(4, 0.9, 90), "zero-shot": _row(1, 0.1, 30)}) == "icl"
+    assert best({"adapted": _row(2, 0.2, 30), "icl": _row(4, 0.9, 90), "zero-shot": _row(1, 0.1, 30)}) == "icl"
+    # one example of five is within noise: then the cross-entropy decides
+    assert best({"adapted": _row(3, 0.2, 30), "icl": _row(4, 0.9, 90)}) == "adapted"
     assert best({"adapted": _row(3, 0.5, 30), "adapted+icl": _row(3, 0.3, 90)}) == "adapted+icl"
     # within 2% of the lowest cross-entropy, the shorter prompt wins
     assert best({"adapted": _row(3, 0.305, 30), "adapted+icl": _row(3, 0.300, 90)}) == "adapted"
     # a full tie: the earlier in RECIPES (the adapted model before the base alone)
     assert best({"zero-shot": _row(2, 0.3, 30), "adapted": _row(2, 0.3, 30)}) == "adapted"
+    assert [same(n) for n in (2, 4, 5, 15, 16)] == [0, 1, 1, 1, 2]
 
 
 def test_held_out_exact_match_is_what_greedy_decoding_gives(tiny_bundle):
