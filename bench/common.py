@@ -57,6 +57,22 @@ def median(xs):
     return statistics.median(xs)
 
 
+def dev_tasks(only: str | None = None) -> list[tuple[str, str]]:
+    """(suite, task) of every bbh/ and near/ task, or those named in `only` (comma-separated), the
+    two suites alternated so that a partial run covers both."""
+    suites = {s: sorted(f.name.removesuffix(".adapt.jsonl") for f in (DATA / s).glob("*.adapt.jsonl"))
+              for s in ("bbh", "near")}
+    pairs = zip(suites["bbh"], suites["near"] + [None] * (len(suites["bbh"]) - len(suites["near"])))
+    order = [(s, t) for pair in pairs for s, t in zip(("bbh", "near"), pair) if t]
+    return [(s, t) for s, t in order if not only or t in only.split(",")]
+
+
+def finished_rows(name: str) -> dict[str, dict]:
+    """The task rows bench/results/NAME.json already holds, by task: what a resumed run keeps."""
+    path = RESULTS / f"{name}.json"
+    return {r["task"]: r for r in json.loads(path.read_text())["tasks"]} if path.exists() else {}
+
+
 def save(name: str, result: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"

@@ -31,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import DATA, RESULTS, save
+from common import DATA, RESULTS, dev_tasks, finished_rows, save
 
 from edgelora.bundle import Bundle
 from edgelora.evaluate import evaluate
@@ -154,8 +154,7 @@ def main():
     ap.add_argument("--name", default="recipe")
     ap.add_argument("--report", action="store_true", help="only write NAME.md from NAME.json")
     args = ap.parse_args()
-    path = RESULTS / f"{args.name}.json"
-    done = {r["task"]: r for r in json.loads(path.read_text())["tasks"]} if path.exists() else {}
+    done = finished_rows(args.name)
     if args.report:
         rows = list(done.values())
         atomic_write(RESULTS / f"{args.name}.md", table(rows, summary(rows)))
@@ -165,18 +164,12 @@ def main():
         raise SystemExit(f"today's default column comes from surrogate.json, measured on {prior['limit']} examples")
     today = {r["task"]: r["cobyla"] for r in prior["tasks"]}
     bundle = Bundle.open()
-    suites = {s: sorted(f.name.removesuffix(".adapt.jsonl") for f in (DATA / s).glob("*.adapt.jsonl"))
-              for s in ("bbh", "near")}
-    order = [(s, t) for pair in zip(suites["bbh"], suites["near"] + [None] * 12) for s, t in
-             zip(("bbh", "near"), pair) if t]  # alternate the suites, so a partial run covers both
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         # the base as adapt writes it for zero-shot / icl: a zero LoRA merged, so q/v at 8 bits (outputs.py)
         write_model(bundle, *zero_slots(bundle.targets, bundle.arch["layers"]), Path(tmp) / "base")
         base = Model.load(Path(tmp) / "base")
-        for suite, task in order:
-            if args.tasks and task not in args.tasks.split(","):
-                continue
+        for suite, task in dev_tasks(args.tasks):
             rows.append(done.get(task) or run_task(bundle, base, suite, task, args.limit, Path(tmp) / task, today))
             save(args.name, {"limit": args.limit, "candidate": CANDIDATE,
                              "summary": summary(rows), "tasks": rows})

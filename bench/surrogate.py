@@ -26,14 +26,13 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-from common import DATA, RESULTS, accuracy, save
+from common import DATA, RESULTS, accuracy, dev_tasks, finished_rows, save
 
 from edgelora.bundle import Bundle
 from edgelora.io import atomic_write
@@ -199,22 +198,15 @@ def main():
     ap.add_argument("--name", default="surrogate")
     ap.add_argument("--report", action="store_true", help="only write NAME.md from NAME.json")
     args = ap.parse_args()
-    path = RESULTS / f"{args.name}.json"
-    done = {r["task"]: r for r in json.loads(path.read_text())["tasks"]} if path.exists() else {}
+    done = finished_rows(args.name)
     if args.report:
         rows = list(done.values())
         atomic_write(RESULTS / f"{args.name}.md", table(rows, summary(rows)))
         return
     bundle = Bundle.open()
-    suites = {s: sorted(f.name.removesuffix(".adapt.jsonl") for f in (DATA / s).glob("*.adapt.jsonl"))
-              for s in ("bbh", "near")}
-    order = [(s, t) for pair in zip(suites["bbh"], suites["near"] + [None] * 12) for s, t in
-             zip(("bbh", "near"), pair) if t]  # alternate the suites, so a partial run covers both
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for suite, task in order:
-            if args.tasks and task not in args.tasks.split(","):
-                continue
+        for suite, task in dev_tasks(args.tasks):
             rows.append(done.get(task) or run_task(bundle, suite, task, args.limit, Path(tmp) / task))
             save(args.name, {"limit": args.limit, "defaults": AdaptConfig().__dict__, "variants": VARIANTS,
                              "summary": summary(rows), "tasks": rows})

@@ -8,7 +8,6 @@ also `data/<cluster>.jsonl`, the union each cluster LoRA was trained on.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import asdict
 from pathlib import Path
 
