@@ -73,6 +73,28 @@ def finished_rows(name: str) -> dict[str, dict]:
     return {r["task"]: r for r in json.loads(path.read_text())["tasks"]} if path.exists() else {}
 
 
+def report_md(lines: list[str], summ: dict, suite_line) -> str:
+    """A dev-task table's lines, then one `suite_line(suite, means)` per suite."""
+    return "\n".join(lines) + "\n\n" + "\n".join(suite_line(suite, m) for suite, m in summ.items()) + "\n"
+
+
+def dev_args(doc: str, name: str, report) -> tuple:
+    """The dev-task scripts' command line (--tasks, --limit, --name, --report) and the rows a resumed
+    run keeps; with --report, NAME.md is rewritten from NAME.json by `report(rows)` and it exits."""
+    import argparse
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
+    ap.add_argument("--tasks", help="only these tasks (comma-separated)")
+    ap.add_argument("--limit", type=int, default=100, help="the first N test examples of each task (default 100)")
+    ap.add_argument("--name", default=name, help=f"results file name (default {name})")
+    ap.add_argument("--report", action="store_true", help="only write NAME.md from NAME.json")
+    args = ap.parse_args()
+    done = finished_rows(args.name)
+    if args.report:
+        atomic_write(RESULTS / f"{args.name}.md", report(list(done.values())))
+        sys.exit(0)
+    return args, done
+
+
 def save(name: str, result: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"

@@ -24,14 +24,13 @@ Resumable: finished tasks in bench/results/NAME.json are kept.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-from common import DATA, RESULTS, dev_tasks, finished_rows, save
+from common import DATA, RESULTS, dev_args, report_md, dev_tasks, save
 
 from edgelora.bundle import Bundle
 from edgelora.evaluate import evaluate
@@ -135,30 +134,20 @@ def table(rows: list[dict], summ: dict) -> str:
                      f"{cell('adapted+icl')} | **{cell('chosen')}** ({r['choice']}) | {cell('strict')} ({r['strict_choice']}) | "
                      f"{cell('today')} | "
                      f"{loo} | {r['recipe_s']:.1f} |")
-    out = ["\n".join(lines), ""]
-    for suite, m in summ.items():
+
+    def suite_line(suite: str, m: dict) -> str:
         cols = ", ".join(f"{c} {100 * m[f'{c}_task_metric']:.1f}" for c in COLUMNS)
-        out.append(f"- {suite} ({m['tasks']} tasks), mean of each task's metric (options where it has them, else "
-                   f"exact): {cols}; exact: " + ", ".join(f"{c} {100 * m[f'{c}_exact']:.1f}" for c in COLUMNS)
-                   + f"; within 5 points of the better of zero-shot and ICL: chosen on "
-                   f"{m['chosen_within_5_of_better_alternative']}/{m['tasks']}, strict rule on "
-                   f"{m['strict_within_5_of_better_alternative']}/{m['tasks']}; leave-one-out seconds median "
-                   f"{m['recipe_s_median']:.1f}, max {m['recipe_s_max']:.1f}; choices {m['choices']}")
-    return "\n".join(out) + "\n"
+        return (f"- {suite} ({m['tasks']} tasks), mean of each task's metric (options where it has them, else "
+                f"exact): {cols}; exact: " + ", ".join(f"{c} {100 * m[f'{c}_exact']:.1f}" for c in COLUMNS)
+                + f"; within 5 points of the better of zero-shot and ICL: chosen on "
+                f"{m['chosen_within_5_of_better_alternative']}/{m['tasks']}, strict rule on "
+                f"{m['strict_within_5_of_better_alternative']}/{m['tasks']}; leave-one-out seconds median "
+                f"{m['recipe_s_median']:.1f}, max {m['recipe_s_max']:.1f}; choices {m['choices']}")
+    return report_md(lines, summ, suite_line)
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--tasks")
-    ap.add_argument("--limit", type=int, default=100)
-    ap.add_argument("--name", default="recipe")
-    ap.add_argument("--report", action="store_true", help="only write NAME.md from NAME.json")
-    args = ap.parse_args()
-    done = finished_rows(args.name)
-    if args.report:
-        rows = list(done.values())
-        atomic_write(RESULTS / f"{args.name}.md", table(rows, summary(rows)))
-        return
+    args, done = dev_args(__doc__, "recipe", lambda rows: table(rows, summary(rows)))
     prior = json.loads((RESULTS / "surrogate.json").read_text())
     if prior["limit"] != args.limit and not args.tasks:
         raise SystemExit(f"today's default column comes from surrogate.json, measured on {prior['limit']} examples")

@@ -24,7 +24,6 @@ Resumable: finished tasks in bench/results/surrogate.json are kept.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import statistics
 import tempfile
@@ -32,7 +31,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import DATA, RESULTS, accuracy, dev_tasks, finished_rows, save
+from common import DATA, RESULTS, dev_args, report_md, accuracy, dev_tasks, save
 
 from edgelora.bundle import Bundle
 from edgelora.io import atomic_write
@@ -181,28 +180,18 @@ def table(rows: list[dict], summ: dict) -> str:
             f"{c['test_exact_tf'] * 100:.0f} / {s['test_exact_tf'] * 100:.0f} / {f['test_exact_tf'] * 100:.0f} | "
             f"{c['exact'] * 100:.0f} / {s['exact'] * 100:.0f} | {c['forwards']} / {s['forwards']} | "
             f"{c['seconds']:.0f} / {s['seconds']:.0f} |")
-    out = ["\n".join(lines), ""]
-    for suite, m in summ.items():
-        out.append(f"- {suite} ({m['tasks']} tasks): exact {m['cobyla_exact_mean'] * 100:.1f} (COBYLA) vs "
-                   f"{m['surrogate_exact_mean'] * 100:.1f} (surrogate); test CE {m['cobyla_test_ce_mean']:.3f} vs "
-                   f"{m['surrogate_test_ce_mean']:.3f} (fixed {m['surrogate_fixed_test_ce_mean']:.3f}); "
-                   f"time {m['time_ratio_total']:.2f}x, slowest surrogate {m['slowest_surrogate_s']:.0f} s; the optimiser "
-                   f"alone reached COBYLA's 40-point objective within 10 points on {m['fixed_within_10_of_cobyla_40']}")
-    return "\n".join(out) + "\n"
+
+    def suite_line(suite: str, m: dict) -> str:
+        return (f"- {suite} ({m['tasks']} tasks): exact {m['cobyla_exact_mean'] * 100:.1f} (COBYLA) vs "
+                f"{m['surrogate_exact_mean'] * 100:.1f} (surrogate); test CE {m['cobyla_test_ce_mean']:.3f} vs "
+                f"{m['surrogate_test_ce_mean']:.3f} (fixed {m['surrogate_fixed_test_ce_mean']:.3f}); "
+                f"time {m['time_ratio_total']:.2f}x, slowest surrogate {m['slowest_surrogate_s']:.0f} s; the optimiser "
+                f"alone reached COBYLA's 40-point objective within 10 points on {m['fixed_within_10_of_cobyla_40']}")
+    return report_md(lines, summ, suite_line)
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--tasks")
-    ap.add_argument("--limit", type=int, default=100)
-    ap.add_argument("--name", default="surrogate")
-    ap.add_argument("--report", action="store_true", help="only write NAME.md from NAME.json")
-    args = ap.parse_args()
-    done = finished_rows(args.name)
-    if args.report:
-        rows = list(done.values())
-        atomic_write(RESULTS / f"{args.name}.md", table(rows, summary(rows)))
-        return
+    args, done = dev_args(__doc__, "surrogate", lambda rows: table(rows, summary(rows)))
     bundle = Bundle.open()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
