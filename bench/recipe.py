@@ -16,7 +16,10 @@ from models written back as `adapt` writes them (int4, the LoRA's targets at 8 b
   recipe, so both columns are reported;
 - `today`: today's default adapt (COBYLA, LoraHub's composition), taken from
   bench/results/surrogate.json, measured the same way on the same examples (its `cobyla` rows).
-Also the leave-one-out table, and its seconds (what the recipe choice adds to an adapt).
+Also `zero-shot fp32` and `icl fp32`: the bundle's base as it is (the dequantised fp32 model that
+bench/results/bbh.md's zero-shot and ICL columns ran), since a user who skips adapt may deploy it;
+the int4 base lost much of its ICL accuracy on some tasks. And the leave-one-out table, and its
+seconds (what the recipe choice adds to an adapt).
 Resumable: finished tasks in bench/results/NAME.json are kept.
 
     python bench/recipe.py [--tasks a,b] [--limit 100]
@@ -43,7 +46,7 @@ from edgelora.search import adapt
 from edgelora.writeback import write_model
 
 CANDIDATE = {"optimizer": "surrogate", "compose": "cat", "recipe": "auto"}
-COLUMNS = ("zero-shot", "icl", "adapted", "adapted+icl", "chosen", "strict", "today")
+COLUMNS = ("zero-shot", "icl", "adapted", "adapted+icl", "chosen", "strict", "today", "zero-shot fp32", "icl fp32")
 
 
 def scored(model: Model, test, shots) -> dict:
@@ -88,6 +91,16 @@ def with_choices(r: dict) -> dict:
     return {**r, "choice": best(t), "strict_choice": strict(t), "chosen": r[best(t)], "strict": r[strict(t)]}
 
 
+def fp32_columns(row: dict, bundle_model: Model, limit: int) -> dict:
+    """The row with the bundle's fp32 base, zero-shot and with the 5 shots (a second pass, which
+    rows measured before these columns existed get on a re-run)."""
+    test = load_examples(DATA / row["suite"] / f"{row['task']}.test.jsonl")[:limit]
+    shots = load_examples(DATA / row["suite"] / f"{row['task']}.adapt.jsonl")
+    out = {**row, "zero-shot fp32": scored(bundle_model, test, []), "icl fp32": scored(bundle_model, test, shots)}
+    print(f"[{row['task']}] fp32 base: zero-shot {out['zero-shot fp32']}, icl {out['icl fp32']}", flush=True)
+    return out
+
+
 def metric(r: dict, col: str) -> float:
     """Option accuracy where the task has options, else exact match: what the task is scored by."""
     d = r[col]
@@ -102,7 +115,7 @@ def summary(rows: list[dict]) -> dict:
         if not rs:
             continue
         s = {"tasks": len(rs)}
-        for col in COLUMNS:
+        for col in (c for c in COLUMNS if all(c in r for r in rs)):
             for k in ("exact", "options"):
                 vals = [r[col][k] for r in rs if r[col][k] is not None]
                 if vals:
@@ -123,22 +136,23 @@ def table(rows: list[dict], summ: dict) -> str:
     rows = [with_choices(r) for r in rows]
     pct = lambda v: "–" if v is None else f"{100 * v:.0f}"
     head = ("| suite | task | zero-shot | ICL | adapted | adapted+ICL | **chosen** (recipe) | strict rule | today's default | "
-            "leave-one-out (right of 5: adapted / zero-shot / adapted+ICL / ICL) | LOO s |")
+            "zero-shot / ICL, fp32 base | leave-one-out (right of 5: adapted / zero-shot / adapted+ICL / ICL) | LOO s |")
     lines = ["Exact match / option accuracy (%), first 100 test examples; models int4 as adapt writes them.", "",
              head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
-        cell = lambda c: f"{pct(r[c]['exact'])} / {pct(r[c]['options'])}"
+        cell = lambda c: f"{pct(r[c]['exact'])} / {pct(r[c]['options'])}" if c in r else "–"
         t = r["recipe"]["table"]
         loo = " / ".join(str(t[c]["correct"]) if c in t else "–" for c in RECIPES)
         lines.append(f"| {r['suite']} | {r['task']} | {cell('zero-shot')} | {cell('icl')} | {cell('adapted')} | "
                      f"{cell('adapted+icl')} | **{cell('chosen')}** ({r['choice']}) | {cell('strict')} ({r['strict_choice']}) | "
-                     f"{cell('today')} | "
+                     f"{cell('today')} | {cell('zero-shot fp32')} · {cell('icl fp32')} | "
                      f"{loo} | {r['recipe_s']:.1f} |")
 
     def suite_line(suite: str, m: dict) -> str:
-        cols = ", ".join(f"{c} {100 * m[f'{c}_task_metric']:.1f}" for c in COLUMNS)
+        have = [c for c in COLUMNS if f"{c}_task_metric" in m]
+        cols = ", ".join(f"{c} {100 * m[f'{c}_task_metric']:.1f}" for c in have)
         return (f"- {suite} ({m['tasks']} tasks), mean of each task's metric (options where it has them, else "
-                f"exact): {cols}; exact: " + ", ".join(f"{c} {100 * m[f'{c}_exact']:.1f}" for c in COLUMNS)
+                f"exact): {cols}; exact: " + ", ".join(f"{c} {100 * m[f'{c}_exact']:.1f}" for c in have)
                 + f"; within 5 points of the better of zero-shot and ICL: chosen on "
                 f"{m['chosen_within_5_of_better_alternative']}/{m['tasks']}, strict rule on "
                 f"{m['strict_within_5_of_better_alternative']}/{m['tasks']}; leave-one-out seconds median "
@@ -163,6 +177,12 @@ def main():
             save(args.name, {"limit": args.limit, "candidate": CANDIDATE,
                              "summary": summary(rows), "tasks": rows})
             atomic_write(RESULTS / f"{args.name}.md", table(rows, summary(rows)))
+        bundle_model = Model.load(bundle.path)
+        for i, row in enumerate(rows):
+            if "icl fp32" not in row:
+                rows[i] = fp32_columns(row, bundle_model, args.limit)
+                save(args.name, {"limit": args.limit, "candidate": CANDIDATE, "summary": summary(rows), "tasks": rows})
+                atomic_write(RESULTS / f"{args.name}.md", table(rows, summary(rows)))
 
 
 if __name__ == "__main__":
