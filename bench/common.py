@@ -162,19 +162,6 @@ def padded_graph(bundle) -> Path:
     return path
 
 
-def paired_summary(rows: list[dict], base: str, new: str) -> dict:
-    """What bench/select_len.py and bench/cut_search.py save: two adapt variants run side by side
-    per task (row[base], row[new], each with adapt_s and, once evaluated, exact and options)."""
-    def mean(key, k):
-        vs = [r[key][k] for r in rows if r[key].get(k) is not None]
-        return statistics.mean(vs) if vs else None
-    return {"tasks": len(rows), "time_ratio_median": statistics.median(r["time_ratio"] for r in rows),
-            "time_ratio_total": sum(r[new]["adapt_s"] for r in rows) / sum(r[base]["adapt_s"] for r in rows),
-            f"slowest_{base}_s": max(r[base]["adapt_s"] for r in rows),
-            f"slowest_{new}_s": max(r[new]["adapt_s"] for r in rows),
-            **{f"{k}_{key}_mean": mean(key, k) for k in ("exact", "options") for key in (base, new)}}
-
-
 def accuracy(bundle, merged: tuple, out: Path, test) -> dict:
     """The composed (A, B) written back as the adapt default and evaluated on `test`."""
     from edgelora.evaluate import evaluate
@@ -183,41 +170,3 @@ def accuracy(bundle, merged: tuple, out: Path, test) -> dict:
     write_model(bundle, *merged, out)
     r = evaluate(Model.load(out), test)
     return {"exact": r["exact_match"], "options": r["option_accuracy"]}
-
-
-def paired_row(bundle, runs: dict, base: str, new: str, test, work: Path) -> dict:
-    """Two adapt variants' (row, merged A/B) on one task: each evaluated on `test`, once where both
-    ended on the same weights (the same model), and new's time over base's."""
-    same = runs[base][0]["weights"] == runs[new][0]["weights"]
-    row = {}
-    for key in (base, new):
-        row[key] = runs[key][0]
-        if key == base or not same:
-            row[key].update(accuracy(bundle, runs[key][1], work / key, test))
-    if same:
-        row[new].update({k: row[base][k] for k in ("exact", "options")})
-    return {**row, "same_weights": same, "time_ratio": row[new]["adapt_s"] / row[base]["adapt_s"]}
-
-
-def examples_batch(bundle, path: Path):
-    """An examples file packed as `adapt` packs it (the bundle's chat prompt and tokenizer)."""
-    from edgelora.examples import encode_pairs, load_examples
-    return encode_pairs(bundle.tokenizer(), bundle.prompt_format.pairs(load_examples(path)), bundle.arch["max_len"])[0]
-
-
-def cut_tasks(bundle, keep: int, tasks: str | None = None) -> list[tuple[float, str, str, Path]]:
-    """(token ratio, suite, task, adapt file) of every bbh/ and near/ task (or those named) whose
-    examples cut to `keep` own tokens make the cut ranking pay (`search.cut_pays`), most cut first."""
-    from edgelora.examples import keep_ends
-    from edgelora.search import cut_pays
-    out = []
-    for suite in ("bbh", "near"):
-        for f in sorted((DATA / suite).glob("*.adapt.jsonl")):
-            task = f.name.removesuffix(".adapt.jsonl")
-            if tasks and task not in tasks.split(","):
-                continue
-            batch = examples_batch(bundle, f)
-            ratio = keep_ends(batch, keep).n_tokens / batch.n_tokens
-            if cut_pays(len(bundle.lora_paths()), ratio, 1.0):
-                out.append((ratio, suite, task, f))
-    return sorted(out)

@@ -228,7 +228,7 @@ def keep_ends(batch: Batch, keep: int) -> Batch:
     """The same examples with each one's own tokens (after the shared chat header) cut to their
     last `keep`, answer included: where the question and the answer lie, so a forward costing
     a fraction of the tokens ranks the library much as the whole examples do
-    (bench/select_truncated.py). The header stays, so the model still reads a chat turn."""
+    (bench/results/select_truncated.json). The header stays, so the model still reads a chat turn."""
     P = batch.prefix_len
     return pack([(p[:P] + p[max(P, len(p) - max(keep - len(t), 1)):], t) for p, t in batch.rows])
 

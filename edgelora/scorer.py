@@ -26,11 +26,9 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
 
 
 class Scorer:
-    def __init__(self, bundle: Bundle, threads: int | None = None, options: ort.SessionOptions | None = None,
-                 graph: str | None = None):
-        """`graph`: another scoring graph of the same bundle (bench/quant_rank.py's quantized ones)."""
+    def __init__(self, bundle: Bundle, threads: int | None = None, options: ort.SessionOptions | None = None):
         self.bundle = bundle
-        self.session = ort.InferenceSession(graph or str(bundle.scoring_path), options or session_options(threads),
+        self.session = ort.InferenceSession(str(bundle.scoring_path), options or session_options(threads),
                                             providers=["CPUExecutionProvider"])
         self.modules = list(bundle.targets)
         self.feeds: dict[str, np.ndarray] = {}

@@ -37,7 +37,8 @@ SELECTS = ("loss", "arrow", "random")
 class AdaptConfig:
     """Every setting of `adapt`: the CLI's defaults and weights.json's `settings` come from here.
     LoraHub's defaults (budget 40, α 0.05, box ±1.5, 20 LoRAs), except where a measurement chose
-    otherwise: the optimizer (bench/optimizers.py) and the selection (bench/bbh.py)."""
+    otherwise: the optimizer (bench/README.md, "COBYLA against Nelder-Mead") and the selection
+    (bench/bbh.py)."""
 
     budget: int = 40           # points scored (forward passes over the examples), the start included
     optimizer: str = "cobyla"  # what NGOpt (the reference's) picks at this budget
@@ -258,29 +259,22 @@ def rank_by_loss(scorer: Scorer, n_tokens: float, loras: list[Lora], modules: li
     return np.array(losses)
 
 
-ARROW_TOKENS = ("answer", "own")
-
-
-def arrow_mass(xa: list[np.ndarray], batch: Batch, top_k: int, tokens: str = "answer") -> np.ndarray:
+def arrow_mass(xa: list[np.ndarray], batch: Batch, top_k: int) -> np.ndarray:
     """Each LoRA's Arrow routing mass on the examples ([N]): per token, layer and module, peft's
-    routing weights (top-k of |x·v|, softmax over the kept ones), summed. `tokens`: "answer", the
-    positions whose next token is an answer token (where the loss is measured); "own", every
-    token but the shared chat header (which says nothing about the task)."""
-    if tokens == "answer":
-        pos = batch.target_pos[batch.target_mask > 0]
-    else:
-        pos = np.arange(batch.prefix_len, batch.n_tokens)
+    routing weights (top-k of |x·v|, softmax over the kept ones), summed over the positions whose
+    next token is an answer token (where the loss is measured)."""
+    pos = batch.target_pos[batch.target_mask > 0]
     return sum(arrow_weights(x[:, pos, :], top_k).sum(axis=(0, 1)) for x in xa)
 
 
-def rank_by_arrow(scorer: Scorer, n_tokens: float, protos: list[dict], bundle: Bundle, top_k: int,
-                  tokens: str = "answer") -> tuple[np.ndarray, float, float]:
+def rank_by_arrow(scorer: Scorer, n_tokens: float, protos: list[dict], bundle: Bundle,
+                  top_k: int) -> tuple[np.ndarray, float, float]:
     """(each LoRA's Arrow routing mass, the base model's loss, seconds) from one forward: the
     slot's A holds every LoRA's prototypes and its B is 0, so the model is the base."""
     t0 = time.perf_counter()
     loss, logprob, *xa = scorer.run(*routing_slots(protos, bundle.targets, bundle.arch["layers"]), xa=True)
     seconds = time.perf_counter() - t0
-    return arrow_mass(xa, scorer.batch, top_k, tokens), pooled_loss(logprob, n_tokens), seconds
+    return arrow_mass(xa, scorer.batch, top_k), pooled_loss(logprob, n_tokens), seconds
 
 
 def run_optimizer(name: str, f: Objective, x0: np.ndarray, seed: int) -> str:

@@ -23,7 +23,7 @@ from .io import atomic_write_json, read_json, replace_dir, sha256_file, user_mod
 from .lora import ArrowLibrary, ArrowRoute, arrow_library, check_compatible, delta, load_lora
 
 QUANTS = ("none", "int8", "int4")
-# Chosen by measurement (bench/results/quant_accuracy.md, int4_block.md): int4 block 32 for the
+# Chosen by measurement (bench/results/quant_accuracy.md, int4_block.json): int4 block 32 for the
 # base, 8 bits for the merged LoRA targets. Weight-only 8 bits moves log-probs far less than 4
 # bits; onnxruntime's dynamic int8 (activations quantized per tensor) broke generation.
 DEFAULT_QUANT = "int4"
