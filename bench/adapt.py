@@ -30,7 +30,8 @@ import numpy as np  # noqa: E402
 from common import DATA, alternate, base_source, median, padded_feeds, padded_graph, peak_rss_mb, save  # noqa: E402
 
 from edgelora.bundle import Bundle, default_bundle_path, home  # noqa: E402
-from edgelora.examples import encode_pairs, load_examples  # noqa: E402
+from edgelora.batch import encode_pairs  # noqa: E402
+from edgelora.examples import load_examples  # noqa: E402
 from edgelora.lora import Lora, load_lora, save_lora, to_peft  # noqa: E402
 from edgelora.search import AdaptConfig, choose_loras  # noqa: E402
 

@@ -43,7 +43,8 @@ from common import DATA, RESULTS, save
 from edgelora.bundle import Bundle, home
 from edgelora.io import atomic_write, atomic_write_json
 from edgelora.evaluate import evaluate
-from edgelora.examples import encode_pairs, load_examples
+from edgelora.batch import encode_pairs
+from edgelora.examples import load_examples
 from edgelora.generate import Model
 from edgelora.lora import ArrowRoute, LoraStack, load_lora
 from edgelora.scorer import Scorer

@@ -21,7 +21,8 @@ import numpy as np
 from common import DATA, alternate, median, padded_feeds, padded_graph, save
 
 from edgelora.bundle import Bundle, home
-from edgelora.examples import encode_pairs, load_examples
+from edgelora.batch import encode_pairs
+from edgelora.examples import load_examples
 from edgelora.scorer import session_options
 
 

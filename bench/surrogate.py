@@ -35,7 +35,8 @@ from common import DATA, RESULTS, dev_args, report_md, accuracy, dev_tasks, save
 
 from edgelora.bundle import Bundle
 from edgelora.io import atomic_write
-from edgelora.examples import encode_pairs, load_examples
+from edgelora.batch import encode_pairs
+from edgelora.examples import load_examples
 from edgelora.scorer import Scorer
 from edgelora.search import AdaptConfig, adapt
 from edgelora.surrogate import Head

@@ -20,7 +20,7 @@ from .examples import PromptFormat
 from .io import atomic_write, atomic_write_json, read_json, sha256_file
 
 FORMAT = "edgelora-bundle"
-FORMAT_VERSION = 3  # 2: the scoring graph takes the examples packed (examples.pack); 3: it returns the
+FORMAT_VERSION = 3  # 2: the scoring graph takes the examples packed (batch.pack); 3: it returns the
 # target positions' hidden states, and the manifest says where the final norm and LM head lie (`head`)
 MANIFEST = "manifest.json"
 BUILD_HINT = "build it with: edgelora-export base"

@@ -11,7 +11,8 @@ import numpy as np
 import onnxruntime as ort
 
 from .errors import UserError
-from .examples import Example, PromptFormat, common_prefix, parse_example
+from .batch import common_prefix
+from .examples import Example, PromptFormat, parse_example
 from .scorer import session_options
 from .lora import ArrowRoute
 from .writeback import MODEL_META, check_model, routed_decoder

@@ -28,7 +28,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .examples import Example, PromptFormat, encode_pairs
+from .batch import encode_pairs
+from .examples import Example, PromptFormat
 from .lora import LoraStack, zero_slots
 from .scorer import Scorer
 from .surrogate import Head

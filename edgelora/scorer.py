@@ -11,7 +11,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .bundle import Bundle
-from .examples import Batch
+from .batch import Batch
 
 
 def session_options(threads: int | None = None) -> ort.SessionOptions:

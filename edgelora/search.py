@@ -18,7 +18,8 @@ import numpy as np
 
 from .bundle import LIBRARIES, Bundle
 from .errors import UserError
-from .examples import Batch, Example, check_batch_size, encode_pairs, keep_ends, load_examples
+from .batch import Batch, check_batch_size, encode_pairs, keep_ends
+from .examples import Example, load_examples
 from .lora import COMPOSITIONS, Lora, LoraStack, arrow_weights, check_compatible, load_lora, load_prototypes, routing_slots
 from .recipe import CHOICES, choose
 from .scorer import Scorer

@@ -41,7 +41,7 @@ def torch_losses(model, batch) -> tuple[np.ndarray, np.ndarray]:
 
 
 def encode(bundle, examples):
-    from edgelora.examples import encode_pairs
+    from edgelora.batch import encode_pairs
     fmt, tok = bundle.prompt_format, bundle.tokenizer()
     pairs = fmt.pairs(examples)
     return encode_pairs(tok, pairs, bundle.arch["max_len"])[0]

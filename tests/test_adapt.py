@@ -73,7 +73,7 @@ def test_search_recovers_planted_mix(library, tiny_hf):
 
 def _loss_at(bundle, examples, loras, w, keep: int = 0) -> float:
     """The pooled loss at `w`; with `keep`, on the examples cut as the loss pick cuts them."""
-    from edgelora.examples import encode_pairs, keep_ends
+    from edgelora.batch import encode_pairs, keep_ends
     from edgelora.scorer import Scorer
     fmt = bundle.prompt_format
     batch, _ = encode_pairs(bundle.tokenizer(), fmt.pairs(examples),
@@ -116,7 +116,7 @@ def test_select_by_loss_keeps_the_best_single_loras_and_starts_at_the_best(libra
 
 
 def test_keep_ends_keeps_the_header_and_each_examples_last_tokens(library):
-    from edgelora.examples import encode_pairs, keep_ends
+    from edgelora.batch import encode_pairs, keep_ends
     bundle, _ = library
     pairs = bundle.prompt_format.pairs([Example(p, "no") for p in PROMPTS])
     batch, _ = encode_pairs(bundle.tokenizer(), pairs, bundle.arch["max_len"])

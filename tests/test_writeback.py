@@ -239,7 +239,7 @@ def test_eval_numbers_are_exact(written, merged, tmp_path):
     bundle, A, B = merged
     model = Model.load(written["none"].parent)
     said = [model.answer(model.encode(model.fmt.prompt(p)), 8)[0] for p in PROMPTS[:4]]
-    from edgelora.examples import encode_pairs
+    from edgelora.batch import encode_pairs
     s, fmt, opts = Scorer(bundle), bundle.prompt_format, (" red", " blue")
     examples = []
     for i, (p, g) in enumerate(zip(PROMPTS[:4], said)):

@@ -132,7 +132,7 @@ def packed_attention(attn, x, cos, sin, gather_idx, scatter_idx):
 
 
 class ScoringModel(nn.Module):
-    """Inputs: the examples packed into one sequence (see `edgelora.examples.pack`): tokens,
+    """Inputs: the examples packed into one sequence (see `edgelora.batch.pack`): tokens,
     positions, each example's rows and each token's home row, target positions/ids/mask; and per
     target module A [L,r,in], B [L,out,r]. Outputs: per-example mean target loss and summed target
     log-prob, and per module x·Aᵀ [L, T, r]. The LM head runs on the target positions only: never
