@@ -46,7 +46,8 @@ from edgelora.evaluate import evaluate
 from edgelora.batch import encode_pairs
 from edgelora.examples import load_examples
 from edgelora.generate import Model
-from edgelora.lora import ArrowRoute, LoraStack, load_lora
+from edgelora.arrow import ArrowRoute
+from edgelora.lora import LoraStack, load_lora
 from edgelora.scorer import Scorer
 from edgelora.search import AdaptConfig, adapt, choose_loras
 from edgelora.writeback import DEFAULT_QUANT, write_model

@@ -31,19 +31,24 @@ def edgelora_model(kind: str) -> Path:
     the default adapt output (the library's uniform mix merged, its targets at 8 bits);
     `int4+lora`: int4 base plus the mix as an fp32 LoRA path. Their cost does not depend on
     the mix's values."""
+    import hashlib
+
     import numpy as np
+    from edgelora import arrow, writeback
+    from edgelora.arrow import ArrowRoute, routed_decoder
     from edgelora.bundle import Bundle, home
     from edgelora.io import sha256_file
-    from edgelora.lora import ArrowRoute, LoraStack, load_lora
-    from edgelora import writeback
-    from edgelora.writeback import quantize, routed_decoder, write_model
+    from edgelora.lora import LoraStack, load_lora
+    from edgelora.writeback import quantize, write_model
     bundle = Bundle.open()
     if kind == "base":  # the bundle's own fp32 decoder: what `edgelora generate BUNDLE` runs
         return bundle.decoder_dir / bundle.manifest["decoder"]["file"]
     if kind == "arrow":  # `edgelora generate BUNDLE --route arrow`: the same, routing the library, top-3
         return routed_decoder(bundle, ArrowRoute())
-    # keyed by the bundle and by the write-back's code, so a model written by older code is never timed
-    key = sha256_file(bundle.path / "manifest.json")[:12] + "-" + sha256_file(Path(writeback.__file__))[:8]
+    # keyed by the bundle and by the write-back's and the routing's code, so a model written by older
+    # code is never timed
+    code = "".join(sha256_file(Path(m.__file__)) for m in (writeback, arrow))
+    key = sha256_file(bundle.path / "manifest.json")[:12] + "-" + hashlib.sha256(code.encode()).hexdigest()[:8]
     out = home() / "bench" / "models" / key / kind
     if kind == "arrow-int4" and not (out / "model.onnx").exists():  # the routing (fp32) beside an int4 base
         import onnx

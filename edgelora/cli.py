@@ -232,7 +232,7 @@ def cmd_cluster(args) -> None:
 
 def route_from(args):
     """`--route arrow [--top-k K] [--gks LORA ...] [--library L]` as an ArrowRoute (None without --route)."""
-    from .lora import ArrowRoute
+    from .arrow import ArrowRoute
     if args.route is None:
         if args.top_k is not None or args.gks:
             raise UserError("--top-k and --gks set Arrow routing: add --route arrow")

@@ -10,12 +10,12 @@ from typing import Iterator
 import numpy as np
 import onnxruntime as ort
 
-from .errors import UserError
+from .arrow import ArrowRoute, routed_decoder
 from .batch import common_prefix
+from .errors import UserError
 from .examples import Example, PromptFormat, parse_example
 from .scorer import session_options
-from .lora import ArrowRoute
-from .writeback import MODEL_META, check_model, routed_decoder
+from .writeback import MODEL_META, check_model
 
 
 class Decoder:

@@ -100,18 +100,6 @@ def prototypes(lora: Lora) -> dict[str, np.ndarray]:
     return out
 
 
-def load_prototypes(path: str | Path) -> dict[str, np.ndarray]:
-    """A library LoRA's prototypes, read alone (LoRAs saved before they were stored: computed)."""
-    try:
-        with safe_open(path, "np") as f:
-            keys = [k for k in f.keys() if k.endswith(".proto")]
-            if keys:
-                return {k.removesuffix(".proto"): f.get_tensor(k) for k in keys}
-    except SAFETENSORS_ERRORS as e:
-        raise unreadable(path, e) from None
-    return prototypes(load_lora(path))
-
-
 def check_compatible(lora: Lora, targets: dict[str, dict], layers: int, where: str) -> None:
     """Refuse a LoRA whose modules, shapes or values the bundle cannot take, naming module and
     shapes. A target the LoRA does not cover (a PEFT LoRA on q_proj only) gets zero A and B: that
@@ -201,82 +189,6 @@ class LoraStack:
         cols = (keep[:, None] * self.rank + np.arange(self.rank)).ravel()
         return ({m: np.ascontiguousarray(a[:, cols]) for m, a in A.items()},
                 {m: np.ascontiguousarray(b[:, :, cols]) for m, b in B.items()})
-
-
-def routing_slots(protos: list[dict[str, np.ndarray]], targets: dict[str, dict], layers: int):
-    """A slot whose x·Aᵀ is every LoRA's Arrow score |x·v| (before the abs) and whose B is 0, so
-    the forward is the base model's: the library ranked, and w = 0 scored, by one forward."""
-    A = {m: np.stack([p[m] if m in p else np.zeros((layers, t["in"]), np.float32) for p in protos], axis=1)
-         for m, t in targets.items()}
-    B = {m: np.zeros((layers, t["out"], len(protos)), np.float32) for m, t in targets.items()}
-    return A, B
-
-
-def arrow_weights(scores: np.ndarray, top_k: int, temperature: float = 1.0) -> np.ndarray:
-    """peft's Arrow routing from raw scores x·v [..., N]: |score|, keep the top-k per token,
-    softmax(|score| / T) over the kept ones, 0 elsewhere."""
-    s = np.abs(scores) / temperature
-    k = min(top_k, s.shape[-1])  # a library smaller than top-k keeps all of it
-    kth = np.partition(s, -k, axis=-1)[..., -k, None]
-    keep = s >= kth
-    e = np.where(keep, np.exp(s - s.max(-1, keepdims=True)), 0.0)
-    return e / e.sum(-1, keepdims=True)
-
-
-@dataclass(frozen=True)
-class ArrowRoute:
-    """Arrow routing at inference (seed 001, peft's ArrowConfig): per token, layer and target,
-    every library LoRA scored by |x·v|, the top-k kept, softmax(score / temperature) over them.
-    `gks`: GenKnowSub's general LoRAs, whose mean A and B is subtracted from every task LoRA
-    (and which are not routed themselves). `library`: which of the bundle's libraries is routed
-    (per-task, or mbc: seed 001's cluster LoRAs)."""
-    top_k: int = 3
-    temperature: float = 1.0
-    gks: tuple[str, ...] = ()
-    library: str = "per-task"
-
-
-@dataclass
-class ArrowLibrary:
-    """The routed LoRAs stacked so that each token's top-k can be gathered (ranks zero-padded to
-    the largest, which adds nothing): a decode step reads k LoRAs' A and B, not the library's."""
-    protos: dict[str, np.ndarray]  # module -> [L, in, N]: x·protos is every LoRA's score x·vᵢ
-    A: dict[str, np.ndarray]  # module -> [L, N, r, in]
-    B: dict[str, np.ndarray]  # module -> [L, N, r, out]: scaleᵢ·Bᵢᵀ
-
-
-def gen_know_sub(tasks: list[Lora], general: list[Lora]) -> list[Lora]:
-    """GenKnowSub as peft applies it: the mean of the general LoRAs' A and of their B (raw,
-    unscaled) subtracted from each task LoRA's A and B. Element-wise, so every rank must agree."""
-    ranks = {l.rank for l in tasks + general}
-    if len(ranks) > 1:
-        raise UserError(f"--gks: GenKnowSub subtracts A and B element-wise, so every LoRA needs one rank; "
-                        f"the library has ranks {', '.join(map(str, sorted(ranks)))}")
-    mods = tasks[0].A
-    mean_A = {m: np.mean([g.A[m] for g in general], axis=0) for m in mods}
-    mean_B = {m: np.mean([g.B[m] for g in general], axis=0) for m in mods}
-    return [Lora(t.name, t.rank, t.alpha, {m: t.A[m] - mean_A[m] for m in mods},
-                 {m: t.B[m] - mean_B[m] for m in mods}, t.source) for t in tasks]
-
-
-def arrow_library(tasks: list[Lora], general: list[Lora] = ()) -> ArrowLibrary:
-    """GenKnowSub first (where general LoRAs are given), then the prototypes of what is left:
-    peft's order, so a prototype is the top singular vector of the LoRA that is routed."""
-    if general:
-        tasks = gen_know_sub(tasks, list(general))
-    rank = max(l.rank for l in tasks)
-    protos = [prototypes(l) for l in tasks]
-    lib = ArrowLibrary({}, {}, {})
-    for m, ref in tasks[0].A.items():
-        L, _, d_in = ref.shape
-        d_out = tasks[0].B[m].shape[1]
-        lib.protos[m] = np.stack([p[m] for p in protos], axis=-1)
-        lib.A[m] = np.zeros((L, len(tasks), rank, d_in), np.float32)
-        lib.B[m] = np.zeros((L, len(tasks), rank, d_out), np.float32)
-        for i, l in enumerate(tasks):
-            lib.A[m][:, i, : l.rank] = l.A[m]
-            lib.B[m][:, i, : l.rank] = l.B[m].transpose(0, 2, 1) * l.scale
-    return lib
 
 
 def zero_slots(targets: dict[str, dict], layers: int, rank: int = 1):

@@ -18,9 +18,10 @@ import numpy as np
 
 from .bundle import LIBRARIES, Bundle
 from .errors import UserError
-from .batch import Batch, check_batch_size, encode_pairs, keep_ends
+from .batch import check_batch_size, encode_pairs, keep_ends
 from .examples import Example, load_examples
-from .lora import COMPOSITIONS, Lora, LoraStack, arrow_weights, check_compatible, load_lora, load_prototypes, routing_slots
+from .arrow import load_prototypes, rank_by_arrow
+from .lora import COMPOSITIONS, Lora, LoraStack, check_compatible, load_lora
 from .recipe import CHOICES, choose
 from .scorer import Scorer
 from .surrogate import MISPREDICTING, RADIUS, Head, Point, Setting, Trace, choose_setting, trust_region
@@ -260,24 +261,6 @@ def rank_by_loss(scorer: Scorer, n_tokens: float, loras: list[Lora], modules: li
     return np.array(losses)
 
 
-def arrow_mass(xa: list[np.ndarray], batch: Batch, top_k: int) -> np.ndarray:
-    """Each LoRA's Arrow routing mass on the examples ([N]): per token, layer and module, peft's
-    routing weights (top-k of |x·v|, softmax over the kept ones), summed over the positions whose
-    next token is an answer token (where the loss is measured)."""
-    pos = batch.target_pos[batch.target_mask > 0]
-    return sum(arrow_weights(x[:, pos, :], top_k).sum(axis=(0, 1)) for x in xa)
-
-
-def rank_by_arrow(scorer: Scorer, n_tokens: float, protos: list[dict], bundle: Bundle,
-                  top_k: int) -> tuple[np.ndarray, float, float]:
-    """(each LoRA's Arrow routing mass, the base model's loss, seconds) from one forward: the
-    slot's A holds every LoRA's prototypes and its B is 0, so the model is the base."""
-    t0 = time.perf_counter()
-    loss, logprob, *xa = scorer.run(*routing_slots(protos, bundle.targets, bundle.arch["layers"]), xa=True)
-    seconds = time.perf_counter() - t0
-    return arrow_mass(xa, scorer.batch, top_k), pooled_loss(logprob, n_tokens), seconds
-
-
 def run_optimizer(name: str, f: Objective, x0: np.ndarray, seed: int) -> str:
     """Runs until the objective raises _Stop (budget, no gain) or the optimizer ends on its own:
     returns why ("converged", or the optimizer's own message). The optimizers' call limits are
@@ -439,9 +422,9 @@ def select_loras(cfg: AdaptConfig, scorer: Scorer, bundle: Bundle, paths: list[P
     if cfg.optimizer == "surrogate":
         return select_for_surrogate(cfg, scorer, bundle, paths, n_tokens, on_rank)
     if cfg.select == "arrow":
-        mass, base_loss, secs = rank_by_arrow(scorer, n_tokens, [load_prototypes(p) for p in paths], bundle, cfg.top_k)
+        mass, logprob, secs = rank_by_arrow(scorer, [load_prototypes(p) for p in paths], bundle, cfg.top_k)
         paths = [paths[i] for i in np.argsort(-mass, kind="stable")[:n]]
-        return Selection(paths, load_checked(paths, bundle), [(np.zeros(n), base_loss, secs)], 1)
+        return Selection(paths, load_checked(paths, bundle), [(np.zeros(n), pooled_loss(logprob, n_tokens), secs)], 1)
     loras, modules, whole = load_checked(paths, bundle), list(bundle.targets), scorer.batch
     cut = keep_ends(whole, cfg.select_len) if cfg.select_len else whole
     if not cut_pays(len(loras), cut.n_tokens, whole.n_tokens):

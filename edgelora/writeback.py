@@ -6,7 +6,6 @@ survives and the graph stays the plain base graph, with no extra nodes to slow d
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -17,10 +16,10 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .bundle import Bundle, Positive, check_schema, home, sha256_cached
+from .bundle import Bundle, Positive, check_schema, sha256_cached
 from .errors import UserError
-from .io import atomic_write_json, read_json, replace_dir, sha256_file, user_mode
-from .lora import ArrowLibrary, ArrowRoute, arrow_library, check_compatible, delta, load_lora
+from .io import atomic_write_json, read_json, sha256_file, user_mode
+from .lora import delta
 
 QUANTS = ("none", "int8", "int4")
 # Chosen by measurement (bench/results/quant_accuracy.md, int4_block.json): int4 block 32 for the
@@ -92,7 +91,7 @@ def fuse_qkv(model: onnx.ModelProto) -> dict[str, str]:
     return renamed
 
 
-def _beside_targets(model: onnx.ModelProto, weights: dict, what: str, nodes_for) -> None:
+def beside_targets(model: onnx.ModelProto, weights: dict, what: str, nodes_for) -> None:
     """Each target MatMul's output renamed `<out>/base`, and the nodes `nodes_for(m, i, x, base,
     out)` returns (which must end by writing `out`) put right after it: ONNX wants nodes in
     topological order. `what` names the feature in the error for a graph it cannot edit."""
@@ -127,124 +126,8 @@ def add_lora_path(model: onnx.ModelProto, weights: dict, A: dict, B: dict) -> li
                 helper.make_node("MatMul", [f"{a}/out", b], [f"{b}/out"], name=f"{b}/MatMul"),
                 helper.make_node("Add", [base, f"{b}/out"], [out], name=f"lora/{m}/{i}/Add")]
 
-    _beside_targets(model, weights, "cannot keep the LoRA unmerged", nodes_for)
+    beside_targets(model, weights, "cannot keep the LoRA unmerged", nodes_for)
     return names
-
-
-def add_arrow_routing(model: onnx.ModelProto, weights: dict, lib: ArrowLibrary, route: ArrowRoute) -> None:
-    """Arrow beside each target MatMul, exactly as peft's ArrowLoraLinearLayer: scores |x·V|,
-    TopK, softmax(top / T) over the kept (peft's softmax with -inf elsewhere), and each token's
-    k LoRAs' A and B gathered: Σ cᵢ·(x·Aᵢᵀ)·(scaleᵢ·Bᵢᵀ) added to x·Wᵀ. Gathering reads k LoRAs
-    per decode step where a dense sum over the library reads all of them (measured against that
-    dense sum on the default bundle, 2026-11-25: decode 1.2× at int4, 1.1× at fp32, prefill 0.94×)."""
-    added: set[str] = set()
-
-    def init(name: str, arr) -> str:
-        if name not in added:
-            added.add(name)
-            model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(arr), name))
-        return name
-
-    k, rank = route.top_k, next(iter(lib.A.values())).shape[2]
-    shape = lambda *dims: init(f"arrow/shape{list(dims)}", np.array(dims, np.int64))  # 0: keep that dim
-    last = init("arrow/axis-1", np.array([-1], np.int64))
-
-    def nodes_for(m, i, x, base, out):
-        p = f"arrow/{m}/{i}"
-        d_in, d_out = lib.A[m].shape[3], lib.B[m].shape[3]
-        V, A, B = init(f"{p}/V", lib.protos[m][i]), init(f"{p}/A", lib.A[m][i]), init(f"{p}/B", lib.B[m][i])
-        node = lambda op, ins, n, **kw: helper.make_node(op, ins, [f"{p}/{n}"], name=f"{p}/{n}", **kw)
-        topk = helper.make_node("TopK", [f"{p}/logit", init("arrow/k", np.array([k], np.int64))],
-                                [f"{p}/top", f"{p}/top_idx"], name=f"{p}/TopK", axis=-1)
-        return [
-            node("MatMul", [x, V], "score"),                                   # [b, s, N]
-            node("Abs", [f"{p}/score"], "abs"),
-            node("Div", [f"{p}/abs", init("arrow/temperature", np.array(route.temperature, np.float32))], "logit"),
-            topk,                                                              # [b, s, k] values and LoRA ids
-            node("Softmax", [f"{p}/top"], "top_w", axis=-1),
-            node("Gather", [A, f"{p}/top_idx"], "A_k", axis=0),               # [b, s, k, r, in]
-            node("Reshape", [f"{p}/A_k", shape(0, 0, -1, d_in)], "A_kr"),     # [b, s, k·r, in]
-            node("Unsqueeze", [x, last], "x_col"),                            # [b, s, in, 1]
-            node("MatMul", [f"{p}/A_kr", f"{p}/x_col"], "xa"),                # [b, s, k·r, 1]
-            node("Reshape", [f"{p}/xa", shape(0, 0, k, rank)], "xa_k"),       # [b, s, k, r]
-            node("Unsqueeze", [f"{p}/top_w", last], "w_col"),                 # [b, s, k, 1]
-            node("Mul", [f"{p}/xa_k", f"{p}/w_col"], "xa_w"),
-            node("Reshape", [f"{p}/xa_w", shape(0, 0, 1, k * rank)], "xa_row"),  # [b, s, 1, k·r]
-            node("Gather", [B, f"{p}/top_idx"], "B_k", axis=0),               # [b, s, k, r, out]
-            node("Reshape", [f"{p}/B_k", shape(0, 0, -1, d_out)], "B_kr"),    # [b, s, k·r, out]
-            node("MatMul", [f"{p}/xa_row", f"{p}/B_kr"], "delta_row"),        # [b, s, 1, out]
-            node("Reshape", [f"{p}/delta_row", shape(0, 0, d_out)], "delta"),
-            helper.make_node("Add", [base, f"{p}/delta"], [out], name=f"{p}/Add")]
-
-    _beside_targets(model, weights, "cannot route the library", nodes_for)
-
-
-def check_route(route: ArrowRoute, library: list[str], where: Path) -> list[str]:
-    """The LoRAs `route` routes (the library less its GenKnowSub LoRAs), once its settings fit."""
-    if not library:
-        raise UserError(f"--route arrow: {where} has no LoRAs to route; add some with edgelora-export lora")
-    unknown = [g for g in route.gks if g not in library]
-    if unknown:
-        raise UserError(f"--gks {unknown[0]}: no LoRA of that name in {where} (edgelora info lists them)")
-    tasks = [n for n in library if n not in route.gks]
-    if not tasks:
-        raise UserError("--gks names every LoRA of the library: none is left to route")
-    if not 1 <= route.top_k <= len(tasks):
-        raise UserError(f"--top-k {route.top_k}: must be between 1 and the {len(tasks)} LoRAs routed")
-    if not route.temperature > 0:
-        raise UserError(f"Arrow temperature {route.temperature}: must be above 0")
-    return tasks
-
-
-ROUTED_FILES = ("model.onnx", DATA_FILE)  # weights apart: onnxruntime then holds ~180 MB less
-ROUTED_GRAPH = 2  # add_arrow_routing's layout (2: the top-k gathered); a cached graph of another is rebuilt
-
-
-def _routed_cached(folder: Path, key: dict) -> bool:
-    """Whether `folder` holds the routed graph built for `key`, intact (sha256, cached by mtime)."""
-    try:
-        meta = read_json(folder / "route.json")
-        sums = meta.get("sha256") if isinstance(meta, dict) and meta.get("key") == key else None
-        return (isinstance(sums, dict) and set(sums) == set(ROUTED_FILES)
-                and all(sha256_cached(folder / f) == sums[f] for f in ROUTED_FILES))
-    except (UserError, OSError):
-        return False
-
-
-def routed_decoder(bundle: Bundle, route: ArrowRoute) -> Path:
-    """The bundle's decoder with Arrow routing over its library (fp32, like the decoder), built at
-    the first use of a bundle and setting and kept in EDGELORA_HOME/routed/, never in the bundle:
-    one graph per bundle, swapped in whole, rebuilt when the setting or the bundle changes."""
-    paths = bundle.library(route.library)
-    tasks = check_route(route, list(paths), bundle.path)
-    key = {"graph": ROUTED_GRAPH, "bundle": str(bundle.path.resolve()), "bundle_manifest_sha256": sha256_file(bundle.path / "manifest.json"),
-           "top_k": route.top_k, "temperature": route.temperature, "gks": list(route.gks), "library": route.library,
-           "loras": tasks}
-    suffix = "" if route.library == "per-task" else f"-{route.library}"  # one graph per bundle and library
-    folder = home() / "routed" / f"{bundle.path.name}-{hashlib.sha256(key['bundle'].encode()).hexdigest()[:8]}{suffix}"
-    if _routed_cached(folder, key):
-        return folder / "model.onnx"
-    layers, targets = bundle.arch["layers"], bundle.targets
-    loras = {}
-    for name in tasks + list(route.gks):
-        loras[name] = load_lora(paths[name])
-        check_compatible(loras[name], targets, layers, str(paths[name]))
-    lib = arrow_library([loras[n] for n in tasks], [loras[n] for n in route.gks])
-    model = onnx.load(str(bundle.decoder_dir / bundle.manifest["decoder"]["file"]))
-    add_arrow_routing(model, bundle.manifest["decoder"]["weights"], lib, route)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
-    os.chmod(tmp, user_mode(folder=True))
-    try:
-        save_with_data(model, tmp / ROUTED_FILES[0])
-        del model
-        replace_dir(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    # hashed where they now lie, so the next use finds them in the sha256 cache; a process killed
-    # before this line leaves no route.json, and the next use rebuilds
-    atomic_write_json(folder / "route.json", {"key": key, "sha256": {f: sha256_cached(folder / f) for f in ROUTED_FILES}})
-    return folder / "model.onnx"
 
 
 def quantize(model: onnx.ModelProto, dst: Path, quant: str, exclude: list[str], eight_bit: list[str] = (),

@@ -12,8 +12,8 @@ from helpers import assert_refused, cli, make_peft_lora
 
 from edgelora.bundle import Bundle
 from edgelora.generate import Decoder
-from edgelora.lora import ArrowRoute, arrow_library, arrow_weights, load_lora
-from edgelora.writeback import routed_decoder
+from edgelora.arrow import ArrowRoute, arrow_library, arrow_weights, routed_decoder
+from edgelora.lora import load_lora
 
 TASKS, GENERAL = ["t0", "t1", "t2", "t3"], ["g0", "g1"]
 TEXT = "The quick brown fox jumps over the lazy dog. red green blue. Today is 01/02/1987."

@@ -227,7 +227,7 @@ def test_arrow_scores_are_x_dot_prototype_at_every_token(tiny_bundle_ro, tiny_hf
     input in the torch model run on each example alone (hooks), at every packed token."""
     import torch
     from transformers import AutoModelForCausalLM
-    from edgelora.lora import routing_slots
+    from edgelora.arrow import routing_slots
     bundle = Bundle.open(tiny_bundle_ro)
     L, rng = bundle.arch["layers"], np.random.default_rng(1)
     protos = [{m: rng.normal(size=(L, t["in"])).astype(np.float32) for m, t in bundle.targets.items()} for _ in range(3)]

@@ -130,7 +130,7 @@ def test_lora_on_some_targets_only_adapts(tiny_bundle, tiny_hf, tmp_path):
 
 
 def test_arrow_routing_over_fewer_loras_than_top_k():
-    from edgelora.lora import arrow_weights
+    from edgelora.arrow import arrow_weights
     w = arrow_weights(np.array([[1.0, -2.0]]), top_k=3)
     np.testing.assert_allclose(w.sum(-1), 1.0)
     assert (w > 0).all()
