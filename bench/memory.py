@@ -39,9 +39,10 @@ import numpy as np
 from edgelora.bundle import Bundle
 from edgelora.io import peak_rss_mb
 from edgelora.lora import LoraStack, check_compatible, load_lora
+from edgelora.outputs import read_weights
 from edgelora.writeback import DEFAULT_QUANT, write_model
 bundle, out = Bundle.open(sys.argv[1]), Path(sys.argv[2])
-weights = json.loads((out / "weights.json").read_text())["weights"]
+weights = read_weights(out)["weights"]
 loras = [load_lora(bundle.lora_paths()[name]) for name in weights]
 for lora in loras:
     check_compatible(lora, bundle.targets, bundle.arch["layers"], lora.name)

@@ -30,7 +30,8 @@ from .bundle import Bundle, home, sha256_cached
 from .errors import UserError
 from .io import atomic_write_json, read_json, replace_dir, sha256_file, user_mode
 from .lora import SAFETENSORS_ERRORS, Lora, check_compatible, load_lora, prototypes, unreadable
-from .writeback import DATA_FILE, beside_targets, save_with_data
+from .outputs import DATA_FILE
+from .writeback import beside_targets, save_with_data
 
 if TYPE_CHECKING:
     from .scorer import Scorer

@@ -285,19 +285,19 @@ def eval_library(model: Path, adapted: bool, library: str | None) -> str | None:
     """The library an adapt output composed (its weights.json says; older outputs: per-task), which
     --library, if given, must name; for a bundle, --library must name one it holds. A model
     written without a weights.json (bench scripts' write_model) says nothing: None."""
-    from .io import read_json
+    from .outputs import WEIGHTS, read_weights
     if not adapted:
         if library:
             Bundle.open(model).library(library)
         return library
-    if not (model / "weights.json").is_file():
+    if not (model / WEIGHTS).is_file():
         if library:
-            raise UserError(f"--library {library}: {model} has no weights.json to say which library it was made from")
+            raise UserError(f"--library {library}: {model} has no {WEIGHTS} to say which library it was made from")
         return None
-    settings = read_json(model / "weights.json").get("settings")
+    settings = read_weights(model)["settings"]
     used = settings.get("library", "per-task") if isinstance(settings, dict) else "per-task"
     if library and library != used:
-        raise UserError(f"--library {library}: {model} was adapted with the {used} library ({model / 'weights.json'})")
+        raise UserError(f"--library {library}: {model} was adapted with the {used} library ({model / WEIGHTS})")
     return used
 
 

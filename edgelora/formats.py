@@ -18,9 +18,9 @@ import numpy as np
 from . import __version__
 from .bundle import Bundle
 from .errors import UserError
-from .io import building, check_file_replaceable, check_replaceable, read_json, writing
+from .io import building, check_file_replaceable, check_replaceable, writing
 from .lora import from_peft, to_peft
-from .outputs import is_adapt_output
+from .outputs import WEIGHTS, read_weights
 
 FORMATS = ("peft", "gguf", "onnx-adapter")
 # the default -o, beside the adapt output: FOLDER-peft/, FOLDER-lora.gguf, FOLDER.onnx_adapter
@@ -43,11 +43,9 @@ def load_adapted(folder: Path, bundle_path: Path | None = None) -> tuple[Bundle,
     bundle it was adapted on, which holds what the formats need beyond A and B: the layer
     paths, the head counts and the decoder graph's weight names. The bundle is the one
     weights.json names unless `bundle_path` is given; a bundle of another base is refused."""
-    if not is_adapt_output(folder):
-        raise UserError(f"{folder}: not an `edgelora adapt` output (no weights.json with weights, history and settings)")
-    recorded = read_json(folder / "weights.json").get("bundle")
+    recorded = read_weights(folder).get("bundle")
     if not isinstance(recorded, dict) or not isinstance(recorded.get("path"), str):
-        raise UserError(f"{folder / 'weights.json'}: names no bundle; give the one it was adapted on with --bundle")
+        raise UserError(f"{folder / WEIGHTS}: names no bundle; give the one it was adapted on with --bundle")
     bundle = Bundle.open(bundle_path or recorded["path"], hashes=False)
     base = bundle.manifest["base"]["name"]
     if recorded.get("base", base) != base:

@@ -13,9 +13,9 @@ import onnxruntime as ort
 from .arrow import ArrowRoute, routed_decoder
 from .batch import common_prefix
 from .errors import UserError
-from .examples import Example, PromptFormat, parse_example
+from .examples import Example, PromptFormat
 from .scorer import session_options
-from .writeback import MODEL_META, check_model
+from .outputs import MODEL_META, WEIGHTS, check_model, recipe_shots
 
 
 class Decoder:
@@ -175,7 +175,7 @@ class Model:
                 onnx_path = routed_decoder(bundle, route)
                 meta["lora"] = (f"arrow top-{route.top_k} over the {route.library} library"
                                 + (f", GenKnowSub {', '.join(route.gks)}" if route.gks else ""))
-        elif (path / "weights.json").is_file():
+        elif (path / WEIGHTS).is_file():
             raise UserError(f"{path}: this adapt output has no model (written with --no-model, or its search or "
                             f"write-back was interrupted or failed); re-run edgelora adapt to write it")
         else:
@@ -222,16 +222,6 @@ class Model:
                 break
         lps = self.decoder.option_logprobs(prompt_ids, [self.encode(o) for o in options], prefill) if options else []
         return text, lps
-
-
-def recipe_shots(meta: dict, folder: Path) -> list[Example]:
-    """The examples an adapt output's recipe prompts with (edgelora.json's `shots`), checked as
-    an examples file's lines are."""
-    shots = meta.get("shots", [])
-    where = folder / MODEL_META
-    if not isinstance(shots, list):
-        raise UserError(f"{where}: 'shots' must be a list of examples; re-run edgelora adapt to rewrite it")
-    return [parse_example(s, f"{where}: shots[{i}]") for i, s in enumerate(shots)]
 
 
 def pick(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:

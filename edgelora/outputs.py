@@ -1,19 +1,36 @@
-"""What `adapt` leaves in its output folder: weights.json, the merged adapter in PEFT's layout,
-a loss-curve SVG and the adapted model, the folder built aside and swapped in whole."""
+"""The adapt output folder, both ways. Written by `adapt`: weights.json (the search's result),
+the merged adapter in PEFT's layout, a loss-curve SVG and the adapted model with its
+edgelora.json, the folder built aside and swapped in whole. Read back by `generate` and `eval`
+(the model, once edgelora.json vouches for it) and by `export` and `eval` (weights.json).
+
+onnx is imported only where a model is written: what reads a folder starts without it.
+"""
 from __future__ import annotations
 
 import platform
 import shutil
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .bundle import Bundle
+from .bundle import Bundle, Positive, check_schema, sha256_cached
 from .errors import UserError
+from .examples import Example, parse_example
 from .io import atomic_write, atomic_write_json, building, check_replaceable, read_json, sha256_file
 from .lora import to_peft, zero_slots
 from .recipe import deployed
-from .search import AdaptResult
-from .writeback import MODEL_META, write_model
+
+if TYPE_CHECKING:
+    from .search import AdaptResult
+
+WEIGHTS = "weights.json"  # the search's result: the weights found, the history, the settings
+WEIGHTS_KEYS = {"weights", "history", "settings"}  # what every adapt output's weights.json holds
+MODEL_META = "edgelora.json"  # the model's: prompt format, stop ids, sha256s; what generate and eval read
+# A model's weights lie in model.onnx.data beside it, never inside model.onnx: protobuf cannot
+# write 2 GB (a ~500M-parameter base in fp32), and onnxruntime maps an external file where it
+# copies a protobuf's tensors, so decoding the int4 model peaks ~30 MB lower
+# (bench/results/generate.json).
+DATA_FILE = "model.onnx.data"
 
 
 def versions() -> dict[str, str]:
@@ -69,21 +86,13 @@ def loss_curve_svg(result: AdaptResult, width: int = 640, height: int = 360) -> 
             f'{dots}<polyline points="{line}" fill="none" stroke="#c0392b" stroke-width="2"/></svg>\n')
 
 
-def is_adapt_output(folder: Path) -> bool:
-    """Whether `folder` holds an `edgelora adapt` output, which a new run may replace."""
-    try:
-        return {"weights", "history", "settings"} <= read_json(folder / "weights.json").keys()
-    except UserError:
-        return False
-
-
 def check_out(out: Path) -> None:
     """Refuse an --out that is not empty and not an adapt output: it would be replaced whole."""
     check_replaceable(out, is_adapt_output, "--out")
 
 
 # What the search's result is, in an adapt output: written first, and kept when the model is not.
-RESULT_FILES = ("adapter", "loss_curve.svg", "weights.json")
+RESULT_FILES = ("adapter", "loss_curve.svg", WEIGHTS)
 NO_MODEL = "it holds the search's result (weights.json, adapter/, loss_curve.svg) without a model"
 
 
@@ -95,7 +104,7 @@ def write_result(result: AdaptResult, bundle: Bundle, out: Path) -> tuple[dict, 
     with building(out) as tmp:
         to_peft(tmp / "adapter", A, B, bundle.targets, bundle.manifest["base"]["name"])
         atomic_write(tmp / "loss_curve.svg", loss_curve_svg(result))
-        atomic_write_json(tmp / "weights.json", weights_json(result, bundle))
+        atomic_write_json(tmp / WEIGHTS, weights_json(result, bundle))
     return A, B
 
 
@@ -106,6 +115,7 @@ def write_adapted_model(bundle: Bundle, A: dict, B: dict, out: Path, quant: str,
     A recipe on the base model writes the base (at `quant`, its LoRA targets at 8 bits as in an
     adapted model; the searched LoRA stays in adapter/);
     one with shots puts them in edgelora.json, where generate and eval read them."""
+    from .writeback import write_model
     adapted, shots = deployed(recipe)
     with building(out, failed=NO_MODEL) as tmp:
         for name in RESULT_FILES:
@@ -117,7 +127,7 @@ def write_adapted_model(bundle: Bundle, A: dict, B: dict, out: Path, quant: str,
         # the base as the adapted models are written (q/v at 8 bits): at 4 bits it lost most of its
         # ICL accuracy (linguistic_mappings_plural_regular_json, 20 examples: fp32 70%, int4 10%, this 50%)
         base = zero_slots(bundle.targets, bundle.arch["layers"])
-        write_model(bundle, *((A, B) if adapted else base), tmp, quant, weights_sha256=sha256_file(tmp / "weights.json"))
+        write_model(bundle, *((A, B) if adapted else base), tmp, quant, weights_sha256=sha256_file(tmp / WEIGHTS))
         if recipe is not None:
             meta = read_json(tmp / MODEL_META)
             atomic_write_json(tmp / MODEL_META, {**meta, "lora": meta["lora"] if adapted else None,
@@ -140,3 +150,65 @@ def summary_table(result: AdaptResult, top: int = 10) -> str:
     lines = [f"{'LoRA':<{width}}  weight", f"{'-' * width}  ------"]
     lines += [f"{result.loras[i]:<{width}}  {result.weights[i]:+.3f}" for i in order]
     return "\n".join(lines)
+
+
+# -- reading an output folder -----------------------------------------------------------------
+def read_weights(folder: Path) -> dict:
+    """`folder`'s weights.json, refused with one line unless it is an adapt output's (WEIGHTS_KEYS):
+    the one reader of the search's result, for export, eval and a new run's --out."""
+    try:
+        weights = read_json(folder / WEIGHTS)
+    except UserError:
+        weights = {}
+    if not WEIGHTS_KEYS <= weights.keys():
+        raise UserError(f"{folder}: not an `edgelora adapt` output (no {WEIGHTS} with weights, history and settings)")
+    return weights
+
+
+def is_adapt_output(folder: Path) -> bool:
+    """Whether `folder` holds an `edgelora adapt` output, which a new run may replace."""
+    try:
+        read_weights(folder)
+    except UserError:
+        return False
+    return True
+
+
+# What `generate` and `eval` read from edgelora.json, and the JSON type of each.
+MODEL_SCHEMA = {"prompt": {"head": str, "mid": str, "end": str, "next_user": str, "stop": str},
+                "eos_ids": [int], "pad_id": int, "max_len": Positive, "tokenizer": str, "model_sha256": str}
+
+
+def check_model(folder: Path) -> dict:
+    """edgelora.json of an adapt output, once its model.onnx is the one it names (sha256, cached
+    by size and mtime) and, where weights.json is beside it, was made from that weights.json:
+    a model never runs beside weights it does not hold."""
+    meta_path = folder / MODEL_META
+    meta = read_json(meta_path)
+    check_schema(meta, MODEL_SCHEMA, meta_path, "re-run edgelora adapt to rewrite the model")
+    if Path(meta["tokenizer"]).name != meta["tokenizer"]:
+        raise UserError(f"{meta_path}: tokenizer {meta['tokenizer']!r} is not a file of this folder")
+    model = folder / "model.onnx"
+    if not model.is_file():
+        raise UserError(f"{model}: missing; re-run edgelora adapt to rewrite the model")
+    for path, key in ((model, "model_sha256"), (folder / DATA_FILE, "data_sha256")):
+        if meta.get(key) is None:
+            continue
+        if not path.is_file():
+            raise UserError(f"{path}: missing; re-run edgelora adapt to rewrite the model")
+        if sha256_cached(path) != meta[key]:
+            raise UserError(f"{path}: sha256 differs from {meta_path} (damaged or replaced); re-run edgelora adapt")
+    weights = folder / WEIGHTS
+    if weights.is_file() and sha256_file(weights) != meta.get("weights_sha256"):
+        raise UserError(f"{model}: made from other weights than {weights}; re-run edgelora adapt to rewrite the model")
+    return meta
+
+
+def recipe_shots(meta: dict, folder: Path) -> list[Example]:
+    """The examples an adapt output's recipe prompts with (edgelora.json's `shots`), checked as
+    an examples file's lines are."""
+    shots = meta.get("shots", [])
+    where = folder / MODEL_META
+    if not isinstance(shots, list):
+        raise UserError(f"{where}: 'shots' must be a list of examples; re-run edgelora adapt to rewrite it")
+    return [parse_example(s, f"{where}: shots[{i}]") for i, s in enumerate(shots)]

@@ -16,10 +16,11 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .bundle import Bundle, Positive, check_schema, sha256_cached
+from .bundle import Bundle
 from .errors import UserError
-from .io import atomic_write_json, read_json, sha256_file, user_mode
+from .io import atomic_write_json, sha256_file, user_mode
 from .lora import delta
+from .outputs import DATA_FILE, MODEL_META
 
 QUANTS = ("none", "int8", "int4")
 # Chosen by measurement (bench/results/quant_accuracy.md, int4_block.json): int4 block 32 for the
@@ -27,12 +28,6 @@ QUANTS = ("none", "int8", "int4")
 # bits; onnxruntime's dynamic int8 (activations quantized per tensor) broke generation.
 DEFAULT_QUANT = "int4"
 INT4_BLOCK = 32
-# A model's weights lie in model.onnx.data beside it, never inside model.onnx: protobuf cannot
-# write 2 GB (a ~500M-parameter base in fp32), and onnxruntime maps an external file where it
-# copies a protobuf's tensors, so decoding the int4 model peaks ~30 MB lower
-# (bench/results/generate.json).
-DATA_FILE = "model.onnx.data"
-MODEL_META = "edgelora.json"
 
 
 def _initializers(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
@@ -243,33 +238,3 @@ def write_model(bundle: Bundle, A: dict | None, B: dict | None, out: Path, quant
         "model_sha256": sha256_file(out / "model.onnx"), "weights_sha256": weights_sha256,
         "data_sha256": sha256_file(out / DATA_FILE)})
     return out / "model.onnx"
-
-
-# What `generate` and `eval` read from edgelora.json, and the JSON type of each.
-MODEL_SCHEMA = {"prompt": {"head": str, "mid": str, "end": str, "next_user": str, "stop": str},
-                "eos_ids": [int], "pad_id": int, "max_len": Positive, "tokenizer": str, "model_sha256": str}
-
-
-def check_model(folder: Path) -> dict:
-    """edgelora.json of an adapt output, once its model.onnx is the one it names (sha256, cached
-    by size and mtime) and, where weights.json is beside it, was made from that weights.json:
-    a model never runs beside weights it does not hold."""
-    meta_path = folder / MODEL_META
-    meta = read_json(meta_path)
-    check_schema(meta, MODEL_SCHEMA, meta_path, "re-run edgelora adapt to rewrite the model")
-    if Path(meta["tokenizer"]).name != meta["tokenizer"]:
-        raise UserError(f"{meta_path}: tokenizer {meta['tokenizer']!r} is not a file of this folder")
-    model = folder / "model.onnx"
-    if not model.is_file():
-        raise UserError(f"{model}: missing; re-run edgelora adapt to rewrite the model")
-    for path, key in ((model, "model_sha256"), (folder / DATA_FILE, "data_sha256")):
-        if meta.get(key) is None:
-            continue
-        if not path.is_file():
-            raise UserError(f"{path}: missing; re-run edgelora adapt to rewrite the model")
-        if sha256_cached(path) != meta[key]:
-            raise UserError(f"{path}: sha256 differs from {meta_path} (damaged or replaced); re-run edgelora adapt")
-    weights = folder / "weights.json"
-    if weights.is_file() and sha256_file(weights) != meta.get("weights_sha256"):
-        raise UserError(f"{model}: made from other weights than {weights}; re-run edgelora adapt to rewrite the model")
-    return meta

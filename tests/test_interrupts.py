@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from test_adapt import PROMPTS, library  # noqa: F401  (library: a fixture)
 
-from edgelora.writeback import check_model
+from edgelora.outputs import check_model
 
 
 def adapt_cmd(bundle: Path, examples: Path, out: Path, *extra: str) -> list[str]:
@@ -185,14 +185,14 @@ def test_a_failed_write_back_keeps_the_search_result(library, tmp_path, monkeypa
     """Ctrl-C, SIGTERM, a full disk or a bug while the adapted model is written: `--out` holds the
     new search's whole result (weights.json, adapter/, loss curve) without a model, the run says
     so, and generate/eval on the folder say in one line that it has no model."""
-    from edgelora import outputs
+    from edgelora import writeback
     from edgelora.cli import main
     bundle, _ = library
     out, f = tmp_path / "out", examples_file(tmp_path)
     argv = ["adapt", str(f), "--bundle", str(bundle.path), "--out", str(out), "--budget", "3", "--quant", "int8"]
     assert main(argv) == 0  # a previous complete output, which the new result replaces
     old = json.loads((out / "weights.json").read_text())
-    real = outputs.write_model
+    real = writeback.write_model
 
     def write_model(*a, **kw):
         real(*a, **kw)  # the model's files are in the folder being built, not yet swapped in
@@ -203,7 +203,7 @@ def test_a_failed_write_back_keeps_the_search_result(library, tmp_path, monkeypa
         os.kill(os.getpid(), stop)
         time.sleep(10)
 
-    monkeypatch.setattr(outputs, "write_model", write_model)
+    monkeypatch.setattr(writeback, "write_model", write_model)
     capsys.readouterr()
     argv[argv.index("--budget") + 1] = "4"
     if code is None:

@@ -146,7 +146,7 @@ def test_weights_lie_in_a_data_file_checked_like_the_model(written, tmp_path):
     ~500M base reaches in fp32; onnxruntime maps the file), and a damaged data file is
     refused like a damaged model."""
     from edgelora.errors import UserError
-    from edgelora.writeback import DATA_FILE, check_model
+    from edgelora.outputs import DATA_FILE, check_model
     path = Path(shutil.copytree(written["int8"].parent, tmp_path / "m")) / "model.onnx"  # damaged below
     data = path.parent / DATA_FILE
     inits = onnx.load(str(path), load_external_data=False).graph.initializer
@@ -164,7 +164,7 @@ def test_outputs_get_the_users_file_modes(written, tmp_path):
     """Not tempfile's private 0700/0600 (nor onnx's for external data): what mkdir and open give."""
     import stat
     from edgelora.io import building, user_mode
-    from edgelora.writeback import DATA_FILE
+    from edgelora.outputs import DATA_FILE
     for f in (written["int4"], written["int4"].parent / DATA_FILE):
         assert stat.S_IMODE(f.stat().st_mode) == user_mode(), f
     with building(tmp_path / "out") as tmp:
