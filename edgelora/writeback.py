@@ -1,4 +1,7 @@
-"""Write-back: W' = W + B·A into the bundle's decoder graph, then quantize.
+"""Write-back: W' = W + B·A into the bundle's decoder graph (`merge`), q, k and v fused into one
+MatMul (`fuse_qkv`), then quantized (`quantize`): `write_model` is those steps, into a model
+folder. (`add_lora_path` keeps the LoRA beside the weights instead, for comparison; Arrow's routed
+graph, arrow.py, edits the same MatMuls with `beside_targets`.)
 
 Quantizing after the merge can swamp the small delta B·A, so the matrices the LoRA changed are
 kept at 8 bits (weight-only, block 32) while the rest of an int4 model is at 4 bits: the delta
