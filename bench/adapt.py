@@ -87,7 +87,7 @@ def reference_base(bundle: Bundle) -> Path:
         return Path(src)
     out = home() / "bench" / f"hf-{sha256_file(bundle.path / 'manifest.json')[:12]}"
     if not (out / "config.json").exists():
-        from edgelora_export.model import load_base
+        from edgelora_export.base_model import load_base
         model, tok, _ = load_base(src)
         model.save_pretrained(out)
         tok.save_pretrained(out)
@@ -97,7 +97,7 @@ def reference_base(bundle: Bundle) -> Path:
 def worker_reference(args, bundle: Bundle) -> dict:
     """The reference loop, timed from process start to its recommendation."""
     import torch
-    from edgelora_export.model import load_base
+    from edgelora_export.base_model import load_base
     from reference_lorahub import encode, get_loss, load_base_model_and_lora_modules, lorahub_learning
     fmt = bundle.prompt_format
     examples = load_examples(task_file(args.task))

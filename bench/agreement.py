@@ -127,7 +127,7 @@ def genai_runner(folder: Path, eos: set[int]) -> Runner:
 
 def llamacpp_runner(lora: Path | None, eos: set[int]) -> Runner:
     import llama_cpp
-    from edgelora_export.model import default_gguf
+    from edgelora_export.base_model import default_gguf
     llm = llama_cpp.Llama(model_path=str(default_gguf()), lora_path=str(lora) if lora else None, n_ctx=1024,
                 n_threads=2, n_threads_batch=2, n_batch=512, verbose=False)
 

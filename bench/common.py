@@ -135,7 +135,7 @@ def padded_graph(bundle) -> Path:
     if path.exists():
         return path
     import torch
-    from edgelora_export.model import load_base
+    from edgelora_export.base_model import load_base
 
     class Padded(torch.nn.Module):
         def __init__(self, model):

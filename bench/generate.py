@@ -73,7 +73,7 @@ def genai_model() -> Path:
     out = home() / "bench" / "genai-int4" / Bundle.open().manifest["base"]["name"]
     if not (out / "genai_config.json").exists():
         sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "export"))
-        from edgelora_export.model import load_base
+        from edgelora_export.base_model import load_base
         from onnxruntime_genai.models.builder import create_model
         model, tok, _ = load_base(None)
         with tempfile.TemporaryDirectory() as tmp:
@@ -126,7 +126,7 @@ def worker(kind: str, new_tokens: int) -> dict:
     elif kind == "torch":
         import torch
         sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "export"))
-        from edgelora_export.model import load_base
+        from edgelora_export.base_model import load_base
         torch.set_num_threads(2)
         model = load_base(None)[0]
 
@@ -144,7 +144,7 @@ def worker(kind: str, new_tokens: int) -> dict:
         import llama_cpp
         import numpy as np
         sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "export"))
-        from edgelora_export.model import default_gguf
+        from edgelora_export.base_model import default_gguf
         from edgelora.generate import Decoder
         # the context edgelora's decoder reserves at its first call, so the peak RSS compares the
         # same KV cache size (results before 2026-12-04 gave llama.cpp 1024 positions)

@@ -12,14 +12,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from edgelora.bundle import FORMAT, FORMAT_VERSION, is_bundle, write_manifest
 from edgelora.errors import UserError
 from edgelora.io import check_replaceable, read_json, replace_dir
 from edgelora.lora import load_lora, save_lora
+from .base_model import load_base, target_shapes
 from .console import Lap, say
-from .model import ScoringModel, load_base, target_shapes
+from .scoring_graph import export_scoring
 
 LIBRARY = Path(__file__).parent / "library"  # LoRAs trained on SmolLM2 by `edgelora-export library`
 MAX_LEN = 1024  # tokens per example the runtime allows; longer prompts lose their start
@@ -51,31 +51,6 @@ def install_library(files: list[Path], dst: Path) -> None:
     """Each shipped LoRA (fp16) re-saved with its Arrow prototypes, as `edgelora-export lora` adds one."""
     for f in files:
         save_lora(dst / f.name, load_lora(f), np.float16)
-
-
-def export_scoring(model, shapes: dict, path: Path) -> list[str]:
-    """torch.onnx (dynamo) export of ScoringModel; tokens, examples, rows, targets and rank are dynamic."""
-    wrapper = ScoringModel(model, shapes).eval()
-    L, V = len(model.model.layers), model.config.vocab_size
-    n, S, T, K, r = 3, 7, 13, 5, 4  # distinct sizes so the exporter keeps every axis symbolic
-    args = [torch.randint(0, V, (T,)), torch.arange(T), torch.randint(0, T, (n, S)), torch.randint(0, n * S, (T,)),
-            torch.randint(0, T, (n, K)), torch.randint(0, V, (n, K)), torch.ones(n, K)]
-    names = list(ScoringModel.INPUTS)
-    Dim = torch.export.Dim
-    tokens, examples, rows, tgt, rank = Dim("tokens"), Dim("examples"), Dim("rows"), Dim("targets"), Dim("rank")
-    dyn = [{0: tokens}, {0: tokens}, {0: examples, 1: rows}, {0: tokens},
-           {0: examples, 1: tgt}, {0: examples, 1: tgt}, {0: examples, 1: tgt}]
-    slots = []
-    for m, s in shapes.items():
-        args += [torch.randn(L, r, s["in"]) * 0.01, torch.randn(L, s["out"], r) * 0.01]
-        names += [f"lora_A_{m}", f"lora_B_{m}"]
-        slots += [{1: rank}, {2: rank}]
-    outputs = ["loss", "logprob", "hidden", *(f"xa_{m}" for m in shapes)]
-    with torch.no_grad():
-        torch.onnx.export(wrapper, tuple(args), str(path), input_names=names, output_names=outputs,
-                          dynamic_shapes=(*dyn, tuple(slots)) if slots else tuple(dyn), dynamo=True,
-                          external_data=False, optimize=True)
-    return names
 
 
 def external_weights(decoder_dir: Path, data_file: str):

@@ -14,7 +14,7 @@ from edgelora.errors import UserError, run_command
 from edgelora.io import exclusive, tidy_temp_folders
 
 from .console import Lap, captured, say
-from .model import DEFAULT_TARGETS
+from .base_model import DEFAULT_TARGETS
 from .train import TrainConfig
 
 

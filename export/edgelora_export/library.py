@@ -18,7 +18,7 @@ from edgelora.errors import UserError
 from edgelora.io import atomic_write, atomic_write_json, read_json, read_text
 from edgelora.lora import from_peft, save_lora
 from .console import say
-from .model import target_shapes
+from .base_model import target_shapes
 from .train import TrainConfig, check_same_config, load_for_training, train_lora
 
 HELD_OUT_SUITES = ("bbh", "near")

@@ -20,7 +20,7 @@ from edgelora.errors import UserError
 from edgelora.examples import PromptFormat, load_examples
 from edgelora.io import atomic_write_json, peak_rss_mb, read_json, writing
 from .console import say, stderr
-from .model import DEFAULT_TARGETS
+from .base_model import DEFAULT_TARGETS
 
 
 @dataclass
@@ -205,7 +205,7 @@ def train_lora(base, tok, fmt: PromptFormat, task: Path, out: Path, cfg: TrainCo
 def load_for_training(source, threads: int | None = None):
     """(model, tokenizer, prompt format, name), on `threads` torch threads (default: every core)."""
     from .base import prompt_format
-    from .model import load_base
+    from .base_model import load_base
     torch.set_num_threads(threads or os.cpu_count() or 1)
     base, tok, name = load_base(source)
     for p in base.parameters():

