@@ -17,8 +17,8 @@ from edgelora.cluster import read_clusters
 from edgelora.errors import UserError
 from edgelora.io import atomic_write, atomic_write_json, read_json, read_text
 from edgelora.lora import from_peft, save_lora
-from .console import say
 from .base_model import target_shapes
+from .console import say
 from .train import TrainConfig, check_same_config, load_for_training, train_lora
 
 HELD_OUT_SUITES = ("bbh", "near")
