@@ -38,14 +38,12 @@ from pathlib import Path
 import numpy as np
 from edgelora.bundle import Bundle
 from edgelora.io import peak_rss_mb
-from edgelora.lora import LoraStack, check_compatible, load_lora
+from edgelora.lora import LoraStack, load_checked
 from edgelora.outputs import read_weights
 from edgelora.writeback import DEFAULT_QUANT, write_model
 bundle, out = Bundle.open(sys.argv[1]), Path(sys.argv[2])
 weights = read_weights(out)["weights"]
-loras = [load_lora(bundle.lora_paths()[name]) for name in weights]
-for lora in loras:
-    check_compatible(lora, bundle.targets, bundle.arch["layers"], lora.name)
+loras = load_checked([bundle.lora_paths()[name] for name in weights], bundle)
 A, B = LoraStack(loras, list(bundle.targets)).compose(np.array(list(weights.values())))
 t0 = time.time()
 write_model(bundle, A, B, out / "model", DEFAULT_QUANT)

@@ -29,7 +29,7 @@ from .batch import Batch
 from .bundle import Bundle, home, sha256_cached
 from .errors import UserError
 from .io import atomic_write_json, read_json, replace_dir, sha256_file, user_mode
-from .lora import SAFETENSORS_ERRORS, Lora, check_compatible, load_lora, prototypes, unreadable
+from .lora import SAFETENSORS_ERRORS, Lora, load_checked, load_lora, pad_rank, prototypes, unreadable
 from .outputs import DATA_FILE
 from .writeback import beside_targets, save_with_data
 
@@ -101,15 +101,11 @@ def arrow_library(tasks: list[Lora], general: list[Lora] = ()) -> ArrowLibrary:
     rank = max(l.rank for l in tasks)
     protos = [prototypes(l) for l in tasks]
     lib = ArrowLibrary({}, {}, {})
-    for m, ref in tasks[0].A.items():
-        L, _, d_in = ref.shape
-        d_out = tasks[0].B[m].shape[1]
+    for m in tasks[0].A:
         lib.protos[m] = np.stack([p[m] for p in protos], axis=-1)
-        lib.A[m] = np.zeros((L, len(tasks), rank, d_in), np.float32)
-        lib.B[m] = np.zeros((L, len(tasks), rank, d_out), np.float32)
-        for i, l in enumerate(tasks):
-            lib.A[m][:, i, : l.rank] = l.A[m]
-            lib.B[m][:, i, : l.rank] = l.B[m].transpose(0, 2, 1) * l.scale
+        padded = [pad_rank(l.A[m], l.B[m] * l.scale, rank) for l in tasks]
+        lib.A[m] = np.stack([a for a, _ in padded], axis=1, dtype=np.float32)
+        lib.B[m] = np.stack([b.transpose(0, 2, 1) for _, b in padded], axis=1, dtype=np.float32)
     return lib
 
 
@@ -238,11 +234,8 @@ def routed_decoder(bundle: Bundle, route: ArrowRoute) -> Path:
     folder = home() / "routed" / f"{bundle.path.name}-{hashlib.sha256(key['bundle'].encode()).hexdigest()[:8]}{suffix}"
     if _routed_cached(folder, key):
         return folder / "model.onnx"
-    layers, targets = bundle.arch["layers"], bundle.targets
-    loras = {}
-    for name in tasks + list(route.gks):
-        loras[name] = load_lora(paths[name])
-        check_compatible(loras[name], targets, layers, str(paths[name]))
+    names = tasks + list(route.gks)
+    loras = dict(zip(names, load_checked([paths[n] for n in names], bundle)))
     lib = arrow_library([loras[n] for n in tasks], [loras[n] for n in route.gks])
     model = onnx.load(str(bundle.decoder_dir / bundle.manifest["decoder"]["file"]))
     add_arrow_routing(model, bundle.manifest["decoder"]["weights"], lib, route)

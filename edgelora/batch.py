@@ -1,6 +1,7 @@
 """The scoring graph's input contract: (prompt, target) pairs tokenised once, a long prompt cut
 one way, and packed into the arrays the graph takes (`Batch`), built once and fed unchanged at
-every evaluation.
+every evaluation. Training tokenises with the same `tokenize_pairs`, so a LoRA learns on the
+tokens that score it.
 """
 from __future__ import annotations
 

@@ -199,8 +199,8 @@ def cmd_export(args) -> None:
 def cmd_cluster(args) -> None:
     from .cluster import FORMAT, KEEP, N_INIT, cluster_loras, heatmap_svg, is_own_clusters, is_own_heatmap
     from .io import atomic_write, atomic_write_json, check_file_replaceable, sha256_file
+    from .lora import load_checked
     from .outputs import versions
-    from .search import load_checked
     check_seed(args.seed)
     svg = args.out.with_suffix(".svg")
     if svg == args.out:

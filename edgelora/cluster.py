@@ -12,7 +12,6 @@ numpy and scipy only (the runtime side): no sklearn, whose TruncatedSVD and KMea
 from __future__ import annotations
 
 import html
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from scipy.cluster.vq import vq
 
 from .errors import UserError
 from .io import read_json
-from .lora import Lora
+from .lora import Lora, check_name, pad_rank
 
 FORMAT = "edgelora-clusters"
 KEEP = 0.5      # the share of each LoRA's parameters kept, by magnitude (mttl zeroes a sparsity_threshold share, 0.8 by default)
@@ -31,7 +30,6 @@ MAX_ITER = 300  # Lloyd iterations per run at most (sklearn's max_iter)
 # What marks a heat map as edgelora's, so the next run may replace it: the description it carries
 # (and, before it did, the title `edgelora cluster` gave it).
 HEATMAP_MARKS = ("<desc>edgelora cluster heat map</desc>", ">MBC: cosine similarity of ")
-NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # a cluster's name is its LoRA's file name
 
 
 def flatten(lora: Lora, rank: int) -> np.ndarray:
@@ -41,9 +39,8 @@ def flatten(lora: Lora, rank: int) -> np.ndarray:
     without the alpha/r scale."""
     parts = []
     for m in sorted(lora.A):
-        A, B = lora.A[m], lora.B[m]
-        parts.append(np.pad(A, ((0, 0), (0, rank - A.shape[1]), (0, 0))).ravel())
-        parts.append(np.pad(B, ((0, 0), (0, 0), (0, rank - B.shape[2]))).ravel())
+        A, B = pad_rank(lora.A[m], lora.B[m], rank)
+        parts += [A.ravel(), B.ravel()]
     return np.concatenate(parts).astype(np.float32)
 
 
@@ -176,8 +173,7 @@ def read_clusters(path: Path) -> dict[str, list[str]]:
                         f"(what `edgelora cluster` writes)")
     seen: dict[str, str] = {}
     for name, tasks in clusters.items():
-        if not NAME.fullmatch(name):
-            raise UserError(f"{path}: cluster name {name!r}: use letters, digits, '_', '-' and '.'")
+        check_name(name, f"{path}: cluster name")  # a cluster's name is its LoRA's file name
         if not (isinstance(tasks, list) and tasks and all(isinstance(t, str) and t for t in tasks)):
             raise UserError(f"{path}: cluster {name} must list one or more task names")
         for t in tasks:

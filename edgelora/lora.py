@@ -10,6 +10,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from safetensors import SafetensorError, safe_open
@@ -17,6 +18,13 @@ from safetensors.numpy import load_file, save
 
 from .errors import UserError
 from .io import atomic_write, read_json
+
+if TYPE_CHECKING:
+    from .bundle import Bundle
+
+# A LoRA's name is its file's stem in a bundle's library (`<name>.safetensors`) and in a trained
+# library's folder: it must be a plain file name on every system.
+LORA_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 @dataclass
@@ -35,6 +43,13 @@ class Lora:
     def metadata(self) -> dict[str, str]:
         return {"format": "edgelora-lora", "name": self.name, "rank": str(self.rank),
                 "alpha": repr(float(self.alpha)), "source": self.source}
+
+
+def check_name(name: str, what: str) -> str:
+    """`name`, once it can name a LoRA's file; `what` says where it was given, in the error."""
+    if not LORA_NAME.fullmatch(name):
+        raise UserError(f"{what} {name!r}: use letters, digits, '_', '-' and '.'")
+    return name
 
 
 def save_lora(path: str | Path, lora: Lora, dtype=np.float16) -> None:
@@ -121,6 +136,22 @@ def check_compatible(lora: Lora, targets: dict[str, dict], layers: int, where: s
             lora.B[m] = np.zeros((layers, t["out"], lora.rank), np.float32)
 
 
+def load_checked(paths: list[Path], bundle: Bundle) -> list[Lora]:
+    """The LoRAs at `paths`, each refused with one line unless the bundle can take it."""
+    loras = [load_lora(p) for p in paths]
+    for lora, p in zip(loras, paths):
+        check_compatible(lora, bundle.targets, bundle.arch["layers"], str(p))
+    return loras
+
+
+def pad_rank(A: np.ndarray, B: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """A [..., r, in] and B [..., out, r] zero-padded to `rank`: the rows added to A meet zero
+    columns of B, so B·A is unchanged, and LoRAs of different ranks stack into one array."""
+    extra = rank - A.shape[-2]
+    return (np.pad(A, [(0, 0)] * (A.ndim - 2) + [(0, extra), (0, 0)]),
+            np.pad(B, [(0, 0)] * (B.ndim - 1) + [(0, extra)]))
+
+
 COMPOSITIONS = ("cat", "lorahub")
 
 
@@ -156,8 +187,7 @@ class LoraStack:
             B = np.zeros((n, L, d_out, r), np.float32)
             for i, l in enumerate(loras):
                 if m in l.A:
-                    A[i, :, : l.rank] = l.A[m]
-                    B[i, :, :, : l.rank] = l.B[m] * l.scale
+                    A[i], B[i] = pad_rank(l.A[m], l.B[m] * l.scale, r)
             if compose == "cat":
                 self.A[m] = np.ascontiguousarray(A.transpose(1, 0, 2, 3).reshape(L, n * r, d_in))
                 self._B[m] = np.ascontiguousarray(B.transpose(1, 2, 0, 3))  # [L, out, n, r]
@@ -312,12 +342,10 @@ def from_peft(folder: str | Path, targets: dict[str, dict], layers: int, name: s
             rank = max(r for r, _ in settings)
             out_alpha = float(rank)
             for m in sorted(found):
-                A[m] = np.zeros((layers, rank, parts[m, 0][0].shape[1]), np.float32)
-                B[m] = np.zeros((layers, parts[m, 0][1].shape[0], rank), np.float32)
-                for i in range(layers):
-                    a, b, r, al = parts[m, i]
-                    A[m][i, :r] = a
-                    B[m][i, :, :r] = b * (al / (r ** 0.5 if rslora else r))
+                padded = [pad_rank(a, b * (al / (r ** 0.5 if rslora else r)), rank)
+                          for a, b, r, al in (parts[m, i] for i in range(layers))]
+                A[m] = np.stack([a for a, _ in padded])
+                B[m] = np.stack([b for _, b in padded])
     except ValueError:
         raise UserError(f"{st_path}: {m} has different shapes in different layers") from None
     lora = Lora(name or folder.name, rank, out_alpha, A, B, source=cfg.get("base_model_name_or_path") or str(folder))

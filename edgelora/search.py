@@ -21,7 +21,7 @@ from .errors import UserError
 from .batch import check_batch_size, encode_pairs, keep_ends
 from .examples import Example, load_examples
 from .arrow import load_prototypes, rank_by_arrow
-from .lora import COMPOSITIONS, Lora, LoraStack, check_compatible, load_lora
+from .lora import COMPOSITIONS, Lora, LoraStack, load_checked
 from .recipe import CHOICES, choose
 from .scorer import Scorer
 from .surrogate import MISPREDICTING, RADIUS, Head, Point, Setting, Trace, choose_setting, trust_region
@@ -349,14 +349,6 @@ def with_fallback(f: Objective, stop: str, span: int) -> str:
     except _Stop as e:
         return f"{stop}; then COBYLA: {e.reason}"
     return f"{stop}; then COBYLA: " + ("converged" if r.success else str(r.message))
-
-
-def load_checked(paths: list[Path], bundle: Bundle) -> list[Lora]:
-    """The LoRAs at `paths`, each refused with one line unless the bundle can take it."""
-    loras = [load_lora(p) for p in paths]
-    for lora, p in zip(loras, paths):
-        check_compatible(lora, bundle.targets, bundle.arch["layers"], str(p))
-    return loras
 
 
 @dataclass

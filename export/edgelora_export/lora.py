@@ -3,7 +3,6 @@ LoRA of the bundle's MBC library, `loras-mbc/`); `library --bundle` installs a w
 library at once."""
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +10,7 @@ import numpy as np
 from edgelora.bundle import LIBRARIES, Bundle, write_manifest
 from edgelora.errors import UserError
 from edgelora.io import building
-from edgelora.lora import check_compatible, from_peft, load_lora, save_lora
+from edgelora.lora import check_name, from_peft, load_checked, save_lora
 
 # The libraries shipped in this package (package data), trained on the default base, SmolLM2-135M-Instruct:
 # one LoRA per upstream task (what `base` installs) and one per MBC cluster of them (`base --mbc`).
@@ -27,9 +26,7 @@ def install_library(files: list[Path], bundle_path: Path | None, library: str) -
         raise UserError("no trained LoRAs to install")
     dst = bundle.path / LIBRARIES[library]
     with building(dst) as tmp:
-        for f in files:
-            lora = load_lora(f)
-            check_compatible(lora, bundle.targets, bundle.arch["layers"], str(f))
+        for f, lora in zip(files, load_checked(files, bundle)):
             save_lora(tmp / f.name, lora, np.float16)
     write_manifest(bundle.path, bundle.manifest)
     return dst
@@ -39,8 +36,7 @@ def add_lora(peft_dir: Path, bundle_path: Path | None, name: str | None = None, 
              force: bool = False, library: str = "per-task") -> Path:
     bundle = Bundle.open(bundle_path)
     name = name or Path(peft_dir).resolve().name
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
-        raise UserError(f"--name {name!r}: use letters, digits, '_', '-' and '.'")
+    check_name(name, "--name")
     lora = from_peft(peft_dir, bundle.targets, bundle.arch["layers"], name)
     out = bundle.path / LIBRARIES[library] / f"{name}.safetensors"
     if out.exists() and not force:

@@ -16,11 +16,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from edgelora.batch import tokenize_pairs
 from edgelora.errors import UserError
 from edgelora.examples import PromptFormat, load_examples
 from edgelora.io import atomic_write_json, peak_rss_mb, read_json, writing
-from .console import say, stderr
 from .base_model import DEFAULT_TARGETS
+from .console import say, stderr
 
 
 @dataclass
@@ -32,7 +33,7 @@ class TrainConfig:
     loraplus_ratio: float = 16.0
     batch: int = 8
     steps: int = 30               # ~4 s a step on 2 cores: 39 LoRAs in ~1.5 h
-    max_len: int = 192            # tokens per example: the prompt loses its start beyond it
+    max_len: int = 192            # tokens per example: beyond it the prompt loses its start (batch.tokenize_pairs)
     heldout: int = 32             # examples kept apart for early stopping
     eval_every: int = 5           # held-out loss every 5 steps; stop after `patience` evaluations
     patience: int = 2             # without a new best (10 steps: it can fire within the 30)
@@ -40,12 +41,10 @@ class TrainConfig:
 
 
 def tokenize(examples, tok, fmt: PromptFormat, max_len: int) -> list[tuple[list[int], list[int]]]:
-    rows = []
-    for prompt, target in fmt.pairs(examples):
-        p = tok(prompt, add_special_tokens=False)["input_ids"]
-        t = tok(target, add_special_tokens=False)["input_ids"][: max_len // 2]
-        rows.append((p[max(0, len(p) - (max_len - len(t))):], t))
-    return rows
+    """(prompt, answer) token rows, tokenised and cut as the runtime scores them
+    (`edgelora.batch.tokenize_pairs`, on the `tokenizers` tokenizer behind the HF one), so a LoRA
+    learns on the tokens that will score it."""
+    return tokenize_pairs(tok.backend_tokenizer, fmt.pairs(examples), max_len)[0]
 
 
 def collate(rows, pad_id: int):
