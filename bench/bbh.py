@@ -50,7 +50,8 @@ from edgelora.arrow import ArrowRoute
 from edgelora.lora import LoraStack, load_lora
 from edgelora.scorer import Scorer
 from edgelora.search import AdaptConfig, adapt, choose_loras
-from edgelora.writeback import DEFAULT_QUANT, write_model
+from edgelora.outputs import DEFAULT_QUANT
+from edgelora.writeback import write_model
 
 
 def score(model_dir: Path, test, shots=(), out: Path | None = None, route: ArrowRoute | None = None) -> dict:

@@ -39,8 +39,8 @@ import numpy as np
 from edgelora.bundle import Bundle
 from edgelora.io import peak_rss_mb
 from edgelora.lora import LoraStack, load_checked
-from edgelora.outputs import read_weights
-from edgelora.writeback import DEFAULT_QUANT, write_model
+from edgelora.outputs import DEFAULT_QUANT, read_weights
+from edgelora.writeback import write_model
 bundle, out = Bundle.open(sys.argv[1]), Path(sys.argv[2])
 weights = read_weights(out)["weights"]
 loras = load_checked([bundle.lora_paths()[name] for name in weights], bundle)

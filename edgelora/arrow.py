@@ -8,6 +8,8 @@ its own scale) is added with that weight. GenKnowSub first subtracts the mean A 
 "general" LoRAs from the others. Routing is per token, so it cannot be merged into the weights:
 `routed_decoder` builds the bundle's decoder with the routing in the graph, once per setting. The
 same scores rank a library for LoraHub (`rank_by_arrow`) from one base forward.
+
+onnx is imported where the routed graph is built: the search ranks by Arrow without it.
 """
 from __future__ import annotations
 
@@ -21,8 +23,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import onnx
-from onnx import helper, numpy_helper
 from safetensors import safe_open
 
 from .batch import Batch
@@ -31,9 +31,10 @@ from .errors import UserError
 from .io import atomic_write_json, read_json, replace_dir, sha256_file, user_mode
 from .lora import SAFETENSORS_ERRORS, Lora, load_checked, load_lora, pad_rank, prototypes, unreadable
 from .outputs import DATA_FILE
-from .writeback import beside_targets, save_with_data
 
 if TYPE_CHECKING:
+    import onnx
+
     from .scorer import Scorer
 
 
@@ -147,6 +148,9 @@ def add_arrow_routing(model: onnx.ModelProto, weights: dict, lib: ArrowLibrary, 
     k LoRAs' A and B gathered: Σ cᵢ·(x·Aᵢᵀ)·(scaleᵢ·Bᵢᵀ) added to x·Wᵀ. Gathering reads k LoRAs
     per decode step where a dense sum over the library reads all of them (measured against that
     dense sum on the default bundle, 2026-11-25: decode 1.2× at int4, 1.1× at fp32, prefill 0.94×)."""
+    from onnx import helper, numpy_helper
+
+    from .writeback import beside_targets
     added: set[str] = set()
 
     def init(name: str, arr) -> str:
@@ -232,11 +236,20 @@ def routed_decoder(bundle: Bundle, route: ArrowRoute) -> Path:
            "loras": tasks}
     suffix = "" if route.library == "per-task" else f"-{route.library}"  # one graph per bundle and library
     folder = home() / "routed" / f"{bundle.path.name}-{hashlib.sha256(key['bundle'].encode()).hexdigest()[:8]}{suffix}"
-    if _routed_cached(folder, key):
-        return folder / "model.onnx"
-    names = tasks + list(route.gks)
-    loras = dict(zip(names, load_checked([paths[n] for n in names], bundle)))
-    lib = arrow_library([loras[n] for n in tasks], [loras[n] for n in route.gks])
+    if not _routed_cached(folder, key):
+        names = tasks + list(route.gks)
+        loras = dict(zip(names, load_checked([paths[n] for n in names], bundle)))
+        build_routed(bundle, arrow_library([loras[n] for n in tasks], [loras[n] for n in route.gks]), route,
+                     folder, key)
+    return folder / "model.onnx"
+
+
+def build_routed(bundle: Bundle, lib: ArrowLibrary, route: ArrowRoute, folder: Path, key: dict) -> None:
+    """The routed graph built aside and swapped in whole for `folder`, then its route.json: `key`
+    and the files' sha256, which `_routed_cached` checks at the next use."""
+    import onnx
+
+    from .writeback import save_with_data
     model = onnx.load(str(bundle.decoder_dir / bundle.manifest["decoder"]["file"]))
     add_arrow_routing(model, bundle.manifest["decoder"]["weights"], lib, route)
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -251,4 +264,3 @@ def routed_decoder(bundle: Bundle, route: ArrowRoute) -> Path:
     # hashed where they now lie, so the next use finds them in the sha256 cache; a process killed
     # before this line leaves no route.json, and the next use rebuilds
     atomic_write_json(folder / "route.json", {"key": key, "sha256": {f: sha256_cached(folder / f) for f in ROUTED_FILES}})
-    return folder / "model.onnx"

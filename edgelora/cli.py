@@ -12,9 +12,9 @@ from .errors import UserError, interrupted_exit_code, run_command
 from .evaluate import MODES
 from .formats import FORMATS, export
 from .lora import COMPOSITIONS
+from .outputs import DEFAULT_QUANT, QUANTS
 from .recipe import CHOICES
 from .search import FINALISTS, OPTIMIZERS, SELECTS, AdaptConfig
-from .writeback import DEFAULT_QUANT, QUANTS
 
 
 def cmd_info(args) -> None:

@@ -6,11 +6,13 @@ from __future__ import annotations
 import re
 import time
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from .examples import Example
 from .io import is_json_with
-from .generate import Model
+
+if TYPE_CHECKING:  # onnxruntime: `edgelora --help` reads MODES without it
+    from .generate import Model
 
 MODES = ("zero-shot", "icl", "adapted")
 # What every `edgelora eval` results file holds: such a file is replaced by the next eval.

@@ -26,6 +26,11 @@ if TYPE_CHECKING:
 WEIGHTS = "weights.json"  # the search's result: the weights found, the history, the settings
 WEIGHTS_KEYS = {"weights", "history", "settings"}  # what every adapt output's weights.json holds
 MODEL_META = "edgelora.json"  # the model's: prompt format, stop ids, sha256s; what generate and eval read
+# The model's weights (`adapt --quant`): fp32, or int8 or int4 weight-only. The default, int4 with the
+# LoRA's targets at 8 bits (writeback.py), was chosen by bench/results/quant_accuracy.md; onnxruntime's
+# dynamic int8 (activations quantized per tensor) broke generation.
+QUANTS = ("none", "int8", "int4")
+DEFAULT_QUANT = "int4"
 # A model's weights lie in model.onnx.data beside it, never inside model.onnx: protobuf cannot
 # write 2 GB (a ~500M-parameter base in fp32), and onnxruntime maps an external file where it
 # copies a protobuf's tensors, so decoding the int4 model peaks ~30 MB lower

@@ -25,14 +25,17 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .batch import encode_pairs
 from .examples import Example, PromptFormat
 from .lora import LoraStack, zero_slots
-from .scorer import Scorer
 from .surrogate import Head
+
+if TYPE_CHECKING:  # onnxruntime: `edgelora --help` reads CHOICES without it
+    from .scorer import Scorer
 
 # name: (the adapted model, the examples as shots). In cost order: a full tie goes to the first.
 RECIPES = {"adapted": (True, False), "zero-shot": (False, False), "adapted+icl": (True, True), "icl": (False, True)}

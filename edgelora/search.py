@@ -12,19 +12,21 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
+from .arrow import load_prototypes, rank_by_arrow
+from .batch import check_batch_size, encode_pairs, keep_ends
 from .bundle import LIBRARIES, Bundle
 from .errors import UserError
-from .batch import check_batch_size, encode_pairs, keep_ends
 from .examples import Example, load_examples
-from .arrow import load_prototypes, rank_by_arrow
 from .lora import COMPOSITIONS, Lora, LoraStack, load_checked
 from .recipe import CHOICES, choose
-from .scorer import Scorer
 from .surrogate import MISPREDICTING, RADIUS, Head, Point, Setting, Trace, choose_setting, trust_region
+
+if TYPE_CHECKING:  # onnxruntime: imported where adapt builds the session, so the CLI starts without it
+    from .scorer import Scorer
 
 # "surrogate" models the hidden states every forward returns and spends forwards only to correct
 # the model (surrogate.py); the others are scipy's / cma's, which see one number per forward.
@@ -473,6 +475,7 @@ def adapt(examples: str | Path | list[Example], bundle: Bundle | str | Path | No
     paths = choose_loras(bundle, loras, len(bundle.lora_paths(cfg.library)) if ranked else cfg.n_loras, cfg.seed,
                          cfg.library)
     loras_ = [] if ranked else load_checked(paths, bundle)  # named or sampled: checked before the session is built
+    from .scorer import Scorer
     t0 = time.perf_counter()
     scorer = Scorer(bundle)
     scorer.bind(batch)

@@ -21,8 +21,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy.optimize import minimize
-from scipy.special import logsumexp
+
+# scipy (half a second to import) is imported where it is used, as in search.py: the CLI reads the
+# search's choices at start-up, and that import reaches this module.
 
 SMOOTH = 1e-3        # |w| ≈ sqrt(w² + SMOOTH²) inside the model, so L-BFGS-B sees a smooth L1 term
 RADIUS = 0.5         # first trust radius: a box of half-width 0.75 mispredicted 20× in a prototype
@@ -56,6 +57,7 @@ class Head:
 
     def ce(self, H: np.ndarray) -> np.ndarray:
         """Each position's exact cross-entropy [P] (the graph's own, up to float error)."""
+        from scipy.special import logsumexp
         z = self.logits(H).astype(np.float64)
         return logsumexp(z, axis=1) - z[np.arange(len(z)), self.y]
 
@@ -65,6 +67,7 @@ class Model:
     its K likeliest tokens at the centre (and its target); the others' log-sum-exp is a constant."""
 
     def __init__(self, head: Head, centre: Point, J: np.ndarray, k: int | None = None):
+        from scipy.special import logsumexp
         P, d = centre.hidden.shape
         n = J.shape[-1]
         k = min(k or int(np.clip(4e6 / (P * d), 32, 128)), head.W.shape[0])
@@ -141,6 +144,7 @@ def minimise(model: Model, x0: np.ndarray, span: int, radius: float, bounds: flo
     in the ball |w − x0| ≤ radius within the box; returns (w, modelled objective with exact |w|).
     L-BFGS-B on the box with the ball as a steep quadratic penalty, then projected onto it: a few
     milliseconds in 39 dimensions, where SLSQP's constrained subproblems took a second."""
+    from scipy.optimize import minimize
     n = model.n
     centre = np.asarray(x0, np.float64)[:span]
     mu = 1e3

@@ -23,13 +23,10 @@ from .bundle import Bundle
 from .errors import UserError
 from .io import atomic_write_json, sha256_file, user_mode
 from .lora import delta
-from .outputs import DATA_FILE, MODEL_META
+from .outputs import DATA_FILE, DEFAULT_QUANT, MODEL_META, QUANTS
 
-QUANTS = ("none", "int8", "int4")
-# Chosen by measurement (bench/results/quant_accuracy.md, int4_block.json): int4 block 32 for the
-# base, 8 bits for the merged LoRA targets. Weight-only 8 bits moves log-probs far less than 4
-# bits; onnxruntime's dynamic int8 (activations quantized per tensor) broke generation.
-DEFAULT_QUANT = "int4"
+# int4's block, chosen by measurement (bench/results/int4_block.json); the merged LoRA targets stay
+# at 8 bits (bench/results/quant_accuracy.md): weight-only 8 bits moves log-probs far less than 4.
 INT4_BLOCK = 32
 
 

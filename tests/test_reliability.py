@@ -167,12 +167,12 @@ def test_same_size_damage_to_an_onnx_file_is_caught_before_onnxruntime(tiny_bund
                                          ("junk.safetensors", "not a readable safetensors file")])
 def test_bad_loras_are_reported_before_the_scoring_session_is_built(library, monkeypatch, tmp_path, bad,  # noqa: F811
                                                                     message):
-    from edgelora import search
+    from edgelora import scorer
 
     def no_session(*a, **kw):
         raise AssertionError("the scoring session was built before --loras was checked")
 
-    monkeypatch.setattr(search, "Scorer", no_session)
+    monkeypatch.setattr(scorer, "Scorer", no_session)
     if bad.endswith(".safetensors"):
         bad = tmp_path / bad
         bad.write_bytes(b"\x10" * 64)
