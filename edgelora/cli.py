@@ -233,21 +233,26 @@ def cmd_cluster(args) -> None:
 def route_from(args):
     """`--route arrow [--top-k K] [--gks LORA ...] [--library L]` as an ArrowRoute (None without --route)."""
     from .arrow import ArrowRoute
+    options = getattr(args, "route_options", None)
     if args.route is None:
-        if args.top_k is not None or args.gks:
-            raise UserError("--top-k and --gks set Arrow routing: add --route arrow")
+        if args.top_k is not None or args.gks or options:
+            raise UserError("--top-k, --gks and --route-options set Arrow routing: add --route arrow")
         return None
     return ArrowRoute(top_k=ArrowRoute.top_k if args.top_k is None else args.top_k, gks=tuple(args.gks or ()),
-                      library=args.library or ArrowRoute.library)
+                      library=args.library or ArrowRoute.library, options=options or ArrowRoute.options)
 
 
 def add_route_flags(p: argparse.ArgumentParser) -> None:
+    from .arrow import ArrowRoute
     p.add_argument("--route", choices=["arrow"],
                    help="a bundle's base with Arrow routing over its library, per token and target module (zero-shot: "
                         "no examples, no search; the routed graph is built once into EDGELORA_HOME/routed/)")
     p.add_argument("--top-k", type=int, help="--route arrow: LoRAs kept per token (default 3)")
     p.add_argument("--gks", nargs="+", metavar="LORA",
                    help="--route arrow: GenKnowSub, subtract these general LoRAs' mean A and B from the others (not routed)")
+    p.add_argument("--route-options", choices=["prompt", "routed"],
+                   help=f"--route arrow, ranking a task's options: route the prompt only (prompt), or the options' "
+                        f"own tokens too (routed) (default {ArrowRoute.options})")
 
 
 def check_seed(seed: int) -> None:

@@ -10,7 +10,7 @@ from typing import Iterator
 import numpy as np
 import onnxruntime as ort
 
-from .arrow import ArrowRoute, routed_decoder
+from .arrow import GATE, ArrowRoute, routed_decoder
 from .batch import common_prefix
 from .errors import UserError
 from .examples import Example, PromptFormat
@@ -38,6 +38,7 @@ class Decoder:
         shape = inputs[self.past_names[0]].shape  # [batch, kv_heads, past, head_dim]
         self.kv_heads, self.head_dim = int(shape[1]), int(shape[3])
         self.use_positions = "position_ids" in inputs
+        self.gated = GATE in inputs  # a routed graph: its routing turned on or off per forward
         vocab = next(o for o in self.session.get_outputs() if o.name == "logits").shape[-1]
         if not isinstance(vocab, int):
             raise UserError(f"{model_path}: the logits output has no fixed vocabulary size ({vocab!r})")
@@ -68,9 +69,10 @@ class Decoder:
             self._io.bind_ortvalue_input(past, self._values[past])
             self._io.bind_ortvalue_output(present, self._values[past])  # bound once, not per step
 
-    def forward(self, ids: list[int], start: int) -> np.ndarray:
+    def forward(self, ids: list[int], start: int, gate: float = 1.0) -> np.ndarray:
         """Logits of every position of `ids`, placed after the first `start` cached tokens
-        (whatever the cache held from `start` on is overwritten)."""
+        (whatever the cache held from `start` on is overwritten); `gate` 0 runs a routed graph's
+        tokens without the routing."""
         if start > len(self.cache_ids):
             raise ValueError(f"start {start} is past the {len(self.cache_ids)} cached tokens")
         self.cache_ids = self.cache_ids[:start]
@@ -81,6 +83,8 @@ class Decoder:
         io.bind_cpu_input("attention_mask", np.ones((1, end), np.int64))
         if self.use_positions:
             io.bind_cpu_input("position_ids", np.arange(start, end, dtype=np.int64)[None])
+        if self.gated:
+            io.bind_cpu_input(GATE, np.array([gate], np.float32))
         logits = np.empty((1, len(ids), self.vocab), np.float32)  # written in place: no copy out
         io.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))  # the presents stay bound
         self.session.run_with_iobinding(io)
@@ -122,15 +126,16 @@ class Decoder:
             n += 1
 
     def option_logprobs(self, prompt_ids: list[int], options: list[list[int]],
-                        prefill: np.ndarray | None = None) -> list[float]:
-        """Summed log-prob of each option's tokens after the prompt; the prompt is run once."""
+                        prefill: np.ndarray | None = None, gate: float = 1.0) -> list[float]:
+        """Summed log-prob of each option's tokens after the prompt; the prompt is run once, the
+        options' own tokens with `gate` (0: a routed graph routes the prompt only)."""
         first = log_softmax(self._last_logits(prompt_ids, prefill))
         n = len(prompt_ids)
         out = []
         for opt in options:
             lp = float(first[opt[0]])
             if len(opt) > 1:
-                lps = log_softmax(self.forward(opt[:-1], n))
+                lps = log_softmax(self.forward(opt[:-1], n, gate))
                 lp += float(sum(lps[j, t] for j, t in enumerate(opt[1:])))
             out.append(lp)
         return out
@@ -152,6 +157,7 @@ class Model:
     fmt: PromptFormat
     max_len: int
     meta: dict
+    option_gate: float = 1.0  # a routed model's routing on the options' own tokens (ArrowRoute.options)
     shots: list[Example] = field(default_factory=list)  # an adapt output's recipe puts them in every prompt
 
     @classmethod
@@ -185,7 +191,9 @@ class Model:
         except Exception as e:  # tokenizers raises a bare Exception for a damaged file
             raise UserError(f"{tok_path}: not a readable tokenizer ({str(e).splitlines()[0] if str(e) else e!r})") from None
         return cls(path, Decoder(onnx_path, meta["eos_ids"], threads), tokenizer,
-                   PromptFormat.from_dict(meta["prompt"]), meta["max_len"], meta, recipe_shots(meta, path))
+                   PromptFormat.from_dict(meta["prompt"]), meta["max_len"], meta,
+                   option_gate=0.0 if route is not None and route.options == "prompt" else 1.0,
+                   shots=recipe_shots(meta, path))
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
@@ -220,7 +228,8 @@ class Model:
             text = self.tokenizer.decode(out)
             if "\n" in text.lstrip():
                 break
-        lps = self.decoder.option_logprobs(prompt_ids, [self.encode(o) for o in options], prefill) if options else []
+        lps = (self.decoder.option_logprobs(prompt_ids, [self.encode(o) for o in options], prefill, self.option_gate)
+               if options else [])
         return text, lps
 
 

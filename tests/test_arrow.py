@@ -98,7 +98,8 @@ def test_routing_matches_numpy_reference(arrow_bundle, tmp_path):
     ids = prompt_ids(bundle)
     feeds = {"input_ids": np.array([ids]), "attention_mask": np.ones((1, len(ids)), np.int64),
              "position_ids": np.arange(len(ids))[None],
-             **{n: np.zeros((1, dec.kv_heads, 0, dec.head_dim), np.float32) for n in dec.past_names}}
+             **{n: np.zeros((1, dec.kv_heads, 0, dec.head_dim), np.float32) for n in dec.past_names},
+             "arrow_gate": np.ones(1, np.float32)}
     x, idx, top_w, d = (a[0] for a in dec.session.run(probes, feeds))
     w = np.zeros((len(ids), len(bundle.lora_paths())), np.float32)
     np.put_along_axis(w, idx, top_w, axis=-1)  # each token's kept LoRAs' weights, 0 elsewhere
@@ -203,3 +204,25 @@ def test_gks_needs_one_rank():
     lora = lambda r: Lora(f"r{r}", r, 8.0, {"q_proj": np.zeros((2, r, 8), np.float32)}, {"q_proj": np.zeros((2, 8, r), np.float32)})
     with pytest.raises(UserError, match="one rank"):
         arrow_library([lora(4)], [lora(3)])
+
+
+def test_the_gate_turns_routing_off_and_options_are_routed_on_their_prompt_only(arrow_bundle):
+    """`arrow_gate` 0 is the base model exactly; by default (ArrowRoute.options "prompt") an option's
+    own tokens are run with the routing off, after the routed prompt: a one-token option scores the
+    same either way, a longer one differs."""
+    from edgelora.generate import Model
+    bundle = Bundle.open(arrow_bundle[0])
+    ids = prompt_ids(bundle)
+    base = Decoder(bundle.decoder_dir / bundle.manifest["decoder"]["file"], bundle.manifest["eos_ids"])
+    routed = Decoder(routed_decoder(bundle, ArrowRoute()), bundle.manifest["eos_ids"])
+    np.testing.assert_allclose(routed.forward(ids, 0, gate=0.0), base.forward(ids, 0), rtol=1e-5, atol=1e-5)
+    assert np.abs(routed.forward(ids, 0) - base.forward(ids, 0)).max() > 1e-3  # routing on: another model
+    prompt_only = Model.load(bundle.path, route=ArrowRoute())
+    everywhere = Model.load(bundle.path, route=ArrowRoute(options="routed"))
+    assert ArrowRoute().options == "prompt" and prompt_only.option_gate == 0.0 and everywhere.option_gate == 1.0
+    tok = bundle.tokenizer()
+    one = [o for o in ("a", "b", "c", "x") if len(tok.encode(o, add_special_tokens=False).ids) == 1][:2]
+    long_ = ["the red answer", "blue sky above"]
+    a, b = (m.answer(ids, 1, one + long_)[1] for m in (prompt_only, everywhere))
+    np.testing.assert_allclose(a[:len(one)], b[:len(one)], rtol=1e-6)
+    assert not np.allclose(a[len(one):], b[len(one):], rtol=1e-4)
