@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import statistics
 
-from common import DATA, RESULTS, dev_args, dev_tasks, report_md, save
+from common import DATA, RESULTS, by_suite, dev_args, dev_tasks, report_md, save
 
 from edgelora.arrow import ArrowRoute
 from edgelora.bundle import Bundle
@@ -41,12 +41,10 @@ def option_accuracy(model: Model, test) -> float:
 
 def summary(rows: list[dict]) -> dict:
     out = {}
-    for suite in ("bbh", "near", "all"):
-        rs = [r for r in rows if suite in ("all", r["suite"])]
-        if rs:
-            out[suite] = {"tasks": len(rs), **{v: round(statistics.mean(r[v] for r in rs), 4) for v in VARIANTS},
-                          "prompt_not_below_zero_shot_minus_5": sum(r["prompt"] >= r["zero-shot"] - 0.05 for r in rs),
-                          "routed_not_below_zero_shot_minus_5": sum(r["routed"] >= r["zero-shot"] - 0.05 for r in rs)}
+    for suite, rs in by_suite(rows):
+        out[suite] = {"tasks": len(rs), **{v: round(statistics.mean(r[v] for r in rs), 4) for v in VARIANTS},
+                      "prompt_not_below_zero_shot_minus_5": sum(r["prompt"] >= r["zero-shot"] - 0.05 for r in rs),
+                      "routed_not_below_zero_shot_minus_5": sum(r["routed"] >= r["zero-shot"] - 0.05 for r in rs)}
     return out
 
 

@@ -73,6 +73,14 @@ def finished_rows(name: str) -> dict[str, dict]:
     return {r["task"]: r for r in json.loads(path.read_text())["tasks"]} if path.exists() else {}
 
 
+def by_suite(rows: list[dict]):
+    """("bbh", its rows), ("near", ...), ("all", every row): each group that has rows."""
+    for suite in ("bbh", "near", "all"):
+        rs = [r for r in rows if suite in ("all", r["suite"])]
+        if rs:
+            yield suite, rs
+
+
 def report_md(lines: list[str], summ: dict, suite_line) -> str:
     """A dev-task table's lines, then one `suite_line(suite, means)` per suite."""
     return "\n".join(lines) + "\n\n" + "\n".join(suite_line(suite, m) for suite, m in summ.items()) + "\n"

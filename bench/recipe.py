@@ -33,7 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import DATA, RESULTS, dev_args, report_md, dev_tasks, save
+from common import DATA, RESULTS, by_suite, dev_args, report_md, dev_tasks, save
 
 from edgelora.bundle import Bundle
 from edgelora.evaluate import evaluate
@@ -110,10 +110,7 @@ def metric(r: dict, col: str) -> float:
 def summary(rows: list[dict]) -> dict:
     rows = [with_choices(r) for r in rows]
     out = {}
-    for suite in ("bbh", "near", "all"):
-        rs = [r for r in rows if suite in ("all", r["suite"])]
-        if not rs:
-            continue
+    for suite, rs in by_suite(rows):
         s = {"tasks": len(rs)}
         for col in (c for c in COLUMNS if all(c in r for r in rs)):
             for k in ("exact", "options"):
@@ -132,6 +129,18 @@ def summary(rows: list[dict]) -> dict:
     return out
 
 
+def suite_line(suite: str, m: dict) -> str:
+    """One suite's means, in one line of the report."""
+    have = [c for c in COLUMNS if f"{c}_task_metric" in m]
+    cols = ", ".join(f"{c} {100 * m[f'{c}_task_metric']:.1f}" for c in have)
+    return (f"- {suite} ({m['tasks']} tasks), mean of each task's metric (options where it has them, else "
+            f"exact): {cols}; exact: " + ", ".join(f"{c} {100 * m[f'{c}_exact']:.1f}" for c in have)
+            + f"; within 5 points of the better of zero-shot and ICL: chosen on "
+            f"{m['chosen_within_5_of_better_alternative']}/{m['tasks']}, strict rule on "
+            f"{m['strict_within_5_of_better_alternative']}/{m['tasks']}; leave-one-out seconds median "
+            f"{m['recipe_s_median']:.1f}, max {m['recipe_s_max']:.1f}; choices {m['choices']}")
+
+
 def table(rows: list[dict], summ: dict) -> str:
     rows = [with_choices(r) for r in rows]
     pct = lambda v: "–" if v is None else f"{100 * v:.0f}"
@@ -147,21 +156,12 @@ def table(rows: list[dict], summ: dict) -> str:
                      f"{cell('adapted+icl')} | **{cell('chosen')}** ({r['choice']}) | {cell('strict')} ({r['strict_choice']}) | "
                      f"{cell('today')} | {cell('zero-shot fp32')} · {cell('icl fp32')} | "
                      f"{loo} | {r['recipe_s']:.1f} |")
-
-    def suite_line(suite: str, m: dict) -> str:
-        have = [c for c in COLUMNS if f"{c}_task_metric" in m]
-        cols = ", ".join(f"{c} {100 * m[f'{c}_task_metric']:.1f}" for c in have)
-        return (f"- {suite} ({m['tasks']} tasks), mean of each task's metric (options where it has them, else "
-                f"exact): {cols}; exact: " + ", ".join(f"{c} {100 * m[f'{c}_exact']:.1f}" for c in have)
-                + f"; within 5 points of the better of zero-shot and ICL: chosen on "
-                f"{m['chosen_within_5_of_better_alternative']}/{m['tasks']}, strict rule on "
-                f"{m['strict_within_5_of_better_alternative']}/{m['tasks']}; leave-one-out seconds median "
-                f"{m['recipe_s_median']:.1f}, max {m['recipe_s_max']:.1f}; choices {m['choices']}")
     return report_md(lines, summ, suite_line)
 
 
 def main():
-    args, done = dev_args(__doc__, "recipe", lambda rows: table(rows, summary(rows)))
+    """Every task's row (resumed where NAME.json has it), then the fp32 base's columns where missing."""
+    args, done = dev_args(__doc__, name="recipe", report=lambda rows: table(rows, summary(rows)))
     prior = json.loads((RESULTS / "surrogate.json").read_text())
     if prior["limit"] != args.limit and not args.tasks:
         raise SystemExit(f"today's default column comes from surrogate.json, measured on {prior['limit']} examples")

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import DATA, RESULTS, dev_args, report_md, accuracy, dev_tasks, save
+from common import DATA, RESULTS, by_suite, dev_args, report_md, accuracy, dev_tasks, save
 
 from edgelora.bundle import Bundle
 from edgelora.io import atomic_write
@@ -145,10 +145,7 @@ def run_task(bundle: Bundle, suite: str, task: str, limit: int, work: Path) -> d
 
 def summary(rows: list[dict]) -> dict:
     out = {}
-    for suite in ("bbh", "near", "all"):
-        rs = [r for r in rows if suite in ("all", r["suite"])]
-        if not rs:
-            continue
+    for suite, rs in by_suite(rows):
         s = {"tasks": len(rs)}
         for v in VARIANTS:
             for k in ("test_ce", "test_exact_tf", "exact", "options", "seconds", "forwards"):
