@@ -91,6 +91,12 @@ def cmd_adapt(args) -> int:
     return 0
 
 
+def adapt_settings(args) -> tuple:
+    """--loras (one folder or file as itself, several as a list) and the AdaptConfig the flags set."""
+    loras = args.loras[0] if args.loras and len(args.loras) == 1 else args.loras
+    return loras, AdaptConfig(**{k: getattr(args, k) for k in AdaptConfig.__dataclass_fields__}).check()
+
+
 def _adapt_remote(examples: str, bundle: str, out: str, loras, config: AdaptConfig, quant: str | None, cpus: int) -> dict:
     """adapt and write_outputs in a Ray worker, onnxruntime on its CPUs."""
     import os
@@ -107,8 +113,7 @@ def _adapt_remote(examples: str, bundle: str, out: str, loras, config: AdaptConf
 def adapt_on_ray(args, bundle: Bundle, files: list[Path], outs: list[Path]) -> int:
     """Each examples file as a Ray task (edgelora.distributed); one line (or JSON object) as each ends."""
     from .distributed import on_ray
-    loras = args.loras[0] if args.loras and len(args.loras) == 1 else args.loras
-    config = AdaptConfig(**{k: getattr(args, k) for k in AdaptConfig.__dataclass_fields__}).check()
+    loras, config = adapt_settings(args)
     jobs = {str(f): (str(f.absolute()), str(bundle.path.absolute()), str(out.absolute()), loras, config, args.quant,
                      args.cpus_per_task) for f, out in zip(files, outs)}
     for _, r in on_ray(args.ray, _adapt_remote, jobs, args.cpus_per_task):
@@ -140,8 +145,7 @@ def adapt_one(args, bundle: Bundle, examples: Path, out: Path) -> int:
         b.update(1)
         b.set_postfix_str(f"loss {ev.loss:.4f}  best {best.loss:.4f}")
 
-    loras = args.loras[0] if args.loras and len(args.loras) == 1 else args.loras
-    config = AdaptConfig(**{k: getattr(args, k) for k in AdaptConfig.__dataclass_fields__})
+    loras, config = adapt_settings(args)
     try:
         result = adapt(examples, bundle, loras=loras, config=config, on_eval=on_eval,
                        on_rank=on_rank, warn=lambda m: print(m, file=sys.stderr))

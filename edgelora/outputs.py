@@ -131,12 +131,9 @@ def write_adapted_model(bundle: Bundle, A: dict, B: dict, out: Path, quant: str,
                 shutil.copy2(src, tmp / name)
         # the base as the adapted models are written (q/v at 8 bits): at 4 bits it lost most of its
         # ICL accuracy (linguistic_mappings_plural_regular_json, 20 examples: fp32 70%, int4 10%, this 50%)
-        base = zero_slots(bundle.targets, bundle.arch["layers"])
-        write_model(bundle, *((A, B) if adapted else base), tmp, quant, weights_sha256=sha256_file(tmp / WEIGHTS))
-        if recipe is not None:
-            meta = read_json(tmp / MODEL_META)
-            atomic_write_json(tmp / MODEL_META, {**meta, "lora": meta["lora"] if adapted else None,
-                                                 "recipe": recipe["choice"], "shots": shots})
+        slots = (A, B) if adapted else zero_slots(bundle.targets, bundle.arch["layers"])
+        meta = None if recipe is None else {"recipe": recipe["choice"], "shots": shots, **({} if adapted else {"lora": None})}
+        write_model(bundle, *slots, tmp, quant, weights_sha256=sha256_file(tmp / WEIGHTS), meta=meta)
 
 
 def write_outputs(result: AdaptResult, bundle: Bundle, out: Path, quant: str | None = None) -> None:

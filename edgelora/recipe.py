@@ -81,7 +81,8 @@ def score(scorer: Scorer, head: Head, tok, A: dict, B: dict, cases: list[tuple[E
         loss, logprob, hidden = scorer.run(A, B, hidden=True)
         mask = batch.target_mask > 0
         hit = head.logits(hidden[mask]).argmax(1) == batch.target_ids[mask]
-        exact = np.array([hit[np.nonzero(mask)[0] == i].all() for i in range(len(pairs))])
+        row_of = np.nonzero(mask)[0]  # each target token's row
+        exact = np.array([hit[row_of == i].all() for i in range(len(pairs))])
         out.append(judge(ex, loss, logprob, exact, tokens))
     return out
 

@@ -194,7 +194,8 @@ def quantize_embedding(model: onnx.ModelProto, block_size: int = INT4_BLOCK) -> 
 
 
 def write_model(bundle: Bundle, A: dict | None, B: dict | None, out: Path, quant: str = DEFAULT_QUANT,
-                merged: bool = True, block_size: int = INT4_BLOCK, weights_sha256: str | None = None) -> Path:
+                merged: bool = True, block_size: int = INT4_BLOCK, weights_sha256: str | None = None,
+                meta: dict | None = None) -> Path:
     """A standard ONNX causal-LM folder (optimum's ORTModelForCausalLM loads it) plus
     `edgelora.json` (prompt format, stop ids, the model's sha256 and that of the weights.json it
     was made from) so `edgelora generate/eval` can use it and refuse it when the two disagree.
@@ -236,5 +237,5 @@ def write_model(bundle: Bundle, A: dict | None, B: dict | None, out: Path, quant
         "prompt": m["prompt"], "eos_ids": m["eos_ids"],
         "pad_id": m["pad_id"], "max_len": m["arch"]["max_len"], "tokenizer": "tokenizer.json",
         "model_sha256": sha256_file(out / "model.onnx"), "weights_sha256": weights_sha256,
-        "data_sha256": sha256_file(out / DATA_FILE)})
+        "data_sha256": sha256_file(out / DATA_FILE), **(meta or {})})
     return out / "model.onnx"
