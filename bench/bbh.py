@@ -24,6 +24,11 @@ background, across sessions and machines.
 
     python bench/bbh.py [--suites bbh,near] [--tasks a,b] [--limit N] [--seeds 5] [--quant int8] [--name bbh]
                         [--library per-task|mbc]   # mbc: every LoraHub column over the cluster LoRAs
+                        [--ray [ADDRESS] [--cpus-per-task 1]]
+
+`--ray`: each task not yet done is a Ray task (edgelora.distributed; `pip install '.[ray]'`), on a
+cluster whose nodes share this checkout, the data and EDGELORA_HOME; rows are saved as tasks end,
+in the same JSON and markdown, in task order.
 
 With `--library mbc` the zero-shot and ICL columns (the base alone) are taken from bbh.json's
 rows, and LoraHub's seeds, which all sample the whole 10-LoRA library, are one COBYLA run.
@@ -138,6 +143,7 @@ def run_config(**overrides) -> dict:
 # Timed adapt columns: key, header, AdaptConfig overrides. "default" is re-run whenever
 # AdaptConfig's defaults change, so it is always today's default.
 TIMED = (("default", "default adapt", {}), ("arrow", "LoraHub, Arrow-picked", {"select": "arrow"}))
+COLUMNS = ("arrow-zs", "lorahub", "lorahub-loss", "default", "arrow", "oracle", "uniform")
 
 
 def wanted(args, key: str) -> bool:
@@ -146,22 +152,11 @@ def wanted(args, key: str) -> bool:
     Arrow-picked is LoraHub's w = 0 start, so those two columns are left to the per-task library,
     as are the oracle and uniform references (half a long task's time; the issue compares the
     libraries on Arrow zero-shot, LoraHub and the default adapt)."""
-    return args.library == "per-task" or key not in ("lorahub-loss", "arrow", "oracle", "uniform")
+    return key in args.columns and (args.library == "per-task" or key not in ("lorahub-loss", "arrow", "oracle", "uniform"))
 
 
-def run_task(bundle: Bundle, suite: str, task: str, args) -> dict:
-    adapt_file, test, work = inputs(suite, task, args)
-    shots = load_examples(adapt_file)
-    row = {"suite": suite, "task": task, "n_test": len(test)}
-    base_row = args.base_rows.get((suite, task), {})
-    for key, label, k in (("zero-shot", "zero-shot", ()), ("icl", "ICL", shots)):
-        if key in base_row:  # the base model's columns do not depend on the library
-            row[key] = base_row[key]
-            continue
-        t0 = time.perf_counter()
-        row[key] = score(bundle.path, test, k, out=work / f"{key}.eval.json")
-        log(task, label, row[key], t0)
-    row["arrow-zs"] = arrow_zero_shot(bundle, suite, task, args)
+def lorahub_seeds(bundle: Bundle, adapt_file: Path, test, work: Path, task: str, args) -> dict:
+    """LoraHub as the paper runs it: a random 20 LoRAs per seed; mean ± std over the seeds."""
     runs, samples = [], []
     for seed in range(args.seeds):
         samples.append(choose_loras(bundle, None, AdaptConfig.n_loras, seed, args.library))
@@ -177,9 +172,29 @@ def run_task(bundle: Bundle, suite: str, task: str, args) -> dict:
                      "weights": dict(zip(res.loras, res.weights.round(4).tolist()))})
         log(task, f"LoraHub seed {seed}", runs[-1], t0)
     agg = lambda k: [r[k] for r in runs if r[k] is not None]
-    row["lorahub"] = {"runs": runs, **{f"{k}_mean": statistics.mean(agg(k)) if agg(k) else None for k in ("exact", "options")},
-                      **{f"{k}_std": statistics.pstdev(agg(k)) if agg(k) else None for k in ("exact", "options")},
-                      "prompt_tokens": runs[0]["prompt_tokens"]}
+    return {"runs": runs, **{f"{k}_mean": statistics.mean(agg(k)) if agg(k) else None for k in ("exact", "options")},
+            **{f"{k}_std": statistics.pstdev(agg(k)) if agg(k) else None for k in ("exact", "options")},
+            "prompt_tokens": runs[0]["prompt_tokens"]}
+
+
+def run_task(bundle: Bundle, suite: str, task: str, args) -> dict:
+    adapt_file, test, work = inputs(suite, task, args)
+    shots = load_examples(adapt_file)
+    row = {"suite": suite, "task": task, "n_test": len(test)}
+    base_row = args.base_rows.get((suite, task), {})
+    for key, label, k in (("zero-shot", "zero-shot", ()), ("icl", "ICL", shots)):
+        if key in base_row:  # the base model's columns depend on neither the library nor the write-back
+            row[key] = base_row[key]
+            continue
+        t0 = time.perf_counter()
+        row[key] = score(bundle.path, test, k, out=work / f"{key}.eval.json")
+        log(task, label, row[key], t0)
+    if "arrow-zs" in base_row and args.library == "per-task":  # the same base and library: the same routing
+        row["arrow-zs"] = base_row["arrow-zs"]
+    elif wanted(args, "arrow-zs"):
+        row["arrow-zs"] = arrow_zero_shot(bundle, suite, task, args)
+    if wanted(args, "lorahub"):
+        row["lorahub"] = lorahub_seeds(bundle, adapt_file, test, work, task, args)
     if wanted(args, "lorahub-loss"):
         row["lorahub-loss"] = lorahub_selected(bundle, suite, task, args)
     for key, label, overrides in TIMED:
@@ -201,6 +216,13 @@ def run_task(bundle: Bundle, suite: str, task: str, args) -> dict:
     row["uniform"] = score(work / "uniform", test)
     log(task, "uniform", row["uniform"], t0)
     return row
+
+
+def task_row(suite: str, task: str, args) -> dict:
+    """run_task in a Ray worker: its own bundle, onnxruntime on its CPUs."""
+    import os
+    os.environ["EDGELORA_THREADS"] = str(args.cpus_per_task)
+    return run_task(Bundle.open(args.bundle), suite, task, args)
 
 
 def pct(v):
@@ -235,9 +257,10 @@ def table(rows: list[dict]) -> str:
                 "| suite | task | n | zero-shot | ICL | Arrow zero-shot (top-3) | LoraHub (mean ± std) | LoraHub, loss-picked | default adapt (adapt s) | LoraHub, Arrow-picked (adapt s) | oracle LoRA | uniform | prompt tokens (0-shot / ICL) |",
                 "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in rs:
-            lh = r["lorahub"]
+            lh = r.get("lorahub")
+            lh = f"{pct(lh[k + '_mean'])} ± {pct(lh[k + '_std'])}" if lh else "–"
             out.append(f"| {r['suite']} | {r['task']} | {r['n_test']} | {pct(r['zero-shot'][k])} | {pct(r['icl'][k])} | "
-                       f"{pct(r.get('arrow-zs', {}).get(k))} | {pct(lh[k + '_mean'])} ± {pct(lh[k + '_std'])} | {pct(r.get('lorahub-loss', {}).get(k))} | "
+                       f"{pct(r.get('arrow-zs', {}).get(k))} | {lh} | {pct(r.get('lorahub-loss', {}).get(k))} | "
                        f"{timed_cell(r, 'default', k)} | {timed_cell(r, 'arrow', k)} | "
                        f"{oracle_cell(r, k)} | "
                        f"{pct(r.get('uniform', {}).get(k))} | {r['zero-shot']['prompt_tokens']:.0f} / {r['icl']['prompt_tokens']:.0f}{shot_note(r)} |")
@@ -247,7 +270,7 @@ def table(rows: list[dict]) -> str:
             sel = pct(statistics.mean(r["lorahub-loss"][k] for r in ss)) if all("lorahub-loss" in r for r in ss) else "–"
             col = lambda key: pct(statistics.mean(r[key][k] for r in ss)) if all(key in r for r in ss) else "–"
             out.append(f"| {suite} | **mean of {len(ss)}** | | {m(lambda r: r['zero-shot'][k])} | {m(lambda r: r['icl'][k])} | {col('arrow-zs')} | "
-                       f"{m(lambda r: r['lorahub'][k + '_mean'])} | {sel} | {col('default')} | {col('arrow')} | {col('oracle')} | "
+                       f"{m(lambda r: r['lorahub'][k + '_mean']) if all('lorahub' in r for r in ss) else '–'} | {sel} | {col('default')} | {col('arrow')} | {col('oracle')} | "
                        f"{col('uniform')} | |")
         out.append("")
     return "\n".join(out)
@@ -262,6 +285,25 @@ def resume(name: str, settings: dict) -> dict[tuple[str, str], dict]:
     if any(last.get(k) != v for k, v in settings.items()):
         return {}
     return {(r["suite"], r["task"]): r for r in last["tasks"]}
+
+
+def write(done: dict, todo: list, bundle: Bundle, settings: dict, args, row: dict) -> None:
+    """bbh.md and bbh.json after each task, rows in task order (as a sequential run writes them,
+    however Ray's tasks finish)."""
+    rows = [done[k] for k in todo if k in done] + [r for k, r in done.items() if k not in todo]
+    print(table([row]), flush=True)
+    n_lib = len(bundle.library(args.library))
+    sampled = (f"20 of {n_lib}" if n_lib > AdaptConfig.n_loras else
+               f"all {n_lib} (every seed samples the whole library and COBYLA is deterministic, so the seeds are one run)")
+    reused = "" if not args.base_rows else ("zero-shot, ICL" + (" and Arrow zero-shot" if args.library == "per-task" else "")
+                                            + " taken from bench/results/bbh.json (the base alone); ")
+    note = (f"LoraHub: {args.seeds} seeds, budget {args.budget}, {sampled} {args.library} LoRAs; {reused}"
+            f"models written back as {args.quant} + " + ("the LoRA merged, its targets at 8 bits (as adapt writes them)"
+            if args.writeback == "merged" else "an unmerged fp32 LoRA") + "; zero-shot and ICL run on the "
+            f"bundle's fp32 base; test examples per task: "
+            f"{args.limit or 'all'}; tasks done: {len(rows)}.\n\n")
+    atomic_write(RESULTS / f"{args.name}.md", note + table(rows) + "\n")
+    save(args.name, {**settings, "tasks": rows})
 
 
 def main():
@@ -279,46 +321,53 @@ def main():
     ap.add_argument("--library", default="per-task", help="the bundle's library to compose: per-task | mbc")
     ap.add_argument("--oracle-n", type=int, default=50, help="test examples the oracle LoRA is picked on")
     ap.add_argument("--no-arrow", action="store_true", help="do not add the Arrow columns to finished rows")
+    ap.add_argument("--columns", default=",".join(COLUMNS),
+                    help="the columns to run (default all); zero-shot and ICL are always there, taken from bbh.json's "
+                         "rows where it has them (the base alone: no library, no write-back)")
+    ap.add_argument("--ray", nargs="?", const="auto", metavar="ADDRESS",
+                    help="the tasks not yet done as Ray tasks ('auto': the running cluster; 'local': one started here)")
+    ap.add_argument("--cpus-per-task", type=int, default=1, help="--ray: CPUs (onnxruntime threads) per task")
     args = ap.parse_args()
+    args.columns = args.columns.split(",")
+    if set(args.columns) - set(COLUMNS):
+        ap.error(f"--columns: choose from {', '.join(COLUMNS)}")
     args.name = args.name or ("bbh-shipped" if args.writeback == "merged" else "bbh") + (
         "" if args.library == "per-task" else f"-{args.library}")
     bundle = Bundle.open()
     settings = {"limit": args.limit, "oracle_n": args.oracle_n, "seeds": args.seeds, "budget": args.budget,
                 "quant": args.quant, "base": bundle.manifest["base"]["name"], "loras": sorted(bundle.library(args.library)),
-                **({"writeback": "merged"} if args.writeback == "merged" else {})}
+                **({"writeback": "merged"} if args.writeback == "merged" else {}),
+                **({"columns": args.columns} if args.columns != list(COLUMNS) else {})}
     todo = [(suite, f.name.removesuffix(".adapt.jsonl")) for suite in args.suites.split(",")
             for f in sorted((DATA / suite).glob("*.adapt.jsonl"))]
     todo = [(s, t) for s, t in todo if not args.tasks or t in args.tasks.split(",")]
     done = resume(args.name, settings)
-    # Another library's run: its zero-shot and ICL rows (the base model alone) are reused.
-    args.base_rows = {} if args.library == "per-task" else resume("bbh", {**{k: v for k, v in settings.items() if k != "writeback"},
-                                                                               "loras": sorted(bundle.library("per-task"))})
+    # Any other run (another library, another write-back): bbh.json's base-model rows are reused.
+    args.base_rows = {} if args.name == "bbh" else resume("bbh", {**{k: v for k, v in settings.items()
+                                                                    if k not in ("writeback", "columns")},
+                                                                 "loras": sorted(bundle.library("per-task"))})
+    fresh = [(s, t) for s, t in todo if (s, t) not in done]
+    if args.ray and fresh:
+        from edgelora.distributed import on_ray
+        args.bundle = str(bundle.path)
+        jobs = {f"{s}/{t}": (s, t, args) for s, t in fresh}
+        for key, row in on_ray(args.ray, task_row, jobs, args.cpus_per_task):
+            done[tuple(key.split("/"))] = row
+            write(done, todo, bundle, settings, args, row)
     for suite, task in todo:
         if (suite, task) not in done:
             done[suite, task] = run_task(bundle, suite, task, args)
         else:  # a row from before a column was added: run just that column
             if "lorahub-loss" not in done[suite, task] and wanted(args, "lorahub-loss"):
                 done[suite, task]["lorahub-loss"] = lorahub_selected(bundle, suite, task, args)
-            if "arrow-zs" not in done[suite, task] and not args.no_arrow:
+            if "arrow-zs" not in done[suite, task] and wanted(args, "arrow-zs") and not args.no_arrow:
                 done[suite, task]["arrow-zs"] = arrow_zero_shot(bundle, suite, task, args)
             for key, label, overrides in TIMED:
                 overrides = {**overrides, "library": args.library}
                 stale = done[suite, task].get(key, {}).get("config") != run_config(**overrides)
                 if wanted(args, key) and (key == "default" and stale or key not in done[suite, task] and not args.no_arrow):
                     done[suite, task][key] = timed_adapt(bundle, suite, task, args, key, label, **overrides)
-        rows = list(done.values())
-        print(table([done[suite, task]]), flush=True)
-        n_lib = len(bundle.library(args.library))
-        sampled = (f"20 of {n_lib}" if n_lib > AdaptConfig.n_loras else
-                   f"all {n_lib} (every seed samples the whole library and COBYLA is deterministic, so the seeds are one run)")
-        reused = "" if not args.base_rows else "zero-shot and ICL taken from bench/results/bbh.json (the base alone); "
-        note = (f"LoraHub: {args.seeds} seeds, budget {args.budget}, {sampled} {args.library} LoRAs; {reused}"
-                f"models written back as {args.quant} + " + ("the LoRA merged, its targets at 8 bits (as adapt writes them)"
-                if args.writeback == "merged" else "an unmerged fp32 LoRA") + "; zero-shot and ICL run on the "
-                f"bundle's fp32 base; test examples per task: "
-                f"{args.limit or 'all'}; tasks done: {len(rows)}.\n\n")
-        atomic_write(RESULTS / f"{args.name}.md", note + table(rows) + "\n")
-        save(args.name, {**settings, "tasks": rows})
+        write(done, todo, bundle, settings, args, done[suite, task])
     print(table(list(done.values())))
 
 

@@ -100,3 +100,9 @@ def test_held_out_tasks_are_refused(tmp_path, capsys):
     (bbh / "t.jsonl").write_text('{"input": "a", "output": "b"}\n')
     r = cli_here(capsys, "edgelora_export.cli", "train", str(bbh / "t.jsonl"), "-o", str(tmp_path / "o"))
     assert_refused(r, "never train")
+
+
+def test_threads_below_one_are_refused(tmp_path, capsys, colors):
+    for cmd, src in (("train", colors), ("library", colors.parent)):
+        r = cli_here(capsys, "edgelora_export.cli", cmd, str(src), "-o", str(tmp_path / "o"), "--threads", "0")
+        assert_refused(r, "--threads 0: must be at least 1")

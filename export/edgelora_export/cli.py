@@ -59,6 +59,8 @@ def parser() -> argparse.ArgumentParser:
         t.add_argument("--eval-every", type=int, default=TrainConfig.eval_every, help="steps between held-out losses")
         t.add_argument("--patience", type=int, default=TrainConfig.patience,
                        help="held-out evaluations without a new best before training stops")
+        t.add_argument("--threads", type=int, help="torch threads (default: every core); the same threads give the "
+                       "same LoRA byte for byte, others differ by float rounding (a Ray task uses --cpus-per-task)")
         if name == "train":
             t.add_argument("--bundle", type=Path, help="also add the LoRA to this bundle")
         else:
@@ -96,6 +98,12 @@ def train_config(args):
                        max_len=args.max_len, seed=args.seed, eval_every=args.eval_every, patience=args.patience)
 
 
+def check_threads(threads: int | None) -> int | None:
+    if threads is not None and threads < 1:
+        raise UserError(f"--threads {threads}: must be at least 1")
+    return threads
+
+
 def run(args) -> None:
     with captured(args.cmd, args.verbose):
         run_quietly(args)
@@ -122,7 +130,7 @@ def run_quietly(args) -> None:
         from .train import load_for_training, train_lora
         check_trainable(args.task)
         lap = Lap()
-        base, tok, fmt, name = load_for_training(args.base)
+        base, tok, fmt, name = load_for_training(args.base, check_threads(args.threads))
         say(f"loaded {name} ({lap()})")
         row = train_lora(base, tok, fmt, args.task, args.out, train_config(args))
         say(f"{args.task.stem}: {row['steps']} steps, held-out loss {row['heldout_loss_start']:.3f} → "
@@ -140,7 +148,7 @@ def run_quietly(args) -> None:
         if args.cpus_per_task < 1:
             raise UserError(f"--cpus-per-task {args.cpus_per_task}: must be at least 1")
         rows = train_library(args.tasks_dir, args.out, train_config(args), args.base, clusters_file=args.clusters,
-                             ray=args.ray, cpus_per_task=args.cpus_per_task)
+                             ray=args.ray, cpus_per_task=args.cpus_per_task, threads=check_threads(args.threads))
         if args.bundle:
             from .lora import install_library
             dst = install_library([args.out / f"{r['task']}.safetensors" for r in rows], args.bundle, "mbc")

@@ -113,12 +113,15 @@ def _train_remote(task: str, name: str, out: str, cfg: TrainConfig, source, memb
 
 
 def train_library(tasks_dir: Path, out: Path, cfg: TrainConfig, source=None, log=say,
-                  clusters_file: Path | None = None, ray: str | None = None, cpus_per_task: int = 1) -> list[dict]:
+                  clusters_file: Path | None = None, ray: str | None = None, cpus_per_task: int = 1,
+                  threads: int | None = None) -> list[dict]:
     """One LoRA per task file of `tasks_dir`, or with `clusters_file` one per cluster, on the union
     of its tasks. Resumes LoRA by LoRA: one is done when its file and its report row both exist.
-    `ray`: a Ray cluster's address, each LoRA a task there (edgelora.distributed); `out` and the task files must
-    then be paths every node reads and writes (one machine, or a shared file system). The report
-    lists the LoRAs in task order, however they finish."""
+    `ray`: a Ray cluster's address, each LoRA a task there (edgelora.distributed) on `cpus_per_task`
+    torch threads; `out` and the task files must then be paths every node reads and writes (one
+    machine, or a shared file system). The report lists the LoRAs in task order, however they
+    finish. Sequentially, `threads` torch threads (default: every core): a LoRA is the same byte
+    for byte at the same thread count, here or on Ray."""
     tasks = task_files(tasks_dir)
     clusters = read_clusters(clusters_file) if clusters_file else None
     if clusters:
@@ -143,7 +146,7 @@ def train_library(tasks_dir: Path, out: Path, cfg: TrainConfig, source=None, log
         for name, row in on_ray(ray, _train_remote, args, cpus_per_task):
             finished(name, row)
     elif jobs:
-        base = load_for_training(source)
+        base = load_for_training(source, threads)
         for name, task in jobs.items():
             finished(name, train_one(task, name, out, cfg, source, clusters[name] if clusters else None, base, log=log))
     write_report(out, [rows[n] for n in tasks], cfg, clusters)
