@@ -297,7 +297,9 @@ def write(done: dict, todo: list, bundle: Bundle, settings: dict, args, row: dic
                f"all {n_lib} (every seed samples the whole library and COBYLA is deterministic, so the seeds are one run)")
     reused = "" if not args.base_rows else ("zero-shot, ICL" + (" and Arrow zero-shot" if args.library == "per-task" else "")
                                             + " taken from bench/results/bbh.json (the base alone); ")
-    note = (f"LoraHub: {args.seeds} seeds, budget {args.budget}, {sampled} {args.library} LoRAs; {reused}"
+    ran = "" if args.columns == list(COLUMNS) else f"columns run: {', '.join(args.columns)}; "
+    note = (ran + (f"LoraHub: {args.seeds} seeds, budget {args.budget}, {sampled} {args.library} LoRAs; "
+                   if wanted(args, "lorahub") else "") + reused +
             f"models written back as {args.quant} + " + ("the LoRA merged, its targets at 8 bits (as adapt writes them)"
             if args.writeback == "merged" else "an unmerged fp32 LoRA") + "; zero-shot and ICL run on the "
             f"bundle's fp32 base; test examples per task: "
