@@ -134,3 +134,14 @@ def to_peft(folder: str | Path, ap: AdaptionPrompt, arch: dict, base_name: str) 
               "base_model_name_or_path": base_name}
     atomic_write(folder / "adapter_model.safetensors", save(tensors, metadata={"format": "pt"}))
     atomic_write(folder / "adapter_config.json", json.dumps(config, indent=2) + "\n")
+
+
+def slot_feeds(ap: AdaptionPrompt | None, arch: dict) -> dict[str, np.ndarray]:
+    """The scoring graph's prompt inputs for every layer: `ap` in its top layers and gate 0 below;
+    None, the base model (one zero token at gate 0: the term is exactly zero)."""
+    L, d = arch["layers"], arch["hidden"]
+    prompt = np.zeros((L, ap.length if ap else 1, d), np.float32)
+    gate = np.zeros(L, np.float32)
+    if ap is not None:
+        prompt[L - ap.layers:], gate[L - ap.layers:] = ap.prompt, ap.gate
+    return {"adaption_prompt": prompt, "adaption_gate": gate}

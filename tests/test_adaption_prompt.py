@@ -137,3 +137,33 @@ def test_cli_refuses_what_it_cannot_train(capsys, colors, tmp_path, tiny_hf):
     r = cli_here(capsys, export, "train", str(colors), "-o", str(tmp_path / "o"), "--base", str(tiny_hf),
                  "--kind", "adaption-prompt", "--adapter-layers", "9")
     assert_refused(r, "--adapter-layers 9: the base has 2 layers")
+
+
+def test_the_scoring_graph_scores_an_adaption_prompt_as_peft(tiny_bundle_ro, tiny_hf, tmp_path):
+    """The graph's prompt slot against peft's AdaptedAttention on the same random adapter (gated,
+    in the top layer only), over packed examples of different lengths; gate 0 is the base exactly."""
+    from helpers import encode, torch_losses
+    from peft import PeftModel
+    from test_bundle import EXAMPLES
+    from transformers import AutoModelForCausalLM
+    from edgelora.bundle import Bundle
+    from edgelora.lora import zero_slots
+    from edgelora.scorer import Scorer
+    bundle = Bundle.open(tiny_bundle_ro)
+    rng = np.random.default_rng(0)
+    ap = ap_mod.AdaptionPrompt("rand", rng.normal(0, 1, (1, 5, bundle.arch["hidden"])).astype(np.float32),
+                               np.array([0.7], np.float32))
+    ap_mod.to_peft(tmp_path / "peft", ap, bundle.arch, str(tiny_hf))
+    batch = encode(bundle, EXAMPLES)
+    scorer = Scorer(bundle)
+    scorer.bind(batch)
+    no_lora = zero_slots(bundle.targets, bundle.arch["layers"])
+    loss, lp = scorer.run(*no_lora, prompt=ap)
+    ref = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_hf), tmp_path / "peft").eval()
+    ref_loss, ref_lp = torch_losses(ref, batch)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(lp, ref_lp, rtol=1e-4, atol=1e-4)
+    base_loss = scorer.run(*no_lora)[0]
+    assert np.abs(base_loss - loss).max() > 1e-3  # the prompt changed something
+    shut = ap_mod.AdaptionPrompt("shut", ap.prompt, np.zeros(1, np.float32))
+    np.testing.assert_array_equal(scorer.run(*no_lora, prompt=shut)[0], base_loss)
