@@ -167,3 +167,31 @@ def test_the_scoring_graph_scores_an_adaption_prompt_as_peft(tiny_bundle_ro, tin
     assert np.abs(base_loss - loss).max() > 1e-3  # the prompt changed something
     shut = ap_mod.AdaptionPrompt("shut", ap.prompt, np.zeros(1, np.float32))
     np.testing.assert_array_equal(scorer.run(*no_lora, prompt=shut)[0], base_loss)
+
+
+def test_the_written_decoder_carries_the_prompt_as_peft_decodes(tiny_bundle_ro, tiny_hf, tmp_path):
+    """write_model(prompt=): onnxruntime alone, with edgelora's Decoder, greedy-decodes what peft's
+    AdaptionPrompt model decodes, where the base model decodes something else."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    from edgelora.bundle import Bundle
+    from edgelora.generate import Decoder
+    from edgelora.writeback import write_model
+    bundle = Bundle.open(tiny_bundle_ro)
+    rng = np.random.default_rng(1)
+    ap = ap_mod.AdaptionPrompt("rand", rng.normal(0, 2, (2, 3, bundle.arch["hidden"])).astype(np.float32),
+                               np.array([0.9, -1.3], np.float32))
+    ap_mod.to_peft(tmp_path / "peft", ap, bundle.arch, str(tiny_hf))
+    ids = bundle.tokenizer().encode(bundle.prompt_format.prompt("The quick brown fox"), add_special_tokens=False).ids
+    ours = list(Decoder(write_model(bundle, None, None, tmp_path / "m", quant="none", prompt=ap), eos_ids=[])
+                .stream(ids, max_new_tokens=12))
+    base = AutoModelForCausalLM.from_pretrained(tiny_hf).eval()
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_hf), tmp_path / "peft").eval()
+    with torch.no_grad():
+        want = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=12, do_sample=False, eos_token_id=None,
+                              pad_token_id=0)[0, len(ids):].tolist()
+        plain = base.generate(input_ids=torch.tensor([ids]), max_new_tokens=12, do_sample=False, eos_token_id=None,
+                              pad_token_id=0)[0, len(ids):].tolist()
+    assert ours == want and want != plain
+    int4 = Decoder(write_model(bundle, None, None, tmp_path / "q", quant="int4", prompt=ap), eos_ids=[])
+    assert len(list(int4.stream(ids, max_new_tokens=12))) == 12  # the prompt's nodes stay fp32 beside int4 weights
