@@ -20,6 +20,7 @@ import logging
 import numpy as np
 from common import DATA, alternate, median, padded_feeds, padded_graph, save
 
+from edgelora.adaption_prompt import slot_feeds
 from edgelora.bundle import Bundle, home
 from edgelora.batch import encode_pairs
 from edgelora.examples import load_examples
@@ -72,7 +73,7 @@ def main():
         ex = load_examples(DATA / "bbh" / f"{task}.adapt.jsonl")
         batch, _ = encode_pairs(bundle.tokenizer(), fmt.pairs(ex),
                                 bundle.arch["max_len"])
-        feeds, pf = {**batch.feeds(), **lora}, padded_feeds(batch, bundle.manifest["pad_id"])
+        feeds, pf = {**batch.feeds(), **slot_feeds(None, bundle.arch), **lora}, padded_feeds(batch, bundle.manifest["pad_id"])
         fns = {k: (lambda s=s: s.run(["logprob"], feeds)[0]) for k, s in sessions.items()}
         fns["plain_padded"] = lambda: plain.run(["logprob"], pf)[0]
         x = rng.standard_normal((batch.n_tokens, bundle.arch["hidden"]), dtype=np.float32)

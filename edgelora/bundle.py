@@ -20,8 +20,9 @@ from .examples import PromptFormat
 from .io import atomic_write, atomic_write_json, read_json, sha256_file
 
 FORMAT = "edgelora-bundle"
-FORMAT_VERSION = 3  # 2: the scoring graph takes the examples packed (batch.pack); 3: it returns the
-# target positions' hidden states, and the manifest says where the final norm and LM head lie (`head`)
+FORMAT_VERSION = 4  # 2: the scoring graph takes the examples packed (batch.pack); 3: it returns the
+# target positions' hidden states, and the manifest says where the final norm and LM head lie (`head`);
+# 4: it takes an adaption prompt and gate per layer (edgelora.adaption_prompt)
 MANIFEST = "manifest.json"
 BUILD_HINT = "build it with: edgelora-export base"
 

@@ -1,7 +1,8 @@
-"""One InferenceSession on the scoring graph: loss(A, B) per example.
+"""One InferenceSession on the scoring graph: loss(A, B) per example, or loss(adaption prompt).
 
 The session is built once; the token arrays are fixed once (`bind`); each call only feeds
-the merged A and B. The graph computes the LM head at target positions only.
+the merged A and B and the adaption prompt (none: the base's). The graph computes the LM head at
+target positions only.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import os
 import numpy as np
 import onnxruntime as ort
 
+from .adaption_prompt import AdaptionPrompt, slot_feeds
 from .bundle import Bundle
 from .batch import Batch
 
@@ -38,11 +40,13 @@ class Scorer:
         self.feeds = batch.feeds()
 
     def run(self, A: dict[str, np.ndarray], B: dict[str, np.ndarray], xa: bool = False,
-            hidden: bool = False) -> tuple[np.ndarray, ...]:
-        """Per-example (mean target-token loss, summed target log-prob) for the bound batch; with
-        `hidden`, then the residual stream before the final norm at the target positions [n, K, d]
-        (what the surrogate search models); with `xa`, then x·Aᵀ [L, T, r] per target module
-        (Arrow routing scores when A holds prototypes)."""
+            hidden: bool = False, prompt: AdaptionPrompt | None = None) -> tuple[np.ndarray, ...]:
+        """Per-example (mean target-token loss, summed target log-prob) for the bound batch, under
+        the LoRA A, B and the adaption prompt `prompt` (None: none); with `hidden`, then the residual
+        stream before the final norm at the target positions [n, K, d] (what the surrogate search
+        models); with `xa`, then x·Aᵀ [L, T, r] per target module (Arrow routing scores when A holds
+        prototypes)."""
+        self.feeds.update(slot_feeds(prompt, self.bundle.arch))
         for m in self.modules:
             self.feeds[f"lora_A_{m}"] = A[m]
             self.feeds[f"lora_B_{m}"] = B[m]

@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from .adaption_prompt import AdaptionPrompt
 from .bundle import Bundle
 from .errors import UserError
 from .io import atomic_write_json, sha256_file, user_mode
@@ -125,6 +126,56 @@ def add_lora_path(model: onnx.ModelProto, weights: dict, A: dict, B: dict) -> li
     return names
 
 
+def add_adaption_prompt(model: onnx.ModelProto, ap: AdaptionPrompt) -> list[str]:
+    """LLaMA-Adapter's term in the top `ap.layers` layers of the decoder (edgelora.adaption_prompt):
+    each layer's query, rotated as GroupQueryAttention rotates it (RotaryEmbedding on the same
+    caches and positions), attends to the prompt's keys, softmax of its own, times the gate-scaled
+    values, added to the attention's output before o_proj. The keys (scaled by 1/√head_dim) and
+    the values are the base's k_proj and v_proj of the prompt, computed here once. Returns the new
+    MatMuls' names (kept out of quantization)."""
+    nodes, inits = list(model.graph.node), _initializers(model)
+    producer = {o: n for n in nodes for o in n.output}
+    gqa = [n for n in nodes if n.op_type == "GroupQueryAttention"]
+    if len(gqa) < ap.layers or any(not all(n.input[1:3]) or len(n.input) < 10 or not n.input[9] for n in gqa):
+        raise UserError("decoder graph: its attention is not the GroupQueryAttention with separate q, k, v and "
+                        "position_ids that edgelora-export builds; rebuild the bundle")
+    names, after = [], {}
+    for k, g in enumerate(gqa[len(gqa) - ap.layers:]):
+        attr = {a.name: helper.get_attribute_value(a) for a in g.attribute}
+        H, kv = attr["num_heads"], attr["kv_num_heads"]
+        Wk, Wv = (numpy_helper.to_array(inits[producer[x].input[1]]).astype(np.float32) for x in g.input[1:3])
+        hd = Wk.shape[1] // kv
+        keys, values = ((ap.prompt[k] @ W).reshape(ap.length, kv, hd).transpose(1, 0, 2).repeat(H // kv, axis=0)
+                        for W in (Wk, Wv))  # [heads, length, hd]
+        p = f"adaption_prompt/{k}"
+        model.graph.initializer.extend([
+            numpy_helper.from_array((keys.transpose(0, 2, 1) / np.sqrt(hd)).astype(np.float32), f"{p}/keys"),
+            numpy_helper.from_array((ap.gate[k] * values).astype(np.float32), f"{p}/values"),
+            numpy_helper.from_array(np.array([0, 0, H, hd], np.int64), f"{p}/heads"),
+            numpy_helper.from_array(np.array([0, 0, H * hd], np.int64), f"{p}/flat")])
+        out = g.output[0]
+        g.output[0] = f"{out}/base"
+        names += [f"{p}/scores", f"{p}/mix"]
+        after[g.name] = [
+            helper.make_node("RotaryEmbedding", [g.input[0], g.input[9], g.input[7], g.input[8]], [f"{p}/q"],
+                             name=f"{p}/rotary", domain="com.microsoft", num_heads=H,
+                             interleaved=attr.get("rotary_interleaved", 0)),
+            helper.make_node("Reshape", [f"{p}/q", f"{p}/heads"], [f"{p}/q4"], name=f"{p}/split"),
+            helper.make_node("Transpose", [f"{p}/q4"], [f"{p}/qt"], name=f"{p}/qt", perm=[0, 2, 1, 3]),
+            helper.make_node("MatMul", [f"{p}/qt", f"{p}/keys"], [f"{p}/s"], name=f"{p}/scores"),
+            helper.make_node("Softmax", [f"{p}/s"], [f"{p}/a"], name=f"{p}/softmax", axis=-1),
+            helper.make_node("MatMul", [f"{p}/a", f"{p}/values"], [f"{p}/o"], name=f"{p}/mix"),
+            helper.make_node("Transpose", [f"{p}/o"], [f"{p}/ot"], name=f"{p}/ot", perm=[0, 2, 1, 3]),
+            helper.make_node("Reshape", [f"{p}/ot", f"{p}/flat"], [f"{p}/term"], name=f"{p}/merge"),
+            helper.make_node("Add", [g.output[0], f"{p}/term"], [out], name=f"{p}/add")]
+    order = []
+    for node in nodes:
+        order += [node, *after.get(node.name, [])]
+    del model.graph.node[:]
+    model.graph.node.extend(order)
+    return names
+
+
 def quantize(model: onnx.ModelProto, dst: Path, quant: str, exclude: list[str], eight_bit: list[str] = (),
              block_size: int = INT4_BLOCK) -> None:
     """onnxruntime's weight-only MatMulNBits with accuracy_level 4 (int8 activations inside the
@@ -195,13 +246,15 @@ def quantize_embedding(model: onnx.ModelProto, block_size: int = INT4_BLOCK) -> 
 
 def write_model(bundle: Bundle, A: dict | None, B: dict | None, out: Path, quant: str = DEFAULT_QUANT,
                 merged: bool = True, block_size: int = INT4_BLOCK, weights_sha256: str | None = None,
-                meta: dict | None = None) -> Path:
+                meta: dict | None = None, prompt: AdaptionPrompt | None = None) -> Path:
     """A standard ONNX causal-LM folder (optimum's ORTModelForCausalLM loads it) plus
     `edgelora.json` (prompt format, stop ids, the model's sha256 and that of the weights.json it
     was made from) so `edgelora generate/eval` can use it and refuse it when the two disagree.
     `merged=False`: the LoRA beside the quantized base, in fp32, as two small MatMuls per
     target (the default before the 8-bit targets: less accurate at int4, and no faster, by
-    bench/results/quant_accuracy.md and generate_adapted.json; benchmarks compare against it)."""
+    bench/results/quant_accuracy.md and generate_adapted.json; benchmarks compare against it).
+    `prompt`: an adaption prompt carried in the decoder (`add_adaption_prompt`); its layers keep
+    q, k and v apart."""
     if quant not in QUANTS:
         raise UserError(f"--quant {quant}: choose one of {', '.join(QUANTS)}")
     out.mkdir(parents=True, exist_ok=True)
@@ -216,6 +269,8 @@ def write_model(bundle: Bundle, A: dict | None, B: dict | None, out: Path, quant
         eight_bit = [consumers[i["name"]].name for layers in weights.values() for i in layers if i["name"] in consumers]
     elif A is not None:
         exclude = add_lora_path(model, weights, A, B)
+    if prompt is not None:
+        exclude += add_adaption_prompt(model, prompt)
     if A is None or merged:
         renamed = fuse_qkv(model)
         eight_bit = sorted({renamed.get(n, n) for n in eight_bit})
@@ -233,6 +288,8 @@ def write_model(bundle: Bundle, A: dict | None, B: dict | None, out: Path, quant
         "base": m["base"]["name"], "bundle_manifest_sha256": sha256_file(bundle.path / "manifest.json"),
         "quant": quant, "block_size": block_size if quant != "none" else None,
         "lora": None if A is None else "merged" if merged else "unmerged fp32",
+        "adaption_prompt": None if prompt is None else {"name": prompt.name, "layers": prompt.layers,
+                                                        "length": prompt.length},
         "eight_bit_targets": bool(eight_bit) and quant == "int4",
         "prompt": m["prompt"], "eos_ids": m["eos_ids"],
         "pad_id": m["pad_id"], "max_len": m["arch"]["max_len"], "tokenizer": "tokenizer.json",

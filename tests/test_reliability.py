@@ -207,14 +207,14 @@ def test_resume_saves_the_best_steps_weights(train_base, colors, tmp_path, monke
     save step 2's weights, as the uninterrupted run does."""
     from safetensors.numpy import load_file
     from edgelora_export import train as train_mod
-    from edgelora_export.train import TrainConfig, train_lora
+    from edgelora_export.train import TrainConfig, train_adapter
     cfg = TrainConfig(rank=4, alpha=8, steps=6, batch=4, eval_every=2, heldout=8, patience=100, lr=1e-2)
     def fake_eval(model, rows, pad_id, batch):
         return next(held)
 
     monkeypatch.setattr(train_mod, "evaluate", fake_eval)
     held = iter([5.0, 1.0, 2.0, 3.0])  # steps 0, 2, 4, 6
-    full = train_lora(*train_base[:3], colors, tmp_path / "full", cfg, log=lambda *a: None)
+    full = train_adapter(*train_base[:3], colors, tmp_path / "full", cfg, log=lambda *a: None)
     assert full["best_step"] == 2
     real_save, saves = train_mod.save_checkpoint, []
 
@@ -227,10 +227,10 @@ def test_resume_saves_the_best_steps_weights(train_base, colors, tmp_path, monke
     monkeypatch.setattr(train_mod, "save_checkpoint", save_then_die)
     held = iter([5.0, 1.0, 2.0])
     with pytest.raises(KeyboardInterrupt):
-        train_lora(*train_base[:3], colors, tmp_path / "part", cfg, log=lambda *a: None)
+        train_adapter(*train_base[:3], colors, tmp_path / "part", cfg, log=lambda *a: None)
     monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
     held = iter([3.0])
-    part = train_lora(*train_base[:3], colors, tmp_path / "part", cfg, log=lambda *a: None)
+    part = train_adapter(*train_base[:3], colors, tmp_path / "part", cfg, log=lambda *a: None)
     assert part["best_step"] == 2
     wf, wp = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("full", "part"))
     for k in wf:
@@ -239,17 +239,17 @@ def test_resume_saves_the_best_steps_weights(train_base, colors, tmp_path, monke
 
 def test_early_stopping_can_fire_with_the_defaults(train_base, colors, tmp_path, monkeypatch):
     from edgelora_export import train as train_mod
-    from edgelora_export.train import TrainConfig, train_lora
+    from edgelora_export.train import TrainConfig, train_adapter
     cfg = dataclasses.replace(TrainConfig(), rank=4, alpha=8, batch=4, heldout=8)
     assert cfg.patience * cfg.eval_every < cfg.steps
     monkeypatch.setattr(train_mod, "evaluate", lambda *a: 1.0)  # never better than before training
-    row = train_lora(*train_base[:3], colors, tmp_path / "o", cfg, log=lambda *a: None)
+    row = train_adapter(*train_base[:3], colors, tmp_path / "o", cfg, log=lambda *a: None)
     assert row["steps"] == cfg.patience * cfg.eval_every < cfg.steps and row["best_step"] == 0
 
 
 def test_resume_refuses_a_changed_configuration(train_base, colors, tmp_path, monkeypatch):
     from edgelora_export import train as train_mod
-    from edgelora_export.train import TrainConfig, train_lora
+    from edgelora_export.train import TrainConfig, train_adapter
     cfg = TrainConfig(rank=4, alpha=8, steps=4, batch=4, eval_every=2, heldout=8, patience=100)
 
     def die(*a, **kw):
@@ -258,10 +258,10 @@ def test_resume_refuses_a_changed_configuration(train_base, colors, tmp_path, mo
     real_save = train_mod.save_checkpoint
     monkeypatch.setattr(train_mod, "save_checkpoint", lambda *a, **kw: real_save(*a, **kw) or die())
     with pytest.raises(KeyboardInterrupt):
-        train_lora(*train_base[:3], colors, tmp_path / "o", cfg, log=lambda *a: None)
+        train_adapter(*train_base[:3], colors, tmp_path / "o", cfg, log=lambda *a: None)
     monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
     with pytest.raises(UserError, match=r"o.ckpt.json: made with other settings \(lr 0.0003 → 0.001\)"):
-        train_lora(*train_base[:3], colors, tmp_path / "o", dataclasses.replace(cfg, lr=1e-3), log=lambda *a: None)
+        train_adapter(*train_base[:3], colors, tmp_path / "o", dataclasses.replace(cfg, lr=1e-3), log=lambda *a: None)
 
 
 def test_library_refuses_a_report_made_with_other_settings(tmp_path, colors):

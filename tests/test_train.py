@@ -13,7 +13,7 @@ from edgelora.errors import UserError
 from edgelora.io import user_mode
 from edgelora_export import train as train_mod
 from edgelora_export.library import check_trainable
-from edgelora_export.train import TrainConfig, train_lora
+from edgelora_export.train import TrainConfig, train_adapter
 
 CFG = TrainConfig(rank=4, alpha=8, steps=6, batch=4, eval_every=2, heldout=8, patience=100, lr=1e-3)
 
@@ -36,7 +36,7 @@ def test_loraplus_groups_and_training_lowers_heldout(train_base, colors, tmp_pat
         return opt
 
     monkeypatch.setattr("peft.optimizers.create_loraplus_optimizer", spy)
-    row = train_lora(*train_base[:3], colors, tmp_path / "out", CFG, log=lambda *a: None)
+    row = train_adapter(*train_base[:3], colors, tmp_path / "out", CFG, log=lambda *a: None)
     a = {n: lr for n, lr in seen.items() if "lora_A" in n}
     b = {n: lr for n, lr in seen.items() if "lora_B" in n}
     assert a and b and set(a.values()) == {CFG.lr} and set(b.values()) == {CFG.lr * CFG.loraplus_ratio}
@@ -66,7 +66,7 @@ def test_loss_covers_answer_tokens_only(train_base):
 
 def test_interrupted_training_resumes_to_same_weights(train_base, colors, tmp_path, monkeypatch):
     full = tmp_path / "full"
-    train_lora(*train_base[:3], colors, full, CFG, log=lambda *a: None)
+    train_adapter(*train_base[:3], colors, full, CFG, log=lambda *a: None)
     calls = []
     real_save = train_mod.save_checkpoint
 
@@ -79,12 +79,12 @@ def test_interrupted_training_resumes_to_same_weights(train_base, colors, tmp_pa
     monkeypatch.setattr(train_mod, "save_checkpoint", save_then_die)
     part = tmp_path / "new" / "part"  # a folder that does not exist yet
     with pytest.raises(KeyboardInterrupt):
-        train_lora(*train_base[:3], colors, part, CFG, log=lambda *a: None)
+        train_adapter(*train_base[:3], colors, part, CFG, log=lambda *a: None)
     ckpt = part.with_name("part.ckpt.safetensors")
     assert stat.S_IMODE(ckpt.stat().st_mode) == user_mode()  # the user's mode, not a temp file's 0600
     monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
     logs = []
-    train_lora(*train_base[:3], colors, part, CFG, log=logs.append)
+    train_adapter(*train_base[:3], colors, part, CFG, log=logs.append)
     assert any("resuming" in l and "step 4" in l for l in logs)
     wf, wp = lora_weights(full), lora_weights(part)
     for k in wf:

@@ -15,7 +15,7 @@ from edgelora.io import exclusive, tidy_temp_folders
 
 from .console import Lap, captured, say
 from .base_model import DEFAULT_TARGETS
-from .train import TrainConfig
+from .train import DEFAULT_LR, KINDS, TrainConfig
 
 
 def parser() -> argparse.ArgumentParser:
@@ -47,11 +47,18 @@ def parser() -> argparse.ArgumentParser:
         t.add_argument("task" if name == "train" else "tasks_dir", type=Path)
         t.add_argument("-o", "--out", type=Path, required=True)
         t.add_argument("--base", help="GGUF file or HF folder (default: SmolLM2-135M-Instruct)")
+        t.add_argument("--kind", choices=KINDS, default=TrainConfig.kind,
+                       help="lora (LoRA+), or adaption-prompt (LLaMA-Adapter's gated prompts, peft's AdaptionPromptConfig)")
         t.add_argument("--rank", type=int, default=TrainConfig.rank)
         t.add_argument("--alpha", type=float, default=TrainConfig.alpha)
         t.add_argument("--targets", default=",".join(TrainConfig.targets))
-        t.add_argument("--lr", type=float, default=TrainConfig.lr)
+        t.add_argument("--lr", type=float, help="learning rate (default: the kind's, "
+                       + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + "; lora: A's, B's is lr * loraplus-ratio)")
         t.add_argument("--loraplus-ratio", type=float, default=TrainConfig.loraplus_ratio)
+        t.add_argument("--adapter-len", type=int, default=TrainConfig.adapter_len,
+                       help=f"adaption-prompt: prompt tokens per adapted layer (default {TrainConfig.adapter_len})")
+        t.add_argument("--adapter-layers", type=int, default=TrainConfig.adapter_layers,
+                       help=f"adaption-prompt: the top layers adapted (default {TrainConfig.adapter_layers})")
         t.add_argument("--steps", type=int, default=TrainConfig.steps)
         t.add_argument("--batch", type=int, default=TrainConfig.batch)
         t.add_argument("--max-len", type=int, default=TrainConfig.max_len)
@@ -92,8 +99,10 @@ def export_lock(out: Path):
 
 
 def train_config(args):
-    from .train import TrainConfig
-    return TrainConfig(rank=args.rank, alpha=args.alpha, targets=tuple(args.targets.split(",")), lr=args.lr,
+    if args.kind != "lora" and args.bundle:
+        raise UserError(f"--bundle: a bundle's libraries hold LoRAs; the {args.kind} adapter is written to -o only")
+    return TrainConfig(kind=args.kind, adapter_len=args.adapter_len, adapter_layers=args.adapter_layers,
+                       rank=args.rank, alpha=args.alpha, targets=tuple(args.targets.split(",")), lr=args.lr,
                        loraplus_ratio=args.loraplus_ratio, steps=args.steps, batch=args.batch,
                        max_len=args.max_len, seed=args.seed, eval_every=args.eval_every, patience=args.patience)
 
@@ -127,12 +136,13 @@ def run_quietly(args) -> None:
         say(add_lora(args.peft_dir, args.bundle, args.name, args.dtype, args.force, args.library))
     elif args.cmd == "train":
         from .library import check_trainable
-        from .train import load_for_training, train_lora
+        from .train import load_for_training, train_adapter
         check_trainable(args.task)
+        cfg = train_config(args)
         lap = Lap()
         base, tok, fmt, name = load_for_training(args.base, check_threads(args.threads))
         say(f"loaded {name} ({lap()})")
-        row = train_lora(base, tok, fmt, args.task, args.out, train_config(args))
+        row = train_adapter(base, tok, fmt, args.task, args.out, cfg)
         say(f"{args.task.stem}: {row['steps']} steps, held-out loss {row['heldout_loss_start']:.3f} → "
             f"{row['heldout_loss']:.3f}, {row['minutes']:.1f} min; PEFT folder {args.out}")
         if args.bundle:

@@ -1,6 +1,7 @@
-"""`edgelora-export library`: one LoRA+ LoRA per task file, resumable task by task, with a report;
-with `--clusters` (what `edgelora cluster` writes: MBC, seed 001), one LoRA per cluster instead,
-trained on the union of its tasks' examples.
+"""`edgelora-export library`: one adapter per task file (a LoRA+ LoRA, or with `--kind
+adaption-prompt` LLaMA-Adapter's prompts), resumable task by task, with a report; with `--clusters`
+(what `edgelora cluster` writes: MBC, seed 001), one LoRA per cluster instead, trained on the union
+of its tasks' examples.
 
 Output: `<task or cluster>.safetensors` (bundle format, fp16: what ships and what `base` installs),
 `peft/<name>/` (PEFT folders, loadable by peft), `report.json` and `report.md`; with `--clusters`,
@@ -16,10 +17,11 @@ import numpy as np
 from edgelora.cluster import read_clusters
 from edgelora.errors import UserError
 from edgelora.io import atomic_write, atomic_write_json, read_json, read_text
+from edgelora import adaption_prompt
 from edgelora.lora import from_peft, save_lora
 from .base_model import target_shapes
 from .console import say
-from .train import TrainConfig, check_same_config, load_for_training, train_lora
+from .train import TrainConfig, check_same_config, load_for_training, train_adapter
 
 HELD_OUT_SUITES = ("bbh", "near")
 
@@ -30,8 +32,14 @@ def check_trainable(task: Path) -> None:
         raise UserError(f"{task}: a held-out evaluation task ({task.parent.name}/); never train a LoRA on it")
 
 
-def export_lora(peft_dir: Path, out: Path, shapes: dict, layers: int, name: str, source: str | None = None) -> None:
-    lora = from_peft(peft_dir, shapes, layers, name)
+def export_adapter(peft_dir: Path, out: Path, model, cfg: TrainConfig, name: str, source: str | None = None) -> None:
+    """A trained PEFT folder as a bundle file, fp16: a LoRA, or adaption prompts."""
+    layers = len(model.model.layers)
+    if cfg.kind == "adaption-prompt":
+        ap = adaption_prompt.from_peft(peft_dir, {"layers": layers, "hidden": model.config.hidden_size}, name)
+        adaption_prompt.save_prompt(out, ap)
+        return
+    lora = from_peft(peft_dir, target_shapes(model, list(cfg.targets)), layers, name)
     lora.source = source or lora.source
     save_lora(out, lora, np.float16)
 
@@ -94,15 +102,14 @@ def check_resumable(out: Path, cfg: TrainConfig, clusters: dict | None) -> dict[
 
 def train_one(task: Path, name: str, out: Path, cfg: TrainConfig, source=None, member_of: list[str] | None = None,
               base=None, threads: int | None = None, log=say) -> dict:
-    """One LoRA: trained on `task` (resuming from its checkpoint in `out/peft/`), exported as
+    """One adapter: trained on `task` (resuming from its checkpoint in `out/peft/`), exported as
     `out/<name>.safetensors`. The unit of work, here or in a Ray task (`base` None: loaded here)."""
     if base is None:
         base = load_for_training(source, threads)
     model, tok, fmt, _ = base
-    row = train_lora(model, tok, fmt, task, out / "peft" / name, cfg, log=log)
+    row = train_adapter(model, tok, fmt, task, out / "peft" / name, cfg, log=log)
     source_ = f"MBC cluster of {', '.join(member_of)}" if member_of else None
-    export_lora(out / "peft" / name, out / f"{name}.safetensors", target_shapes(model, list(cfg.targets)),
-                len(model.model.layers), name, source_)
+    export_adapter(out / "peft" / name, out / f"{name}.safetensors", model, cfg, name, source_)
     return row
 
 

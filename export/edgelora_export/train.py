@@ -1,8 +1,9 @@
-"""`edgelora-export train` and `library`: LoRA+ on the CPU, resumable, deterministic.
+"""`edgelora-export train` and `library`: an adapter on the CPU, resumable, deterministic.
 
-LoRA+ (arXiv 2402.12354): B learns λ times faster than A (peft's create_loraplus_optimizer).
-The loss covers the answer tokens only, and the LM head runs only where they are: on a
-135M model with a 49k vocabulary the head is a fifth of the forward cost.
+Two kinds, both peft's: a LoRA trained with LoRA+ (arXiv 2402.12354: B learns λ times faster than
+A, peft's create_loraplus_optimizer), or LLaMA-Adapter's adaption prompts (seed 003,
+`edgelora.adaption_prompt`) with AdamW. The loss covers the answer tokens only, and the LM head runs
+only where they are: on a 135M model with a 49k vocabulary the head is a fifth of the forward cost.
 """
 from __future__ import annotations
 
@@ -24,13 +25,21 @@ from .base_model import DEFAULT_TARGETS
 from .console import say, stderr
 
 
+KINDS = ("lora", "adaption-prompt")
+# The kinds' learning rates: LoRA+'s A (B's is lr * loraplus_ratio); LLaMA-Adapter's paper's 9e-3.
+DEFAULT_LR = {"lora": 3e-4, "adaption-prompt": 9e-3}
+
+
 @dataclass
 class TrainConfig:
-    rank: int = 8
+    kind: str = "lora"
+    rank: int = 8                 # lora: rank, alpha, targets, loraplus_ratio
     alpha: float = 16.0
     targets: tuple[str, ...] = DEFAULT_TARGETS
-    lr: float = 3e-4              # A's learning rate; B's is lr * loraplus_ratio
+    lr: float | None = None       # None: the kind's (DEFAULT_LR)
     loraplus_ratio: float = 16.0
+    adapter_len: int = 10         # adaption-prompt: prompt tokens in each adapted layer
+    adapter_layers: int = 8       # adaption-prompt: the top layers adapted
     batch: int = 8
     steps: int = 30               # ~4 s a step on 2 cores: 39 LoRAs in ~1.5 h
     max_len: int = 192            # tokens per example: beyond it the prompt loses its start (batch.tokenize_pairs)
@@ -38,6 +47,30 @@ class TrainConfig:
     eval_every: int = 5           # held-out loss every 5 steps; stop after `patience` evaluations
     patience: int = 2             # without a new best (10 steps: it can fire within the 30)
     seed: int = 0
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise UserError(f"--kind {self.kind}: choose one of {', '.join(KINDS)}")
+        if self.lr is None:
+            self.lr = DEFAULT_LR[self.kind]
+        if self.kind == "adaption-prompt" and min(self.adapter_len, self.adapter_layers) < 1:
+            raise UserError(f"--adapter-len {self.adapter_len} and --adapter-layers {self.adapter_layers}: "
+                            "each must be at least 1")
+
+    def peft_config(self):
+        from peft import AdaptionPromptConfig, LoraConfig
+        if self.kind == "lora":
+            return LoraConfig(r=self.rank, lora_alpha=self.alpha, target_modules=list(self.targets), lora_dropout=0.0,
+                              task_type="CAUSAL_LM")
+        return AdaptionPromptConfig(adapter_len=self.adapter_len, adapter_layers=self.adapter_layers,
+                                    task_type="CAUSAL_LM")
+
+    def optimizer(self, model):
+        if self.kind == "lora":
+            from peft.optimizers import create_loraplus_optimizer
+            return create_loraplus_optimizer(model, optimizer_cls=torch.optim.AdamW, lr=self.lr,
+                                             loraplus_lr_ratio=self.loraplus_ratio, weight_decay=0.0)
+        return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=self.lr, weight_decay=0.0)
 
 
 def tokenize(examples, tok, fmt: PromptFormat, max_len: int) -> list[tuple[list[int], list[int]]]:
@@ -98,9 +131,11 @@ def save_checkpoint(path: Path, model, opt, meta: dict, best_state: dict[str, to
 
 
 def check_same_config(saved: dict, cfg: TrainConfig, where: Path, hint: str) -> None:
-    """Refuse to continue work made with other settings: its weights would not be this run's."""
+    """Refuse to continue work made with other settings: its weights would not be this run's. A
+    setting added since is taken at its default (a LoRA library from before `kind` resumes)."""
     now = json.loads(json.dumps(asdict(cfg)))  # tuples as JSON lists, as saved
-    changed = [f"{k} {saved.get(k)!r} → {now[k]!r}" for k in now if saved.get(k) != now[k]]
+    old = {**json.loads(json.dumps(asdict(TrainConfig()))), **saved}
+    changed = [f"{k} {old.get(k)!r} → {now[k]!r}" for k in now if old.get(k) != now[k]]
     if changed:
         raise UserError(f"{where}: made with other settings ({', '.join(changed)}); {hint}")
 
@@ -123,10 +158,9 @@ def load_checkpoint(path: Path, model, opt, cfg: TrainConfig) -> tuple[dict, dic
     return meta, {n[len("best/"):]: t for n, t in tensors.items() if n.startswith("best/")}
 
 
-def train_lora(base, tok, fmt: PromptFormat, task: Path, out: Path, cfg: TrainConfig, log=say) -> dict:
-    """Train one LoRA on `task`; write a PEFT folder to `out`. Returns the report row."""
-    from peft import LoraConfig, get_peft_model
-    from peft.optimizers import create_loraplus_optimizer
+def train_adapter(base, tok, fmt: PromptFormat, task: Path, out: Path, cfg: TrainConfig, log=say) -> dict:
+    """Train one adapter of `cfg.kind` on `task`; write a PEFT folder to `out`. Returns the report row."""
+    from peft import get_peft_model
     t0 = time.time()
     peak_rss_mb(reset=True)
     examples = load_examples(task)
@@ -138,12 +172,12 @@ def train_lora(base, tok, fmt: PromptFormat, task: Path, out: Path, cfg: TrainCo
     rows = tokenize([examples[i] for i in order], tok, fmt, cfg.max_len)
     held, train = rows[:n_held], rows[n_held:]
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    if cfg.kind == "adaption-prompt" and cfg.adapter_layers > len(base.model.layers):
+        raise UserError(f"--adapter-layers {cfg.adapter_layers}: the base has {len(base.model.layers)} layers")
     torch.manual_seed(cfg.seed)
-    model = get_peft_model(base, LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=list(cfg.targets),
-                                            lora_dropout=0.0, task_type="CAUSAL_LM"))
+    model = get_peft_model(base, cfg.peft_config())
     try:
-        opt = create_loraplus_optimizer(model, optimizer_cls=torch.optim.AdamW, lr=cfg.lr,
-                                        loraplus_lr_ratio=cfg.loraplus_ratio, weight_decay=0.0)
+        opt = cfg.optimizer(model)
         ckpt = out.with_name(out.name + ".ckpt.safetensors")
         meta = {"step": 0, "curve": [], "held": [], "best": None, "config": asdict(cfg)}
         best_state = lora_state(model)
@@ -197,8 +231,8 @@ def train_lora(base, tok, fmt: PromptFormat, task: Path, out: Path, cfg: TrainCo
         ckpt.unlink(missing_ok=True)
         ckpt.with_suffix(".json").unlink(missing_ok=True)
         return row
-    finally:
-        model.unload()  # the base model again, without LoRA layers, for the next task
+    finally:  # the base model again, without adapter layers, for the next task
+        model.unload() if cfg.kind == "lora" else model.base_model.disable_adapter_layers()
 
 
 def load_for_training(source, threads: int | None = None):
