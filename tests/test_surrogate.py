@@ -162,12 +162,14 @@ def test_on_long_examples_the_surrogate_spans_the_shortlist_the_cut_ranking_pick
 
 def test_a_bundle_of_the_previous_format_is_refused_with_the_command_that_rebuilds_it(tiny_bundle):
     from helpers import assert_refused, cli
-    from edgelora.bundle import write_manifest
+    from edgelora.bundle import FORMAT_VERSION, write_manifest
     manifest = json.loads((tiny_bundle / "manifest.json").read_text())
-    write_manifest(tiny_bundle, {**manifest, "format_version": 2})
+    old = FORMAT_VERSION - 1
+    write_manifest(tiny_bundle, {**manifest, "format_version": old})
     r = cli("edgelora.cli", "info", "--bundle", str(tiny_bundle))
     assert_refused(r)
-    assert f"bundle format 2 is not supported (this edgelora reads 3); rebuild it with: edgelora-export base -o {tiny_bundle}" in r.stderr
+    assert (f"bundle format {old} is not supported (this edgelora reads {FORMAT_VERSION}); rebuild it with: "
+            f"edgelora-export base -o {tiny_bundle}") in r.stderr
 
 
 def test_the_surrogate_ranks_named_loras_too(library):
