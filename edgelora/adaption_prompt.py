@@ -18,12 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from safetensors import safe_open
 from safetensors.numpy import load_file, save
 
 from .errors import UserError
 from .io import atomic_write, read_json
-from .lora import SAFETENSORS_ERRORS, unreadable
+from .lora import SAFETENSORS_ERRORS, read_adapter, unreadable
 
 FORMAT = "edgelora-adaption-prompt"
 # peft's keys, as save_pretrained writes them
@@ -69,14 +68,7 @@ def save_prompt(path: str | Path, ap: AdaptionPrompt, dtype=np.float16) -> None:
 def load_prompt(path: str | Path) -> AdaptionPrompt:
     """A bundle adapter; anything else (damaged, another format) a UserError naming the file."""
     path = Path(path)
-    try:
-        with safe_open(path, "np") as f:
-            meta = f.metadata() or {}
-        tensors = load_file(path)
-    except SAFETENSORS_ERRORS as e:
-        raise unreadable(path, e) from None
-    if meta.get("format") != FORMAT:
-        raise UserError(f"{path}: not an edgelora adaption prompt (safetensors metadata lacks format={FORMAT})")
+    meta, tensors = read_adapter(path, FORMAT, "adaption prompt")
     if sorted(tensors) != ["gate", "prompt"]:
         raise UserError(f"{path}: expected tensors prompt and gate, found {', '.join(sorted(tensors)) or 'none'}")
     return AdaptionPrompt(meta.get("name", path.stem), tensors["prompt"].astype(np.float32),

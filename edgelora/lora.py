@@ -75,18 +75,25 @@ def unreadable(path: Path, e: Exception) -> UserError:
     return UserError(f"{path}: not a readable safetensors file ({reason})")
 
 
-def load_lora(path: str | Path) -> Lora:
-    """Read a bundle LoRA. A file that is damaged, truncated, lies about its offsets or is not an
-    edgelora LoRA is a UserError naming it: safetensors only parses, it never runs code."""
-    path = Path(path)
+def read_adapter(path: Path, fmt: str, what: str) -> tuple[dict[str, str], dict[str, np.ndarray]]:
+    """(metadata, tensors) of a bundle adapter file of format `fmt`. A file that is damaged,
+    truncated, lies about its offsets or is another format is a UserError naming it: safetensors
+    only parses, it never runs code."""
     try:
         with safe_open(path, "np") as f:
             meta = f.metadata() or {}
         tensors = load_file(path)
     except SAFETENSORS_ERRORS as e:
         raise unreadable(path, e) from None
-    if meta.get("format") != "edgelora-lora":
-        raise UserError(f"{path}: not an edgelora LoRA (safetensors metadata lacks format=edgelora-lora)")
+    if meta.get("format") != fmt:
+        raise UserError(f"{path}: not an edgelora {what} (safetensors metadata lacks format={fmt})")
+    return meta, tensors
+
+
+def load_lora(path: str | Path) -> Lora:
+    """Read a bundle LoRA (`read_adapter`)."""
+    path = Path(path)
+    meta, tensors = read_adapter(path, "edgelora-lora", "LoRA")
     try:
         rank, alpha = int(meta["rank"]), float(meta["alpha"])
     except (KeyError, ValueError):

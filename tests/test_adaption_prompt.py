@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import stat
 
 import numpy as np
 import pytest
@@ -78,29 +77,6 @@ def test_a_trained_library_loads_back_into_peft_with_the_same_logits(train_base,
         got = logits(PeftModel.from_pretrained(base, tmp_path / folder).eval(), ids)
         np.testing.assert_allclose(got, want, atol=tol, rtol=0)
     assert np.abs(want - logits(AutoModelForCausalLM.from_pretrained(tiny_hf).eval(), ids)).max() > 1e-3
-
-
-def test_interrupted_training_resumes_to_the_same_prompts(train_base, colors, tmp_path, monkeypatch):
-    train_adapter(*train_base[:3], colors, tmp_path / "full", CFG, log=quiet)
-    real_save, calls = train_mod.save_checkpoint, []
-
-    def save_then_die(*a, **kw):
-        real_save(*a, **kw)
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_mod, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        train_adapter(*train_base[:3], colors, tmp_path / "part", CFG, log=quiet)
-    assert stat.S_ISREG((tmp_path / "part.ckpt.safetensors").stat().st_mode)
-    monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
-    logs = []
-    train_adapter(*train_base[:3], colors, tmp_path / "part", CFG, log=logs.append)
-    assert any("resuming" in line and "step 4" in line for line in logs)
-    full, part = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("full", "part"))
-    for k in full:
-        np.testing.assert_allclose(part[k], full[k], rtol=1e-5, atol=1e-7)
 
 
 def test_files_that_are_not_adaption_prompts_are_refused(tmp_path, tiny_hf):

@@ -64,9 +64,11 @@ def test_loss_covers_answer_tokens_only(train_base):
     assert got == pytest.approx(float(np.mean(nll)), rel=1e-5)
 
 
-def test_interrupted_training_resumes_to_same_weights(train_base, colors, tmp_path, monkeypatch):
+@pytest.mark.parametrize("cfg", [CFG, TrainConfig(kind="adaption-prompt", adapter_len=4, adapter_layers=2, steps=6, batch=4,
+                                                eval_every=2, heldout=8, patience=100)], ids=["lora", "adaption-prompt"])
+def test_interrupted_training_resumes_to_same_weights(train_base, colors, tmp_path, monkeypatch, cfg):
     full = tmp_path / "full"
-    train_adapter(*train_base[:3], colors, full, CFG, log=lambda *a: None)
+    train_adapter(*train_base[:3], colors, full, cfg, log=lambda *a: None)
     calls = []
     real_save = train_mod.save_checkpoint
 
@@ -79,12 +81,12 @@ def test_interrupted_training_resumes_to_same_weights(train_base, colors, tmp_pa
     monkeypatch.setattr(train_mod, "save_checkpoint", save_then_die)
     part = tmp_path / "new" / "part"  # a folder that does not exist yet
     with pytest.raises(KeyboardInterrupt):
-        train_adapter(*train_base[:3], colors, part, CFG, log=lambda *a: None)
+        train_adapter(*train_base[:3], colors, part, cfg, log=lambda *a: None)
     ckpt = part.with_name("part.ckpt.safetensors")
     assert stat.S_IMODE(ckpt.stat().st_mode) == user_mode()  # the user's mode, not a temp file's 0600
     monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
     logs = []
-    train_adapter(*train_base[:3], colors, part, CFG, log=logs.append)
+    train_adapter(*train_base[:3], colors, part, cfg, log=logs.append)
     assert any("resuming" in l and "step 4" in l for l in logs)
     wf, wp = lora_weights(full), lora_weights(part)
     for k in wf:
