@@ -37,14 +37,16 @@ def baseline(rev: str) -> tuple[Path, Path]:
     if not (bundle / "manifest.json").exists():
         print(f"building the bundle of {rev} (minutes) ...", file=sys.stderr, flush=True)
         subprocess.run([sys.executable, "-m", "edgelora_export.cli", "base", "-o", str(bundle)], check=True,
-                       env={**os.environ, "PYTHONPATH": f"{src}:{src / 'export'}"})
+                       env={**os.environ, "PYTHONPATH": f"{src}:{src / 'export'}"}, cwd=src)  # cwd: see run()
     return src, bundle
 
 
-def run(cmd: list[str], env: dict) -> dict:
+def run(cmd: list[str], env: dict, cwd: Path) -> dict:
+    """One adapt in `cwd`, the side's checkout: `python -m` puts the working folder first on sys.path,
+    so run elsewhere a side would import that folder's edgelora, whatever PYTHONPATH says."""
     with tempfile.TemporaryDirectory() as out:
         t = time.perf_counter()
-        p = subprocess.run([*cmd, "--out", f"{out}/o", "--json"], capture_output=True, text=True, env=env)
+        p = subprocess.run([*cmd, "--out", f"{out}/o", "--json"], capture_output=True, text=True, env=env, cwd=cwd)
         wall = time.perf_counter() - t
         if p.returncode:
             sys.exit(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stderr[-2000:]}")
@@ -59,15 +61,16 @@ def main():
     ap.add_argument("--args", default="", help="flags for this checkout's adapt (default: none, the defaults)")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--target", type=float, default=0.6, help="the ratio the issue asks for (printed and saved)")
+    ap.add_argument("--name", help="results file name (default: one_liner_<examples><args>)")
     args = ap.parse_args()
     src, old_bundle = baseline(args.baseline)
     ex = str(args.examples.resolve())
     cli = [sys.executable, "-m", "edgelora.cli", "adapt", ex]
     sides = {
         "new": (cli + ["--bundle", str(default_bundle_path()), *args.args.split()],
-                {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'export'}"}),
+                {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'export'}"}, ROOT),
         "baseline": (cli + ["--bundle", str(old_bundle), *args.baseline_args.split()],
-                     {**os.environ, "PYTHONPATH": f"{src}:{src / 'export'}"}),
+                     {**os.environ, "PYTHONPATH": f"{src}:{src / 'export'}"}, src),
     }
     results: dict[str, list] = {k: [] for k in sides}
     times = alternate({k: (lambda k=k: results[k].append(run(*sides[k]))) for k in sides}, args.rounds)
@@ -79,7 +82,7 @@ def main():
               f"{r.get('forwards', '?')} forwards, loss {r['start_loss']:.4f} -> {r['loss']:.4f}")
     print(f"new / baseline: {ratio:.2f}x the time (target <= {args.target})")
     suffix = "".join(f"_{a.lstrip('-').replace('-', '_')}" for a in args.args.split())  # e.g. _select_arrow
-    save(f"one_liner_{args.examples.name.split('.')[0]}{suffix}", {
+    save(args.name or f"one_liner_{args.examples.name.split('.')[0]}{suffix}", {
         "examples": str(args.examples), "baseline": args.baseline, "baseline_args": args.baseline_args,
         "args": args.args, "rounds": args.rounds, "seconds": times, "median_s": med, "runs": results,
         "ratio_new_over_baseline": ratio, "target": f"ratio <= {args.target}"})
