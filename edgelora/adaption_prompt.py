@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from safetensors.numpy import load_file, save
+from safetensors.numpy import save
 
 from .errors import UserError
-from .io import atomic_write, read_json
-from .lora import SAFETENSORS_ERRORS, read_adapter, unreadable
+from .io import atomic_write
+from .lora import load_tensors, peft_folder, read_adapter
 
 FORMAT = "edgelora-adaption-prompt"
 # peft's keys, as save_pretrained writes them
@@ -78,20 +78,13 @@ def load_prompt(path: str | Path) -> AdaptionPrompt:
 def from_peft(folder: str | Path, arch: dict, name: str | None = None) -> AdaptionPrompt:
     """A PEFT adaption-prompt folder (adapter_config.json + adapter_model.safetensors), without torch."""
     folder = Path(folder)
-    cfg_path, st_path = folder / "adapter_config.json", folder / "adapter_model.safetensors"
-    for p in (cfg_path, st_path):
-        if not p.is_file():
-            raise UserError(f"{folder}: not a PEFT adapter folder (no {p.name})")
-    cfg = read_json(cfg_path)
+    cfg, cfg_path, st_path = peft_folder(folder, "adapter")
     if cfg.get("peft_type") != "ADAPTION_PROMPT":
         raise UserError(f"{cfg_path}: peft_type {cfg.get('peft_type')} is not ADAPTION_PROMPT")
     n, length = cfg.get("adapter_layers"), cfg.get("adapter_len")
     if not (isinstance(n, int) and isinstance(length, int) and 1 <= n <= arch["layers"] and length >= 1):
         raise UserError(f"{cfg_path}: adapter_layers must be 1..{arch['layers']} and adapter_len at least 1")
-    try:
-        tensors = load_file(st_path)
-    except SAFETENSORS_ERRORS as e:
-        raise unreadable(st_path, e) from None
+    tensors = load_tensors(st_path)
     parts: dict[tuple[int, str], np.ndarray] = {}
     for k, v in tensors.items():
         m = PEFT_KEY.fullmatch(k)

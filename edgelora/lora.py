@@ -259,6 +259,24 @@ def pattern_value(patterns: dict, module: str, default):
     return default
 
 
+def peft_folder(folder: Path, what: str) -> tuple[dict, Path, Path]:
+    """(adapter_config.json's contents, its path, adapter_model.safetensors' path) of a PEFT folder,
+    refused in one line where either file is missing; `what` names the kind in that line."""
+    cfg_path, st_path = folder / "adapter_config.json", folder / "adapter_model.safetensors"
+    for p in (cfg_path, st_path):
+        if not p.is_file():
+            raise UserError(f"{folder}: not a PEFT {what} folder (no {p.name})")
+    return read_json(cfg_path), cfg_path, st_path
+
+
+def load_tensors(path: Path) -> dict[str, np.ndarray]:
+    """A safetensors file's tensors; a damaged one is a UserError naming it."""
+    try:
+        return load_file(path)
+    except SAFETENSORS_ERRORS as e:
+        raise unreadable(path, e) from None
+
+
 def peft_settings(cfg: dict, cfg_path: Path) -> tuple[int, float, dict, dict, bool]:
     """(r, lora_alpha, rank_pattern, alpha_pattern, use_rslora) of an adapter_config.json, each
     checked; what a bundle LoRA cannot hold (biases, whole trained modules) refused by its field."""
@@ -300,16 +318,9 @@ def from_peft(folder: str | Path, targets: dict[str, dict], layers: int, name: s
     at the largest rank (smaller ones zero-padded) with alpha = rank, each module's own scale folded
     into its B, so that B·A·scale is peft's merged ΔW everywhere."""
     folder = Path(folder)
-    cfg_path, st_path = folder / "adapter_config.json", folder / "adapter_model.safetensors"
-    for p in (cfg_path, st_path):
-        if not p.is_file():
-            raise UserError(f"{folder}: not a PEFT LoRA folder (no {p.name})")
-    cfg = read_json(cfg_path)
+    cfg, cfg_path, st_path = peft_folder(folder, "LoRA")
     rank, alpha, rank_pattern, alpha_pattern, rslora = peft_settings(cfg, cfg_path)
-    try:
-        tensors = load_file(st_path)
-    except SAFETENSORS_ERRORS as e:
-        raise unreadable(st_path, e) from None
+    tensors = load_tensors(st_path)
     for k in tensors:
         if not PEFT_WEIGHT.fullmatch(k):
             raise UserError(f"{st_path}: holds {k}, which is not a lora_A or lora_B weight (biases, modules_to_save "

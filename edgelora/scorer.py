@@ -34,6 +34,7 @@ class Scorer:
                                             providers=["CPUExecutionProvider"])
         self.modules = list(bundle.targets)
         self.feeds: dict[str, np.ndarray] = {}
+        self.no_prompt = slot_feeds(None, bundle.arch)  # made once: most forwards carry no prompt
 
     def bind(self, batch: Batch) -> None:
         self.batch = batch
@@ -46,7 +47,7 @@ class Scorer:
         stream before the final norm at the target positions [n, K, d] (what the surrogate search
         models); with `xa`, then x·Aᵀ [L, T, r] per target module (Arrow routing scores when A holds
         prototypes)."""
-        self.feeds.update(slot_feeds(prompt, self.bundle.arch))
+        self.feeds.update(self.no_prompt if prompt is None else slot_feeds(prompt, self.bundle.arch))
         for m in self.modules:
             self.feeds[f"lora_A_{m}"] = A[m]
             self.feeds[f"lora_B_{m}"] = B[m]
