@@ -29,16 +29,18 @@ PROMPT = ("Write a short story about a robot who learns to paint. Describe the c
 def edgelora_model(kind: str) -> Path:
     """The base decoder written back and quantized (cached per bundle and write-back code). `int4-adapted`:
     the default adapt output (the library's uniform mix merged, its targets at 8 bits);
-    `int4+lora`: int4 base plus the mix as an fp32 LoRA path. Their cost does not depend on
-    the mix's values."""
+    `int4+lora`: int4 base plus the mix as an fp32 LoRA path; `int4-prompt`: what `adapt --kind
+    adaption-prompt` writes (a zero LoRA merged, so its targets at 8 bits as in int4-adapted, and an
+    adaption prompt of the trainer's default shape, 10 tokens in the top 8 layers, carried in the
+    decoder). Their cost does not depend on the mix's or the prompt's values."""
     import hashlib
 
     import numpy as np
-    from edgelora import arrow, writeback
+    from edgelora import adaption_prompt, arrow, writeback
     from edgelora.arrow import ArrowRoute, routed_decoder
     from edgelora.bundle import Bundle, home
     from edgelora.io import sha256_file
-    from edgelora.lora import LoraStack, load_lora
+    from edgelora.lora import LoraStack, load_lora, zero_slots
     from edgelora.writeback import quantize, write_model
     bundle = Bundle.open()
     if kind == "base":  # the bundle's own fp32 decoder: what `edgelora generate BUNDLE` runs
@@ -47,7 +49,7 @@ def edgelora_model(kind: str) -> Path:
         return routed_decoder(bundle, ArrowRoute())
     # keyed by the bundle and by the write-back's and the routing's code, so a model written by older
     # code is never timed
-    code = "".join(sha256_file(Path(m.__file__)) for m in (writeback, arrow))
+    code = "".join(sha256_file(Path(m.__file__)) for m in (writeback, arrow, adaption_prompt))
     key = sha256_file(bundle.path / "manifest.json")[:12] + "-" + hashlib.sha256(code.encode()).hexdigest()[:8]
     out = home() / "bench" / "models" / key / kind
     if kind == "arrow-int4" and not (out / "model.onnx").exists():  # the routing (fp32) beside an int4 base
@@ -60,6 +62,11 @@ def edgelora_model(kind: str) -> Path:
             loras = [load_lora(p) for p in bundle.lora_paths().values()]
             A, B = LoraStack(loras, list(bundle.targets)).compose(np.full(len(loras), 1 / len(loras)))
             write_model(bundle, A, B, out, "int4", merged=kind == "int4-adapted")
+        elif kind == "int4-prompt":
+            rng, a = np.random.default_rng(0), bundle.arch
+            prompt = adaption_prompt.AdaptionPrompt("random", rng.normal(0, 1, (8, 10, a["hidden"])).astype(np.float32),
+                                                    np.full(8, 0.1, np.float32))
+            write_model(bundle, *zero_slots(bundle.targets, a["layers"]), out, "int4", prompt=prompt)
         else:
             write_model(bundle, None, None, out, kind)
     return out / "model.onnx"
