@@ -121,6 +121,45 @@ def to_peft(folder: str | Path, ap: AdaptionPrompt, arch: dict, base_name: str) 
     atomic_write(folder / "adapter_config.json", json.dumps(config, indent=2) + "\n")
 
 
+def load_checked_prompts(paths: list[Path], arch: dict) -> list[AdaptionPrompt]:
+    """The adaption prompts at `paths`, each refused with one line unless the base can take it."""
+    return [check(load_prompt(p), arch, str(p)) for p in paths]
+
+
+class PromptStack:
+    """The chosen adaption prompts stacked once, for LoraHub's composition over them: the prompts
+    and the gates each summed with the weights, P(w) = Σ wᵢPᵢ and g(w) = Σ wᵢgᵢ. At w = eᵢ this
+    is adapter i exactly (the library ranking's points); between them it is not their outputs'
+    sum (the gate scales a softmax over the prompt), as LoraHub's A and B sums are not ΔW's."""
+
+    mode = "sum"
+
+    def __init__(self, prompts: list[AdaptionPrompt], where: list[str] | None = None):
+        if not prompts:
+            raise UserError("no adaption prompts to compose: the bundle's prompt library is empty; train one with "
+                            "edgelora-export library TASKS_DIR --kind adaption-prompt --bundle BUNDLE")
+        where = where or [p.name for p in prompts]
+        ref = prompts[0]
+        for p, w in zip(prompts, where):
+            if p.prompt.shape != ref.prompt.shape:
+                raise UserError(f"{w}: {p.length} prompt tokens in {p.layers} layers, but {where[0]} has "
+                                f"{ref.length} in {ref.layers}: composed prompts must share adapter_len and adapter_layers")
+        self.names = [p.name for p in prompts]
+        self.P = np.stack([p.prompt for p in prompts]).reshape(len(prompts), -1)
+        self.G = np.stack([p.gate for p in prompts])
+        self.shape = ref.prompt.shape
+
+    def compose(self, w: np.ndarray) -> AdaptionPrompt:
+        w = np.asarray(w, np.float32)
+        return AdaptionPrompt("composed", (w @ self.P).reshape(self.shape), w @ self.G)
+
+    def slots(self, w: np.ndarray) -> tuple[None, None, AdaptionPrompt]:
+        """The scoring graph's slots at w: no LoRA, the composed prompt."""
+        return None, None, self.compose(w)
+
+    merged = compose  # what the outputs write: a new array each call
+
+
 def slot_feeds(ap: AdaptionPrompt | None, arch: dict) -> dict[str, np.ndarray]:
     """The scoring graph's prompt inputs for every layer: `ap` in its top layers and gate 0 below;
     None, the base model (one zero token at gate 0: the term is exactly zero)."""

@@ -99,13 +99,17 @@ FILE_ENTRY = {"sha256": str, "size": int}
 TARGET_ENTRY = {"in": Positive, "out": Positive, "path": str}
 WEIGHT_ENTRY = {"name": str, "transposed": bool}
 REBUILD = "rebuild the bundle with edgelora-export base"
-# The bundle's LoRA libraries and their folders: one LoRA per upstream task (what `edgelora-export
-# base` installs), and one per MBC cluster of those tasks (seed 001; `edgelora cluster`).
-LIBRARIES = {"per-task": "loras", "mbc": "loras-mbc"}
+# The bundle's adapter libraries and their folders: one LoRA per upstream task (what `edgelora-export
+# base` installs), one per MBC cluster of those tasks (seed 001; `edgelora cluster`), and one
+# adaption prompt per upstream task (seed 003; `adapt --kind adaption-prompt` composes it).
+LIBRARIES = {"per-task": "loras", "mbc": "loras-mbc", "prompts": "adaption-prompts"}
+LORA_LIBRARIES = ("per-task", "mbc")
+KINDS = ("lora", "adaption-prompt")  # the adapter kinds: `edgelora-export train --kind`, `adapt --kind`
 LIBRARY_HINT = {
     "per-task": "add LoRAs with edgelora-export lora",
     "mbc": "install the shipped one with edgelora-export base --mbc (the default base), or build one with "
            "edgelora cluster, then edgelora-export library TASKS_DIR -o DIR --clusters clusters.json --bundle BUNDLE",
+    "prompts": "train one with edgelora-export library TASKS_DIR -o DIR --kind adaption-prompt --bundle BUNDLE",
 }
 JSON_TYPE = {str: "a string", int: "an integer", bool: "true or false", dict: "an object", list: "a list",
              Positive: "a positive integer"}
@@ -246,7 +250,7 @@ class Bundle:
         return Tokenizer.from_file(str(self.path / self.manifest["tokenizer"]))
 
     def lora_paths(self, library: str = "per-task") -> dict[str, Path]:
-        """The LoRAs of one of the bundle's libraries (LIBRARIES), by name; empty where the bundle has
+        """The adapters of one of the bundle's libraries (LIBRARIES), by name; empty where the bundle has
         none. Only files the manifest lists: they are hashed like every other file."""
         if library not in LIBRARIES:
             raise UserError(f"--library {library}: choose one of {', '.join(LIBRARIES)}")

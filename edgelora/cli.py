@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from .bundle import LIBRARIES, Bundle, default_bundle_path
+from .bundle import KINDS, LIBRARIES, LORA_LIBRARIES, Bundle, default_bundle_path
 from .errors import UserError, interrupted_exit_code, run_command
 from .evaluate import MODES
 from .formats import FORMATS, export
@@ -26,14 +26,15 @@ def cmd_info(args) -> None:
         for name, path in bundle.lora_paths(library).items():
             with safe_open(path, "np") as f:
                 meta = f.metadata() or {}
-            libraries[library].append({"name": name, "rank": int(meta.get("rank", 0)),
-                                       "alpha": float(meta.get("alpha", 0)), "source": meta.get("source", "")})
+            shape = ({"layers": int(meta.get("layers", 0)), "length": int(meta.get("length", 0))} if library == "prompts"
+                     else {"rank": int(meta.get("rank", 0)), "alpha": float(meta.get("alpha", 0))})
+            libraries[library].append({"name": name, **shape, "source": meta.get("source", "")})
     loras = libraries.pop("per-task")
     sizes = {n: i["size"] for n, i in bundle.manifest["files"].items()}
     info = {"bundle": str(bundle.path), "base": bundle.manifest["base"], "arch": bundle.arch,
             "targets": {m: {"in": t["in"], "out": t["out"]} for m, t in bundle.targets.items()},
             "size_mb": round(sum(sizes.values()) / 1e6, 1), "loras": loras,
-            "loras_mbc": libraries["mbc"]}
+            "loras_mbc": libraries["mbc"], "adaption_prompts": libraries["prompts"]}
     if args.json:
         print(json.dumps(info))
         return
@@ -42,11 +43,12 @@ def cmd_info(args) -> None:
     print(f"base     {info['base']['name']}  [{info['base']['model_type']}]  from {info['base']['source']}")
     print(f"arch     {a['layers']} layers, hidden {a['hidden']}, vocab {a['vocab']}, max {a['max_len']} tokens")
     print("targets  " + ", ".join(f"{m} ({t['in']}→{t['out']})" for m, t in info["targets"].items()))
-    for title, lib in (("loras", loras), ("mbc", libraries["mbc"])):
+    for title, lib in (("loras", loras), ("mbc", libraries["mbc"]), ("prompts", libraries["prompts"])):
         if lib or title == "loras":
             print(f"{title:<8} {len(lib)}")
         for l in lib:
-            print(f"  {l['name']:<48} rank {l['rank']:<3} alpha {l['alpha']:g}")
+            shape = f"{l['length']} tokens in {l['layers']} layers" if "length" in l else f"rank {l['rank']:<3} alpha {l['alpha']:g}"
+            print(f"  {l['name']:<48} {shape}")
 
 
 def cmd_verify(args) -> None:
@@ -153,7 +155,7 @@ def adapt_one(args, bundle: Bundle, examples: Path, out: Path) -> int:
         for b in bars.values():
             b.close()
     quant = None if result.interrupted else args.quant
-    A, B = write_result(result, bundle, out)  # on disk before the write-back, which cannot lose it
+    composed = write_result(result, bundle, out)  # on disk before the write-back, which cannot lose it
     no_model = f"{out}/: {NO_MODEL}; re-run edgelora adapt to write the model"
     stopped = False
     if quant:
@@ -161,7 +163,7 @@ def adapt_one(args, bundle: Bundle, examples: Path, out: Path) -> int:
             what = "adapted" if deployed(result.recipe)[0] else "base"
             print(f"writing the {what} model ({quant}) ...", file=sys.stderr)
         try:
-            write_adapted_model(bundle, A, B, out, quant, result.recipe)
+            write_adapted_model(bundle, composed, out, quant, result.recipe)
         except KeyboardInterrupt:
             stopped = True
         except UserError as e:  # a full disk, no permission: building()'s message says what is left
@@ -410,7 +412,11 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--patience", type=int, default=d.patience,
                    help=f"after the optimizer's first n+1 points, stop when the best objective gained < 1e-4 over this "
                         f"many points (default {d.patience}; 0: never)")
-    a.add_argument("--library", choices=LIBRARIES, default=d.library,
+    a.add_argument("--kind", choices=KINDS, default=d.kind,
+                   help=f"what to compose (default {d.kind}): lora, --library's LoRAs; adaption-prompt, the bundle's "
+                        "library of LLaMA-Adapter adaption prompts (prompts and gates summed with the weights; "
+                        "edgelora-export library --kind adaption-prompt --bundle installs one)")
+    a.add_argument("--library", choices=LORA_LIBRARIES, default=d.library,
                    help=f"the bundle's library to compose (default {d.library}): per-task, a LoRA per upstream task; "
                         "mbc, a LoRA per cluster of them (edgelora cluster, then edgelora-export library --clusters)")
     a.add_argument("--quant", choices=QUANTS, default=DEFAULT_QUANT,
@@ -457,7 +463,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--zero-shot", action="store_true", help="leave out the examples an adapt output's recipe "
                    "(adapted+icl, icl) puts before every prompt")
-    g.add_argument("--library", choices=LIBRARIES, help="--route arrow: the bundle's library to route (default per-task)")
+    g.add_argument("--library", choices=LORA_LIBRARIES, help="--route arrow: the bundle's library to route (default per-task)")
     add_route_flags(g)
     g.set_defaults(fn=cmd_generate)
     e = sub.add_parser("eval", help="score a model on a task file: exact match and option ranking")
@@ -474,7 +480,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--force", action="store_true",
                    help="replace whatever is at --out (without it, only an earlier eval's results are replaced)")
     e.add_argument("--json", action="store_true")
-    e.add_argument("--library", choices=LIBRARIES,
+    e.add_argument("--library", choices=LORA_LIBRARIES,
                    help="the LoRA library the model must come from: an adapt output's (its weights.json), or one the "
                         "bundle holds (with --route arrow: the library routed); recorded in the results")
     add_route_flags(e)

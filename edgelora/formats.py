@@ -43,7 +43,11 @@ def load_adapted(folder: Path, bundle_path: Path | None = None) -> tuple[Bundle,
     bundle it was adapted on, which holds what the formats need beyond A and B: the layer
     paths, the head counts and the decoder graph's weight names. The bundle is the one
     weights.json names unless `bundle_path` is given; a bundle of another base is refused."""
-    recorded = read_weights(folder).get("bundle")
+    weights = read_weights(folder)
+    if weights["settings"].get("kind", "lora") != "lora":
+        raise UserError(f"{folder}: composes adaption prompts, not LoRAs: its adapter/ is already a PEFT folder "
+                        f"(AdaptionPromptConfig), and llama.cpp's and onnxruntime's adapter formats hold LoRAs only")
+    recorded = weights.get("bundle")
     if not isinstance(recorded, dict) or not isinstance(recorded.get("path"), str):
         raise UserError(f"{folder / WEIGHTS}: names no bundle; give the one it was adapted on with --bundle")
     bundle = Bundle.open(bundle_path or recorded["path"], hashes=False)

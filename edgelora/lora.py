@@ -215,6 +215,11 @@ class LoraStack:
                 np.dot(w, self._B[m], out=self.B[m].reshape(-1))
         return self.A, self.B
 
+    def slots(self, w: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], None]:
+        """The scoring graph's slots at w: the LoRA, no adaption prompt. "cat" runs only the LoRAs
+        with a weight: the slot's rank is r times those, not the stack's."""
+        return (*(self.merged(w) if self.mode == "cat" else self.compose(w)), None)
+
     def merged(self, w: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """Copies of A and B at w for the outputs. "cat" drops the LoRAs whose weight is 0, so the
         written adapter's rank is r times the LoRAs that contribute (the exact sum, no truncation)."""

@@ -17,6 +17,7 @@ from .bundle import Bundle, Positive, check_schema, sha256_cached
 from .errors import UserError
 from .examples import Example, parse_example
 from .io import atomic_write, atomic_write_json, building, check_replaceable, read_json, sha256_file
+from . import adaption_prompt
 from .lora import to_peft, zero_slots
 from .recipe import deployed
 
@@ -101,24 +102,30 @@ RESULT_FILES = ("adapter", "loss_curve.svg", WEIGHTS)
 NO_MODEL = "it holds the search's result (weights.json, adapter/, loss_curve.svg) without a model"
 
 
-def write_result(result: AdaptResult, bundle: Bundle, out: Path) -> tuple[dict, dict]:
+def write_result(result: AdaptResult, bundle: Bundle, out: Path) -> tuple[dict, dict] | adaption_prompt.AdaptionPrompt:
     """The search's result (RESULT_FILES) built aside and swapped in whole for `out`, before any
-    model is written: an interrupted or failed write-back cannot lose it. Returns the merged A, B."""
+    model is written: an interrupted or failed write-back cannot lose it. Returns the composed
+    adapter: the merged A, B, or the adaption prompt."""
     check_out(out)
-    A, B = result.merged()
+    composed = result.merged()
     with building(out) as tmp:
-        to_peft(tmp / "adapter", A, B, bundle.targets, bundle.manifest["base"]["name"])
+        if isinstance(composed, adaption_prompt.AdaptionPrompt):
+            adaption_prompt.to_peft(tmp / "adapter", composed, bundle.arch, bundle.manifest["base"]["name"])
+        else:
+            to_peft(tmp / "adapter", *composed, bundle.targets, bundle.manifest["base"]["name"])
         atomic_write(tmp / "loss_curve.svg", loss_curve_svg(result))
         atomic_write_json(tmp / WEIGHTS, weights_json(result, bundle))
-    return A, B
+    return composed
 
 
-def write_adapted_model(bundle: Bundle, A: dict, B: dict, out: Path, quant: str, recipe: dict | None = None) -> None:
+def write_adapted_model(bundle: Bundle, composed: tuple[dict, dict] | adaption_prompt.AdaptionPrompt, out: Path,
+                        quant: str, recipe: dict | None = None) -> None:
     """The recipe's model beside the result `write_result` put in `out`: the result's files copied
     into a folder built aside, the model written there, and that swapped in whole. Whatever stops
     it (Ctrl-C, a kill, a full disk, a bug), `out` is the result without a model or all of it.
     A recipe on the base model writes the base (at `quant`, its LoRA targets at 8 bits as in an
-    adapted model; the searched LoRA stays in adapter/);
+    adapted model; the searched adapter stays in adapter/); an adaption prompt goes into the
+    decoder beside a zero LoRA (so its targets are at 8 bits too);
     one with shots puts them in edgelora.json, where generate and eval read them."""
     from .writeback import write_model
     adapted, shots = deployed(recipe)
@@ -131,9 +138,11 @@ def write_adapted_model(bundle: Bundle, A: dict, B: dict, out: Path, quant: str,
                 shutil.copy2(src, tmp / name)
         # the base as the adapted models are written (q/v at 8 bits): at 4 bits it lost most of its
         # ICL accuracy (linguistic_mappings_plural_regular_json, 20 examples: fp32 70%, int4 10%, this 50%)
-        slots = (A, B) if adapted else zero_slots(bundle.targets, bundle.arch["layers"])
-        meta = None if recipe is None else {"recipe": recipe["choice"], "shots": shots, **({} if adapted else {"lora": None})}
-        write_model(bundle, *slots, tmp, quant, weights_sha256=sha256_file(tmp / WEIGHTS), meta=meta)
+        prompt = composed if adapted and isinstance(composed, adaption_prompt.AdaptionPrompt) else None
+        slots = composed if adapted and prompt is None else zero_slots(bundle.targets, bundle.arch["layers"])
+        lora = {} if adapted and prompt is None else {"lora": None}
+        meta = {**({} if recipe is None else {"recipe": recipe["choice"], "shots": shots}), **lora} or None
+        write_model(bundle, *slots, tmp, quant, weights_sha256=sha256_file(tmp / WEIGHTS), meta=meta, prompt=prompt)
 
 
 def write_outputs(result: AdaptResult, bundle: Bundle, out: Path, quant: str | None = None) -> None:
@@ -141,15 +150,17 @@ def write_outputs(result: AdaptResult, bundle: Bundle, out: Path, quant: str | N
     second swap, so `out` is never a new weights.json beside an older model: after a kill or a
     full disk it is the previous output, the new result without a model, or the whole new one.
     `quant` None writes no model (--no-model, or an interrupted search)."""
-    A, B = write_result(result, bundle, out)
+    composed = write_result(result, bundle, out)
     if quant:
-        write_adapted_model(bundle, A, B, out, quant, result.recipe)
+        write_adapted_model(bundle, composed, out, quant, result.recipe)
 
 
 def summary_table(result: AdaptResult, top: int = 10) -> str:
     order = sorted(range(len(result.loras)), key=lambda i: -abs(result.weights[i]))[:top]
     width = max(len(result.loras[i]) for i in order)
-    lines = [f"{'LoRA':<{width}}  weight", f"{'-' * width}  ------"]
+    what = "adapter" if result.settings.get("kind", "lora") != "lora" else "LoRA"
+    width = max(width, len(what))
+    lines = [f"{what:<{width}}  weight", f"{'-' * width}  ------"]
     lines += [f"{result.loras[i]:<{width}}  {result.weights[i]:+.3f}" for i in order]
     return "\n".join(lines)
 

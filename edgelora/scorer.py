@@ -14,6 +14,7 @@ import onnxruntime as ort
 from .adaption_prompt import AdaptionPrompt, slot_feeds
 from .bundle import Bundle
 from .batch import Batch
+from .lora import zero_slots
 
 
 def session_options(threads: int | None = None) -> ort.SessionOptions:
@@ -35,19 +36,22 @@ class Scorer:
         self.modules = list(bundle.targets)
         self.feeds: dict[str, np.ndarray] = {}
         self.no_prompt = slot_feeds(None, bundle.arch)  # made once: most forwards carry no prompt
+        self.no_lora = zero_slots(bundle.targets, bundle.arch["layers"])  # and a prompt's carry no LoRA
 
     def bind(self, batch: Batch) -> None:
         self.batch = batch
         self.feeds = batch.feeds()
 
-    def run(self, A: dict[str, np.ndarray], B: dict[str, np.ndarray], xa: bool = False,
+    def run(self, A: dict[str, np.ndarray] | None, B: dict[str, np.ndarray] | None, xa: bool = False,
             hidden: bool = False, prompt: AdaptionPrompt | None = None) -> tuple[np.ndarray, ...]:
         """Per-example (mean target-token loss, summed target log-prob) for the bound batch, under
-        the LoRA A, B and the adaption prompt `prompt` (None: none); with `hidden`, then the residual
+        the LoRA A, B (None: none) and the adaption prompt `prompt` (None: none); with `hidden`, then the residual
         stream before the final norm at the target positions [n, K, d] (what the surrogate search
         models); with `xa`, then x·Aᵀ [L, T, r] per target module (Arrow routing scores when A holds
         prototypes)."""
         self.feeds.update(self.no_prompt if prompt is None else slot_feeds(prompt, self.bundle.arch))
+        if A is None:
+            A, B = self.no_lora
         for m in self.modules:
             self.feeds[f"lora_A_{m}"] = A[m]
             self.feeds[f"lora_B_{m}"] = B[m]

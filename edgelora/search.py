@@ -1,4 +1,5 @@
-"""ADAPT: LoraHub's gradient-free search for the weights of a LoRA composition.
+"""ADAPT: LoraHub's gradient-free search for the weights of a LoRA composition (or, with
+`kind="adaption-prompt"`, of a composition of LLaMA-Adapter's adaption prompts).
 
 Objective (the reference's): the examples' mean token cross-entropy under the composed
 LoRA plus α·mean|w|, minimised in a box with a hard budget of forward passes. Every
@@ -18,7 +19,8 @@ import numpy as np
 
 from .arrow import load_prototypes, rank_by_arrow
 from .batch import check_batch_size, encode_pairs, keep_ends
-from .bundle import LIBRARIES, Bundle
+from .adaption_prompt import AdaptionPrompt, PromptStack, load_checked_prompts
+from .bundle import KINDS, LORA_LIBRARIES, Bundle
 from .errors import UserError
 from .examples import Example, load_examples
 from .lora import COMPOSITIONS, Lora, LoraStack, load_checked
@@ -58,8 +60,22 @@ class AdaptConfig:
     compose: str = "lorahub"   # lorahub: A = Σ wA, B = Σ wB (the paper's) | cat: the exact Σ w·s·BA (peft's cat)
     loo: bool = True           # surrogate: choose its span and radius by leave-one-out (else --n-loras, radius 0.5)
     recipe: str = "auto"       # auto: adapted, adapted+icl, icl or zero-shot by leave-one-out (recipe.py), or the one named
+    kind: str = "lora"         # what is composed: lora (--library's LoRAs) | adaption-prompt (the bundle's prompt library)
+
+    @property
+    def adapters(self) -> str:
+        """The bundle library composed: --library's LoRAs, or the adaption prompts."""
+        return "prompts" if self.kind == "adaption-prompt" else self.library
 
     def check(self) -> "AdaptConfig":
+        if self.kind not in KINDS:
+            raise UserError(f"--kind {self.kind}: choose one of {', '.join(KINDS)}")
+        if self.kind == "adaption-prompt":
+            for flag, value, lora_only in (("--optimizer", self.optimizer, "surrogate"), ("--select", self.select, "arrow"),
+                                           ("--library", self.library, "mbc"), ("--compose", self.compose, "cat")):
+                if value == lora_only:
+                    raise UserError(f"{flag} {value} works on LoRAs only: --kind adaption-prompt composes the bundle's "
+                                    f"adaption-prompt library")
         if self.compose not in COMPOSITIONS:
             raise UserError(f"--compose {self.compose}: choose one of {', '.join(COMPOSITIONS)}")
         if self.optimizer == "surrogate" and self.compose != "cat":
@@ -75,8 +91,8 @@ class AdaptConfig:
             raise UserError(f"--optimizer {self.optimizer}: choose one of {', '.join(OPTIMIZERS)}")
         if self.select not in SELECTS:
             raise UserError(f"--select {self.select}: choose one of {', '.join(SELECTS)}")
-        if self.library not in LIBRARIES:
-            raise UserError(f"--library {self.library}: choose one of {', '.join(LIBRARIES)}")
+        if self.library not in LORA_LIBRARIES:
+            raise UserError(f"--library {self.library}: choose one of {', '.join(LORA_LIBRARIES)}")
         if self.select_len < 0:
             raise UserError(f"--select-len {self.select_len}: must be 0 (whole examples) or more")
         for name in ("budget", "n_loras", "top_k"):
@@ -122,12 +138,12 @@ class AdaptResult:
     seconds: float = 0.0
     stop: str = "budget"        # why the search ended: budget, converged, no gain, interrupted
     timings: dict = field(default_factory=dict)  # seconds per phase (bench/profile_adapt.py)
-    stack: LoraStack | None = field(default=None, repr=False)
+    stack: LoraStack | PromptStack | None = field(default=None, repr=False)
     surrogate: dict | None = None  # the surrogate search's leave-one-out table and per-forward trace
     recipe: dict | None = None     # recipe.choose's: the choice, why, the leave-one-out table
 
-    def merged(self) -> tuple[dict, dict]:
-        """The composed A and B (scale folded into B) at the best weights."""
+    def merged(self) -> tuple[dict, dict] | AdaptionPrompt:
+        """The composed adapter at the best weights: A and B (scale folded into B), or the prompt."""
         return self.stack.merged(self.weights)
 
 
@@ -168,7 +184,7 @@ class Objective:
     """loss(w) + α·mean|w|: scores each distinct point once, counts them against the budget,
     keeps the best, and stops a search that has stopped gaining."""
 
-    def __init__(self, scorer: Scorer, stack: LoraStack, n_tokens: float, cfg: AdaptConfig,
+    def __init__(self, scorer: Scorer, stack: LoraStack | PromptStack, n_tokens: float, cfg: AdaptConfig,
                  on_eval: Callable[[int, Evaluation, Evaluation], None] | None = None, hidden: bool = False):
         self.scorer, self.stack, self.n_tokens, self.cfg, self.on_eval = scorer, stack, n_tokens, cfg, on_eval
         self.hidden = hidden  # keep every forward's answer-position hidden states (the surrogate's points)
@@ -227,10 +243,9 @@ class Objective:
         if len(self.history) >= self.cfg.budget:
             raise _Stop("budget")
         t0 = time.perf_counter()
-        # "cat" runs only the LoRAs with a weight: the slot's rank is r times those, not the stack's
-        A, B = self.stack.merged(w) if self.stack.mode == "cat" else self.stack.compose(w)
+        A, B, prompt = self.stack.slots(w)
         t1 = time.perf_counter()
-        out = self.scorer.run(A, B, hidden=self.hidden)
+        out = self.scorer.run(A, B, hidden=self.hidden, prompt=prompt)
         logprob = out[1]
         if self.hidden:
             self.add_point(w, out)
@@ -247,19 +262,33 @@ class Objective:
         return ev.objective
 
 
-def rank_by_loss(scorer: Scorer, n_tokens: float, loras: list[Lora], modules: list[str],
+def load_adapters(paths: list[Path], bundle: Bundle, kind: str) -> list[Lora] | list[AdaptionPrompt]:
+    """The adapters at `paths`, each refused with one line unless the bundle can take it."""
+    return load_checked_prompts(paths, bundle.arch) if kind == "adaption-prompt" else load_checked(paths, bundle)
+
+
+def stacked(adapters: list, bundle: Bundle, cfg: AdaptConfig) -> LoraStack | PromptStack:
+    """The adapters stacked for composing, by their kind."""
+    if cfg.kind == "adaption-prompt":
+        return PromptStack(adapters)
+    return LoraStack(adapters, list(bundle.targets), cfg.compose)
+
+
+def rank_by_loss(scorer: Scorer, n_tokens: float, adapters: list, stack: Callable[[list], LoraStack | PromptStack],
                  on_rank: Callable[[int, int], None] | None = None, outputs: list | None = None) -> np.ndarray:
-    """Each LoRA's loss alone at weight 1 on the bound examples (one forward each); with `outputs`,
-    each forward's (loss, logprob, hidden) is appended there (the surrogate's first points).
-    `on_rank(done, total)` after each: the whole library takes a minute on a laptop."""
+    """Each adapter's loss alone at weight 1 on the bound examples (one forward each, `stack([it])`
+    composing it); with `outputs`, each forward's (loss, logprob, hidden) is appended there (the
+    surrogate's first points). `on_rank(done, total)` after each: the whole library takes a minute
+    on a laptop."""
     losses = []
-    for lora in loras:
-        out = scorer.run(*LoraStack([lora], modules).compose(np.ones(1)), hidden=outputs is not None)
+    for adapter in adapters:
+        A, B, prompt = stack([adapter]).slots(np.ones(1))
+        out = scorer.run(A, B, hidden=outputs is not None, prompt=prompt)
         losses.append(pooled_loss(out[1], n_tokens))
         if outputs is not None:
             outputs.append(out)
         if on_rank:
-            on_rank(len(losses), len(loras))
+            on_rank(len(losses), len(adapters))
     return np.array(losses)
 
 
@@ -390,16 +419,17 @@ def select_for_surrogate(cfg: AdaptConfig, scorer: Scorer, bundle: Bundle, paths
     """The surrogate's LoRAs, in order of their whole-example loss alone, and each one's forward as
     a point of its model: the whole library ranked on the whole examples; or, where a cut ranking
     pays (`cut_pays` with SHORTLIST finalists), the SHORTLIST best by the cut, then scored whole."""
-    loras, modules, whole = load_checked(paths, bundle), list(bundle.targets), scorer.batch
+    loras, whole = load_checked(paths, bundle), scorer.batch
+    stack = lambda some: stacked(some, bundle, cfg)
     cut = keep_ends(whole, cfg.select_len) if cfg.select_len else whole
     short, forwards, ranked_on = list(range(len(loras))), 0, whole
     if cut_pays(len(loras), cut.n_tokens, whole.n_tokens, SHORTLIST):
         scorer.bind(cut)
-        cut_losses = rank_by_loss(scorer, float(cut.target_mask.sum()), loras, modules, on_rank)
+        cut_losses = rank_by_loss(scorer, float(cut.target_mask.sum()), loras, stack, on_rank)
         scorer.bind(whole)
         short, forwards, ranked_on = list(np.argsort(cut_losses, kind="stable")[:SHORTLIST]), len(loras), cut
     outs: list = []
-    losses = rank_by_loss(scorer, n_tokens, [loras[i] for i in short], modules, None if forwards else on_rank, outs)
+    losses = rank_by_loss(scorer, n_tokens, [loras[i] for i in short], stack, None if forwards else on_rank, outs)
     order = list(np.argsort(losses, kind="stable"))
     keep, eye = [short[i] for i in order], np.eye(len(order))
     return Selection([paths[i] for i in keep], [loras[i] for i in keep], [(eye[0], float(losses[order[0]]), 0.0)],
@@ -419,19 +449,20 @@ def select_loras(cfg: AdaptConfig, scorer: Scorer, bundle: Bundle, paths: list[P
         mass, logprob, secs = rank_by_arrow(scorer, [load_prototypes(p) for p in paths], bundle, cfg.top_k)
         paths = [paths[i] for i in np.argsort(-mass, kind="stable")[:n]]
         return Selection(paths, load_checked(paths, bundle), [(np.zeros(n), pooled_loss(logprob, n_tokens), secs)], 1)
-    loras, modules, whole = load_checked(paths, bundle), list(bundle.targets), scorer.batch
+    loras, whole = load_adapters(paths, bundle, cfg.kind), scorer.batch
+    stack = lambda some: stacked(some, bundle, cfg)
     cut = keep_ends(whole, cfg.select_len) if cfg.select_len else whole
     if not cut_pays(len(loras), cut.n_tokens, whole.n_tokens):
-        losses = rank_by_loss(scorer, n_tokens, loras, modules, on_rank)
+        losses = rank_by_loss(scorer, n_tokens, loras, stack, on_rank)
         order = list(np.argsort(losses, kind="stable"))
         finalists, forwards, ranked_on = {order[0]: float(losses[order[0]])}, len(loras), whole
     else:
         scorer.bind(cut)
-        cut_losses = rank_by_loss(scorer, float(cut.target_mask.sum()), loras, modules, on_rank)
+        cut_losses = rank_by_loss(scorer, float(cut.target_mask.sum()), loras, stack, on_rank)
         scorer.bind(whole)
         order = list(np.argsort(cut_losses, kind="stable"))
         top = order[:FINALISTS]
-        finalists = dict(zip(top, rank_by_loss(scorer, n_tokens, [loras[i] for i in top], modules).tolist()))
+        finalists = dict(zip(top, rank_by_loss(scorer, n_tokens, [loras[i] for i in top], stack).tolist()))
         forwards, ranked_on = len(loras) + len(top), cut
         best = min(finalists, key=finalists.get)
         order = [best] + [i for i in order if i != best]
@@ -468,13 +499,13 @@ def adapt(examples: str | Path | list[Example], bundle: Bundle | str | Path | No
              f"{bundle.arch['max_len']} tokens; the start of its prompt was cut")
     check_batch_size(len(examples), batch.padded_tokens, source)
     timings["tokenise"] = time.perf_counter() - t0
-    if cfg.library != "per-task":
-        bundle.library(cfg.library)  # a library the bundle lacks is one line, whatever --loras names
+    if cfg.adapters != "per-task":
+        bundle.library(cfg.adapters)  # a library the bundle lacks is one line, whatever --loras names
     # the loss pick ranks the library; the surrogate ranks whatever it composes (its model's first points)
     ranked = cfg.select != "random" and loras is None or cfg.optimizer == "surrogate"
-    paths = choose_loras(bundle, loras, len(bundle.lora_paths(cfg.library)) if ranked else cfg.n_loras, cfg.seed,
-                         cfg.library)
-    loras_ = [] if ranked else load_checked(paths, bundle)  # named or sampled: checked before the session is built
+    paths = choose_loras(bundle, loras, len(bundle.lora_paths(cfg.adapters)) if ranked else cfg.n_loras, cfg.seed,
+                         cfg.adapters)
+    loras_ = [] if ranked else load_adapters(paths, bundle, cfg.kind)  # named or sampled: checked before the session is built
     from .scorer import Scorer
     t0 = time.perf_counter()
     scorer = Scorer(bundle)
@@ -485,7 +516,7 @@ def adapt(examples: str | Path | list[Example], bundle: Bundle | str | Path | No
     sel = select_loras(cfg, scorer, bundle, paths, n_tokens, on_rank) if ranked else Selection(paths, loras_)
     timings["select"] = time.perf_counter() - t0
     paths, loras_, n = sel.paths, sel.loras, len(sel.paths)
-    stack = LoraStack(loras_, list(bundle.targets), cfg.compose)
+    stack = stacked(loras_, bundle, cfg)
     f = Objective(scorer, stack, n_tokens, cfg, on_eval, hidden=cfg.optimizer == "surrogate")
     for w, out in sel.outputs:
         f.add_point(w, out)

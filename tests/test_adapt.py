@@ -199,7 +199,7 @@ def test_patience_stops_a_search_that_no_longer_gains(library, tmp_path):
     from edgelora.search import Objective, _Stop
 
     class Flat:  # a scorer whose loss never changes
-        def run(self, A, B, hidden=False):
+        def run(self, A, B, hidden=False, prompt=None):
             return np.ones(1), -np.ones(1)
 
     bundle, loras = library

@@ -171,3 +171,114 @@ def test_the_written_decoder_carries_the_prompt_as_peft_decodes(tiny_bundle_ro, 
     assert ours == want and want != plain
     int4 = Decoder(write_model(bundle, None, None, tmp_path / "q", quant="int4", prompt=ap), eos_ids=[])
     assert len(list(int4.stream(ids, max_new_tokens=12))) == 12  # the prompt's nodes stay fp32 beside int4 weights
+
+
+def random_prompt(name: str, arch: dict, seed: int, layers: int = 2, length: int = 3) -> ap_mod.AdaptionPrompt:
+    rng = np.random.default_rng(seed)
+    return ap_mod.AdaptionPrompt(name, rng.normal(0, 2, (layers, length, arch["hidden"])).astype(np.float32),
+                                 rng.normal(0, 1, layers).astype(np.float32))
+
+
+@pytest.fixture
+def prompt_library(tiny_bundle, tmp_path):
+    """Three random adaption prompts installed as the bundle's prompts library, as `edgelora-export
+    library --kind adaption-prompt --bundle` installs a trained one."""
+    from edgelora.bundle import Bundle
+    from edgelora_export.lora import install_library
+    arch_ = Bundle.open(tiny_bundle).arch
+    files = []
+    for i in range(3):
+        files.append(tmp_path / "lib" / f"task{i}.safetensors")
+        files[-1].parent.mkdir(exist_ok=True)
+        ap_mod.save_prompt(files[-1], random_prompt(f"task{i}", arch_, seed=10 + i), np.float32)
+    install_library(files, tiny_bundle, "prompts")
+    return Bundle.open(tiny_bundle)
+
+
+def test_adapt_composes_adaption_prompts_and_writes_what_it_scored(prompt_library, tiny_hf, tmp_path):
+    """adapt --kind adaption-prompt: each library prompt ranked alone is the scorer's loss for that
+    prompt; the result's loss is the scorer's loss for the composed prompt Σ wᵢPᵢ, Σ wᵢgᵢ; the
+    written adapter/ is a PEFT AdaptionPromptConfig folder, and the written model greedy-decodes
+    what peft decodes with it."""
+    from peft import PeftModel
+    from test_adapt import PROMPTS
+    from transformers import AutoModelForCausalLM
+    from edgelora.examples import Example
+    from edgelora.generate import Decoder
+    from edgelora.outputs import write_outputs
+    from edgelora.scorer import Scorer
+    from edgelora.search import adapt, pooled_loss
+    bundle = prompt_library
+    examples = [Example(p, a) for p, a in zip(PROMPTS, ["5", "yes", "colours", "a date", "jumps"])]
+    res = adapt(examples, bundle, kind="adaption-prompt", budget=12, n_loras=3, warn=quiet)
+    assert sorted(res.loras) == ["task0", "task1", "task2"] and res.settings["kind"] == "adaption-prompt"
+    from helpers import encode
+    scorer = Scorer(bundle)
+    batch = encode(bundle, examples)
+    scorer.bind(batch)
+    n = float(batch.target_mask.sum())
+    library = {p.stem: ap_mod.load_prompt(p) for p in bundle.lora_paths("prompts").values()}
+    alone = {k: pooled_loss(scorer.run(None, None, prompt=p)[1], n) for k, p in library.items()}
+    assert res.loras == sorted(alone, key=alone.get)  # ranked by their loss alone, the best first
+    first = [e for e in res.history if e.weights == [1.0, 0.0, 0.0]]
+    assert len(first) == 1 and first[0].loss == pytest.approx(alone[res.loras[0]], rel=1e-6)
+    composed = res.merged()
+    w = res.weights.astype(np.float32)
+    np.testing.assert_allclose(composed.prompt, sum(wi * library[k].prompt for wi, k in zip(w, res.loras)), atol=1e-5)
+    np.testing.assert_allclose(composed.gate, sum(wi * library[k].gate for wi, k in zip(w, res.loras)), atol=1e-6)
+    assert res.loss == pytest.approx(pooled_loss(scorer.run(None, None, prompt=composed)[1], n), rel=1e-6)
+
+    write_outputs(res, bundle, tmp_path / "out", quant="none")
+    meta = json.loads((tmp_path / "out" / "edgelora.json").read_text())
+    assert meta["lora"] is None and meta["adaption_prompt"]["layers"] == 2
+    ids = bundle.tokenizer().encode(bundle.prompt_format.prompt(PROMPTS[0]), add_special_tokens=False).ids
+    ours = list(Decoder(tmp_path / "out" / "model.onnx", eos_ids=[]).stream(ids, max_new_tokens=8))
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_hf), tmp_path / "out" / "adapter").eval()
+    with torch.no_grad():
+        want = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=8, do_sample=False, eos_token_id=None,
+                              pad_token_id=0)[0, len(ids):].tolist()
+    assert ours == want
+
+
+def test_adapt_refuses_what_adaption_prompts_cannot_do(prompt_library, tiny_bundle_ro, capsys, tmp_path):
+    """LoRA-only settings, a bundle without the library, and a LoRA export of a prompt output:
+    each one line."""
+    from test_adapt import PROMPTS
+    from edgelora.examples import Example
+    from edgelora.outputs import write_outputs
+    from edgelora.search import adapt
+    ex = tmp_path / "ex.jsonl"
+    ex.write_text("".join(json.dumps({"input": p, "output": "x"}) + "\n" for p in PROMPTS))
+    for flags, words in ((["--optimizer", "surrogate", "--compose", "cat"], ["--optimizer surrogate", "LoRAs only"]),
+                         (["--select", "arrow"], ["--select arrow"]), (["--library", "mbc"], ["--library mbc"]),
+                         (["--compose", "cat"], ["--compose cat"])):
+        r = cli_here(capsys, "edgelora.cli", "adapt", str(ex), "--bundle", str(prompt_library.path), "--kind",
+                     "adaption-prompt", *flags)
+        assert_refused(r, *words)
+    r = cli_here(capsys, "edgelora.cli", "adapt", str(ex), "--bundle", str(tiny_bundle_ro), "--kind", "adaption-prompt")
+    assert_refused(r, "no prompts library", "--kind adaption-prompt --bundle")
+    res = adapt([Example(p, "x") for p in PROMPTS], prompt_library, kind="adaption-prompt", budget=4, warn=quiet)
+    write_outputs(res, prompt_library, tmp_path / "out", quant=None)
+    r = cli_here(capsys, "edgelora.cli", "export", str(tmp_path / "out"), "--format", "gguf")
+    assert_refused(r, "composes adaption prompts", "AdaptionPromptConfig")
+
+
+def test_library_bundle_installs_the_prompts_library(capsys, colors, tmp_path, tiny_hf, tiny_bundle):
+    """edgelora-export library --kind adaption-prompt --bundle: the trained prompts become the
+    bundle's prompts library (hashed in the manifest; `edgelora info` lists them); --clusters,
+    which clusters LoRAs, is refused for this kind."""
+    from edgelora.bundle import Bundle
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "colors.jsonl").write_text(colors.read_text())
+    flags = ["--base", str(tiny_hf), "--kind", "adaption-prompt", "--adapter-len", "4", "--adapter-layers", "2",
+             "--steps", "2", "--eval-every", "2", "--bundle", str(tiny_bundle)]
+    r = cli_here(capsys, "edgelora_export.cli", "library", str(tmp_path / "tasks"), "-o", str(tmp_path / "lib"), *flags,
+                 "--clusters", str(tmp_path / "c.json"))
+    assert_refused(r, "--clusters", "adaption-prompt")
+    r = cli_here(capsys, "edgelora_export.cli", "library", str(tmp_path / "tasks"), "-o", str(tmp_path / "lib"), *flags)
+    assert r.returncode == 0, r.stderr
+    bundle = Bundle.open(tiny_bundle)
+    assert list(bundle.lora_paths("prompts")) == ["colors"] and bundle.verify() == []
+    assert ap_mod.load_prompt(bundle.lora_paths("prompts")["colors"]).prompt.shape == (2, 4, bundle.arch["hidden"])
+    r = cli_here(capsys, "edgelora.cli", "info", "--bundle", str(tiny_bundle), "--json")
+    assert [p["name"] for p in json.loads(r.stdout)["adaption_prompts"]] == ["colors"]

@@ -9,7 +9,7 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-from edgelora.bundle import LIBRARIES, Bundle, default_bundle_path, home
+from edgelora.bundle import LORA_LIBRARIES, Bundle, default_bundle_path, home
 from edgelora.errors import UserError, run_command
 from edgelora.io import exclusive, tidy_temp_folders
 
@@ -39,7 +39,7 @@ def parser() -> argparse.ArgumentParser:
     l.add_argument("--name")
     l.add_argument("--dtype", choices=["fp16", "fp32"], default="fp16")
     l.add_argument("--force", action="store_true", help="replace a LoRA of the same name")
-    l.add_argument("--library", choices=LIBRARIES, default="per-task",
+    l.add_argument("--library", choices=LORA_LIBRARIES, default="per-task",
                    help="the bundle's library to add it to (default per-task; mbc: a per-cluster LoRA)")
     for name, help_ in (("train", "train one LoRA with LoRA+ on a task file"),
                         ("library", "train one LoRA per task file in a folder (resumable)")):
@@ -73,8 +73,9 @@ def parser() -> argparse.ArgumentParser:
         else:
             t.add_argument("--clusters", type=Path, help="clusters JSON (edgelora cluster): one LoRA per cluster, "
                            "trained on the union of its tasks (MBC), instead of one per task")
-            t.add_argument("--bundle", type=Path, help="with --clusters: then install the cluster LoRAs as this "
-                           "bundle's mbc library (loras-mbc/), replacing the one it has")
+            t.add_argument("--bundle", type=Path, help="then install the library in this bundle, replacing the one it "
+                           "has: with --clusters as its mbc library (loras-mbc/), with --kind adaption-prompt as its "
+                           "prompts library (adaption-prompts/)")
             t.add_argument("--ray", nargs="?", const="auto", metavar="ADDRESS",
                            help="train each LoRA as a task on a Ray cluster (default: the running one, 'auto'; "
                                 "'local' starts one here); -o and the tasks must be paths every node reads and writes "
@@ -99,8 +100,11 @@ def export_lock(out: Path):
 
 
 def train_config(args):
-    if args.kind != "lora" and args.bundle:
-        raise UserError(f"--bundle: a bundle's libraries hold LoRAs; the {args.kind} adapter is written to -o only")
+    if args.kind != "lora" and args.bundle and args.cmd == "train":
+        raise UserError(f"--bundle: one {args.kind} adapter is written to -o only; edgelora-export library --kind "
+                        f"{args.kind} --bundle installs a whole library of them")
+    if args.kind != "lora" and getattr(args, "clusters", None):
+        raise UserError(f"--clusters: the MBC library clusters LoRAs; --kind {args.kind} trains one adapter per task")
     return TrainConfig(kind=args.kind, adapter_len=args.adapter_len, adapter_layers=args.adapter_layers,
                        rank=args.rank, alpha=args.alpha, targets=tuple(args.targets.split(",")), lr=args.lr,
                        loraplus_ratio=args.loraplus_ratio, steps=args.steps, batch=args.batch,
@@ -151,9 +155,9 @@ def run_quietly(args) -> None:
     elif args.cmd == "library":
         from .library import train_library
         if args.bundle:
-            if not args.clusters:
-                raise UserError("--bundle installs an MBC library: give --clusters (a per-task LoRA is added "
-                                "with edgelora-export lora)")
+            if not args.clusters and args.kind == "lora":
+                raise UserError("--bundle installs an MBC library (give --clusters) or an adaption-prompt library "
+                                "(--kind adaption-prompt); a per-task LoRA is added with edgelora-export lora")
             Bundle.open(args.bundle)  # before hours of training, not after
         if args.cpus_per_task < 1:
             raise UserError(f"--cpus-per-task {args.cpus_per_task}: must be at least 1")
@@ -161,8 +165,10 @@ def run_quietly(args) -> None:
                              ray=args.ray, cpus_per_task=args.cpus_per_task, threads=check_threads(args.threads))
         if args.bundle:
             from .lora import install_library
-            dst = install_library([args.out / f"{r['task']}.safetensors" for r in rows], args.bundle, "mbc")
-            say(f"{len(rows)} cluster LoRAs installed as the bundle's mbc library: {dst}")
+            library = "mbc" if args.kind == "lora" else "prompts"
+            dst = install_library([args.out / f"{r['task']}.safetensors" for r in rows], args.bundle, library)
+            say(f"{len(rows)} {'cluster LoRAs' if library == 'mbc' else 'adaption prompts'} installed as the bundle's "
+                f"{library} library: {dst}")
 
 
 def main(argv=None) -> int:

@@ -1,12 +1,13 @@
 """`edgelora-export lora`: a PEFT LoRA folder becomes `BUNDLE/loras/<name>.safetensors` (or a
 LoRA of the bundle's MBC library, `loras-mbc/`); `library --bundle` installs a whole trained
-library at once."""
+library at once (an MBC library, or the adaption-prompt library, `adaption-prompts/`)."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
 
+from edgelora.adaption_prompt import load_checked_prompts, save_prompt
 from edgelora.bundle import LIBRARIES, Bundle, write_manifest
 from edgelora.errors import UserError
 from edgelora.io import building
@@ -18,16 +19,21 @@ SHIPPED = {"per-task": Path(__file__).parent / "library", "mbc": Path(__file__).
 
 
 def install_library(files: list[Path], bundle_path: Path | None, library: str) -> Path:
-    """The bundle LoRAs `files` (an `edgelora-export library` output) become the bundle's `library`
-    whole: its folder is built aside and swapped in, so LoRAs of an earlier clustering do not
-    linger, then the manifest is re-hashed (`edgelora verify` checks them like every file)."""
+    """The bundle adapters `files` (an `edgelora-export library` output) become the bundle's
+    `library` whole: its folder is built aside and swapped in, so adapters of an earlier clustering
+    or training do not linger, then the manifest is re-hashed (`edgelora verify` checks them like
+    every file). The prompts library takes adaption prompts, the others LoRAs."""
     bundle = Bundle.open(bundle_path)
     if not files:
-        raise UserError("no trained LoRAs to install")
+        raise UserError("no trained adapters to install")
     dst = bundle.path / LIBRARIES[library]
     with building(dst) as tmp:
-        for f, lora in zip(files, load_checked(files, bundle)):
-            save_lora(tmp / f.name, lora, np.float16)
+        if library == "prompts":
+            for f, ap in zip(files, load_checked_prompts(files, bundle.arch)):
+                save_prompt(tmp / f.name, ap)
+        else:
+            for f, lora in zip(files, load_checked(files, bundle)):
+                save_lora(tmp / f.name, lora, np.float16)
     write_manifest(bundle.path, bundle.manifest)
     return dst
 

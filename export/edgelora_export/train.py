@@ -18,6 +18,7 @@ import torch
 from tqdm import tqdm
 
 from edgelora.batch import tokenize_pairs
+from edgelora.bundle import KINDS
 from edgelora.errors import UserError
 from edgelora.examples import PromptFormat, load_examples
 from edgelora.io import atomic_write_json, peak_rss_mb, read_json, writing
@@ -25,7 +26,6 @@ from .base_model import DEFAULT_TARGETS
 from .console import say, stderr
 
 
-KINDS = ("lora", "adaption-prompt")
 # The kinds' learning rates: LoRA+'s A (B's is lr * loraplus_ratio); LLaMA-Adapter's paper's 9e-3.
 DEFAULT_LR = {"lora": 3e-4, "adaption-prompt": 9e-3}
 
