@@ -307,6 +307,8 @@ def eval_library(model: Path, adapted: bool, library: str | None) -> str | None:
         return None
     settings = read_weights(model)["settings"]
     used = settings.get("library", "per-task") if isinstance(settings, dict) else "per-task"
+    if isinstance(settings, dict) and settings.get("kind", "lora") == "adaption-prompt":
+        used = "prompts"  # the adaption-prompt library, whatever --library said then
     if library and library != used:
         raise UserError(f"--library {library}: {model} was adapted with the {used} library ({model / WEIGHTS})")
     return used

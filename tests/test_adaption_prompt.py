@@ -195,7 +195,7 @@ def prompt_library(tiny_bundle, tmp_path):
     return Bundle.open(tiny_bundle)
 
 
-def test_adapt_composes_adaption_prompts_and_writes_what_it_scored(prompt_library, tiny_hf, tmp_path):
+def test_adapt_composes_adaption_prompts_and_writes_what_it_scored(prompt_library, tiny_hf, tmp_path, capsys):
     """adapt --kind adaption-prompt: each library prompt ranked alone is the scorer's loss for that
     prompt; the result's loss is the scorer's loss for the composed prompt Σ wᵢPᵢ, Σ wᵢgᵢ; the
     written adapter/ is a PEFT AdaptionPromptConfig folder, and the written model greedy-decodes
@@ -238,6 +238,10 @@ def test_adapt_composes_adaption_prompts_and_writes_what_it_scored(prompt_librar
         want = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=8, do_sample=False, eos_token_id=None,
                               pad_token_id=0)[0, len(ids):].tolist()
     assert ours == want
+    (tmp_path / "t.jsonl").write_text(json.dumps({"input": PROMPTS[0], "output": "5"}) + "\n")
+    r = cli_here(capsys, "edgelora.cli", "eval", str(tmp_path / "t.jsonl"), "--model", str(tmp_path / "out"),
+                 "--library", "per-task")
+    assert_refused(r, "adapted with the prompts library")
 
 
 def test_adapt_refuses_what_adaption_prompts_cannot_do(prompt_library, tiny_bundle_ro, capsys, tmp_path):
