@@ -32,6 +32,8 @@ in the same JSON and markdown, in task order.
 
 With `--library mbc` the zero-shot and ICL columns (the base alone) are taken from bbh.json's
 rows, and LoraHub's seeds, which all sample the whole 10-LoRA library, are one COBYLA run.
+With `--library prompts` (the bundle's adaption-prompt library: `adapt --kind adaption-prompt`)
+only the default adapt and the oracle (the best single prompt) run beside them.
 """
 from __future__ import annotations
 
@@ -52,9 +54,10 @@ from edgelora.batch import encode_pairs
 from edgelora.examples import load_examples
 from edgelora.generate import Model
 from edgelora.arrow import ArrowRoute
-from edgelora.lora import LoraStack, load_lora
+from edgelora.adaption_prompt import AdaptionPrompt
+from edgelora.lora import LoraStack, zero_slots
 from edgelora.scorer import Scorer
-from edgelora.search import AdaptConfig, adapt, choose_loras
+from edgelora.search import AdaptConfig, adapt, choose_loras, load_adapters, stacked
 from edgelora.outputs import DEFAULT_QUANT
 from edgelora.writeback import write_model
 
@@ -74,21 +77,35 @@ def log(task: str, step: str, r: dict, t0: float) -> None:
           f"({(time.perf_counter() - t0) / 60:.1f} min)", flush=True)
 
 
-def oracle_lora(bundle: Bundle, loras, test) -> str:
-    """The single LoRA under which the test answers are likeliest (summed log-prob through the
-    scoring graph): one sequence per example instead of one per option, so 39 LoRAs stay cheap."""
+def oracle_lora(bundle: Bundle, adapters, test, cfg: AdaptConfig) -> str:
+    """The single adapter under which the test answers are likeliest (summed log-prob through the
+    scoring graph): one sequence per example instead of one per option, so 39 adapters stay cheap."""
     fmt, tok = bundle.prompt_format, bundle.tokenizer()
     scorer = Scorer(bundle)
     pairs = fmt.pairs(test)
     batches = [encode_pairs(tok, pairs[i: i + 16], bundle.arch["max_len"])[0] for i in range(0, len(pairs), 16)]
     totals = {}
-    for lora in loras:
-        A, B = LoraStack([lora], list(bundle.targets)).compose(np.ones(1))
-        totals[lora.name] = 0.0
+    for adapter in adapters:
+        A, B, prompt = stacked([adapter], bundle, cfg).slots(np.ones(1))
+        totals[adapter.name] = 0.0
         for batch in batches:
             scorer.bind(batch)
-            totals[lora.name] += float(scorer.run(A, B)[1].sum())
+            totals[adapter.name] += float(scorer.run(A, B, prompt=prompt)[1].sum())
     return max(totals, key=totals.get)
+
+
+def library_config(args) -> dict:
+    """AdaptConfig's fields that pick args.library: a LoRA library, or the adaption prompts."""
+    return {"kind": "adaption-prompt"} if args.library == "prompts" else {"library": args.library}
+
+
+def write_adapted(bundle: Bundle, composed, out: Path, args) -> None:
+    """An adapt result's composed adapter written back as adapt writes it (outputs.py): a LoRA
+    merged (or beside, --writeback unmerged), an adaption prompt in the decoder beside a zero LoRA."""
+    if isinstance(composed, AdaptionPrompt):
+        write_model(bundle, *zero_slots(bundle.targets, bundle.arch["layers"]), out, args.quant, prompt=composed)
+    else:
+        write_model(bundle, *composed, out, args.quant, merged=args.writeback == "merged")
 
 
 def inputs(suite: str, task: str, args):
@@ -103,7 +120,7 @@ def lorahub_selected(bundle: Bundle, suite: str, task: str, args) -> dict:
     adapt_file, test, work = inputs(suite, task, args)
     t0 = time.perf_counter()
     res = adapt(adapt_file, bundle, budget=args.budget, select="loss", library=args.library, warn=lambda m: None)
-    write_model(bundle, *res.merged(), work / "select-loss", args.quant, merged=args.writeback == "merged")
+    write_adapted(bundle, res.merged(), work / "select-loss", args)
     row = {**score(work / "select-loss", test), "loss": [res.start_loss, res.loss],
            "weights": dict(zip(res.loras, res.weights.round(4).tolist()))}
     log(task, "LoraHub, loss-picked", row, t0)
@@ -127,7 +144,7 @@ def timed_adapt(bundle: Bundle, suite: str, task: str, args, key: str, label: st
     t0 = time.perf_counter()
     res = adapt(adapt_file, bundle, warn=lambda m: None, **overrides)
     adapt_s = time.perf_counter() - t0
-    write_model(bundle, *res.merged(), work / key, args.quant, merged=args.writeback == "merged")
+    write_adapted(bundle, res.merged(), work / key, args)
     row = {**score(work / key, test), "loss": [res.start_loss, res.loss], "adapt_s": adapt_s,
            "writeback_s": time.perf_counter() - t0 - adapt_s, "forwards": res.settings["forwards"],
            "stop": res.stop, "config": run_config(**overrides),
@@ -151,7 +168,10 @@ def wanted(args, key: str) -> bool:
     differs only in the start: loss-picked is the default adapt (where its cut does not pay) and
     Arrow-picked is LoraHub's w = 0 start, so those two columns are left to the per-task library,
     as are the oracle and uniform references (half a long task's time; the issue compares the
-    libraries on Arrow zero-shot, LoraHub and the default adapt)."""
+    libraries on Arrow zero-shot, LoraHub and the default adapt). The adaption prompts: the
+    default adapt and the oracle, beside the LoRA rows (Arrow routes LoRAs only)."""
+    if args.library == "prompts":
+        return key in args.columns and key in ("default", "oracle")
     return key in args.columns and (args.library == "per-task" or key not in ("lorahub-loss", "arrow", "oracle", "uniform"))
 
 
@@ -167,7 +187,7 @@ def lorahub_seeds(bundle: Bundle, adapt_file: Path, test, work: Path, task: str,
         t0 = time.perf_counter()
         res = adapt(adapt_file, bundle, budget=args.budget, seed=seed, select="random", library=args.library,
                     warn=lambda m: None)
-        write_model(bundle, *res.merged(), work / f"seed{seed}", args.quant, merged=args.writeback == "merged")
+        write_adapted(bundle, res.merged(), work / f"seed{seed}", args)
         runs.append({**score(work / f"seed{seed}", test), "loss": [res.start_loss, res.loss],
                      "weights": dict(zip(res.loras, res.weights.round(4).tolist()))})
         log(task, f"LoraHub seed {seed}", runs[-1], t0)
@@ -199,17 +219,19 @@ def run_task(bundle: Bundle, suite: str, task: str, args) -> dict:
         row["lorahub-loss"] = lorahub_selected(bundle, suite, task, args)
     for key, label, overrides in TIMED:
         if wanted(args, key):
-            row[key] = timed_adapt(bundle, suite, task, args, key, label, **overrides, library=args.library)
+            row[key] = timed_adapt(bundle, suite, task, args, key, label, **overrides, **library_config(args))
     if not wanted(args, "oracle"):
         return row
-    library = [load_lora(p) for p in bundle.library(args.library).values()]
+    cfg = AdaptConfig(**library_config(args))
+    library = load_adapters(list(bundle.library(args.library).values()), bundle, cfg.kind)
     t0 = time.perf_counter()
-    name = oracle_lora(bundle, library, test[: args.oracle_n])
-    lora = next(l for l in library if l.name == name)
-    write_model(bundle, *LoraStack([lora], list(bundle.targets)).compose(np.ones(1)), work / "oracle", args.quant,
-                merged=args.writeback == "merged")
+    name = oracle_lora(bundle, library, test[: args.oracle_n], cfg)
+    best = next(a for a in library if a.name == name)
+    write_adapted(bundle, stacked([best], bundle, cfg).merged(np.ones(1)), work / "oracle", args)
     row["oracle"] = {"lora": name, **score(work / "oracle", test)}
     log(task, f"oracle ({name})", row["oracle"], t0)
+    if not wanted(args, "uniform"):
+        return row
     t0 = time.perf_counter()
     A, B = LoraStack(library, list(bundle.targets)).compose(np.full(len(library), 1 / len(library)))
     write_model(bundle, A, B, work / "uniform", args.quant, merged=args.writeback == "merged")
@@ -320,7 +342,8 @@ def main():
                     help="merged: as adapt writes the model (default); unmerged: int4 + an fp32 LoRA beside it, "
                          "as bbh.json's rows were written")
     ap.add_argument("--name", help="results file name (bench/results/NAME.md/.json; default bbh, or bbh-mbc)")
-    ap.add_argument("--library", default="per-task", help="the bundle's library to compose: per-task | mbc")
+    ap.add_argument("--library", default="per-task",
+                    help="the bundle's library to compose: per-task | mbc (LoRAs) | prompts (adaption prompts)")
     ap.add_argument("--oracle-n", type=int, default=50, help="test examples the oracle LoRA is picked on")
     ap.add_argument("--no-arrow", action="store_true", help="do not add the Arrow columns to finished rows")
     ap.add_argument("--columns", default=",".join(COLUMNS),
@@ -365,7 +388,7 @@ def main():
             if "arrow-zs" not in done[suite, task] and wanted(args, "arrow-zs") and not args.no_arrow:
                 done[suite, task]["arrow-zs"] = arrow_zero_shot(bundle, suite, task, args)
             for key, label, overrides in TIMED:
-                overrides = {**overrides, "library": args.library}
+                overrides = {**overrides, **library_config(args)}
                 stale = done[suite, task].get(key, {}).get("config") != run_config(**overrides)
                 if wanted(args, key) and (key == "default" and stale or key not in done[suite, task] and not args.no_arrow):
                     done[suite, task][key] = timed_adapt(bundle, suite, task, args, key, label, **overrides)
