@@ -8,7 +8,12 @@
   for 21 of the 27 exact-match points the surrogate lost to COBYLA.
 
 Both with `--recipe adapted` (the search's model alone, as `surrogate.json` measured it, before the
-recipe choice existed).
+recipe choice existed). Then:
+
+- `cobyla_budget20`: today's default with half the budget (20 points, the start included): fewer
+  forwards, judged on test accuracy.
+
+A resumed task gets the variants it lacks.
 
 Per variant, as bench/surrogate.py measures: the search's objective curve, forwards, seconds, test
 cross-entropy and teacher-forced exact on the first --limit test examples (fp32 scoring graph), and
@@ -42,7 +47,10 @@ from edgelora.search import AdaptConfig, adapt
 VARIANTS = {
     "cobyla_cat": {"compose": "cat", "recipe": "adapted"},
     "surrogate_searched": {"optimizer": "surrogate", "compose": "cat", "recipe": "adapted"},
+    "cobyla_budget20": {"budget": 20},
 }
+HEADERS = {"cobyla": "COBYLA", "cobyla_cat": "COBYLA cat", "surrogate": "surrogate",
+           "surrogate_searched": "surrogate searched", "cobyla_budget20": "COBYLA budget 20"}
 
 
 NEVER = 1e9  # a held-out loss no setting beats
@@ -68,11 +76,16 @@ def grid_without_single():
         surrogate.loo_table = orig
 
 
-def run_task(bundle: Bundle, suite: str, task: str, limit: int, work: Path, old: dict) -> dict:
+def run_task(bundle: Bundle, suite: str, task: str, limit: int, work: Path, old: dict, row: dict | None,
+             variants: list[str]) -> dict:
+    """The variants `row` (a resumed task's) lacks, added to it."""
     test = load_examples(DATA / suite / f"{task}.test.jsonl")[:limit]
-    row = {"suite": suite, "task": task, "n_test": len(test),
-           "cobyla": old["cobyla"], "surrogate": old["surrogate"]}
-    for name, over in VARIANTS.items():
+    row = row or {"suite": suite, "task": task, "n_test": len(test),
+                  "cobyla": old["cobyla"], "surrogate": old["surrogate"]}
+    for name in variants:
+        if name in row:
+            continue
+        over = VARIANTS[name]
         with grid_without_single() if name == "surrogate_searched" else nullcontext():
             t0 = time.perf_counter()
             res = adapt(DATA / suite / f"{task}.adapt.jsonl", bundle, warn=lambda *a: None, **over)
@@ -91,14 +104,16 @@ def run_task(bundle: Bundle, suite: str, task: str, limit: int, work: Path, old:
     return row
 
 
-COLUMNS = ("cobyla", "surrogate", *VARIANTS)
+def columns(rows: list[dict]) -> list[str]:
+    """The variants every row has, in HEADERS' order."""
+    return [v for v in HEADERS if all(v in r for r in rows)]
 
 
 def summary(rows: list[dict]) -> dict:
     out = {}
     for suite, rs in by_suite(rows):
         s = {"tasks": len(rs)}
-        for v in COLUMNS:
+        for v in columns(rows):
             for k in ("test_ce", "exact", "options", "seconds", "forwards"):
                 vals = [r[v][k] for r in rs if r[v].get(k) is not None]
                 if vals:
@@ -108,21 +123,24 @@ def summary(rows: list[dict]) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    names = "COBYLA / COBYLA cat / surrogate / surrogate searched"
-    head = f"| suite | task | exact: {names} | test CE (same) | forwards (same) | surrogate searched setting |"
+    vs = columns(rows)
+    names = " / ".join(HEADERS[v] for v in vs)
+    setting = "surrogate_searched" in vs
+    head = (f"| suite | task | exact: {names} | test CE (same) | forwards (same) |"
+            + (" surrogate searched setting |" if setting else ""))
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
-        cols = [r[v] for v in ("cobyla", "cobyla_cat", "surrogate", "surrogate_searched")]
+        cols = [r[v] for v in vs]
         lines.append(f"| {r['suite']} | {r['task']} | " + " / ".join(f"{c['exact'] * 100:.0f}" for c in cols)
                      + " | " + " / ".join(f"{c['test_ce']:.3f}" for c in cols)
-                     + " | " + " / ".join(str(c["forwards"]) for c in cols)
-                     + f" | {r['surrogate_searched'].get('setting', '')} |")
+                     + " | " + " / ".join(str(c["forwards"]) for c in cols) + " |"
+                     + (f" {r['surrogate_searched'].get('setting', '')} |" if setting else ""))
 
     def suite_line(suite: str, m: dict) -> str:
         return (f"- {suite} ({m['tasks']} tasks): exact {names}: "
-                + " / ".join(f"{m[f'{v}_exact_mean'] * 100:.1f}" for v in ("cobyla", "cobyla_cat", "surrogate", "surrogate_searched"))
-                + "; test CE " + " / ".join(f"{m[f'{v}_test_ce_mean']:.3f}" for v in ("cobyla", "cobyla_cat", "surrogate", "surrogate_searched"))
-                + "; forwards " + " / ".join(f"{m[f'{v}_forwards_mean']:.0f}" for v in ("cobyla", "cobyla_cat", "surrogate", "surrogate_searched")))
+                + " / ".join(f"{m[f'{v}_exact_mean'] * 100:.1f}" for v in vs)
+                + "; test CE " + " / ".join(f"{m[f'{v}_test_ce_mean']:.3f}" for v in vs)
+                + "; forwards " + " / ".join(f"{m[f'{v}_forwards_mean']:.0f}" for v in vs))
     return report_md(lines, summary(rows), suite_line)
 
 
@@ -133,7 +151,8 @@ def main():
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for suite, task in dev_tasks(args.tasks):
-            rows.append(done.get(task) or run_task(bundle, suite, task, args.limit, Path(tmp) / task, old[task]))
+            rows.append(run_task(bundle, suite, task, args.limit, Path(tmp) / task, old[task], done.get(task),
+                                 list(VARIANTS)))
             save(args.name, {"limit": args.limit, "defaults": AdaptConfig().__dict__, "variants": VARIANTS,
                              "summary": summary(rows), "tasks": rows})
             atomic_write(RESULTS / f"{args.name}.md", table(rows))
