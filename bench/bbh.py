@@ -54,11 +54,10 @@ from edgelora.batch import encode_pairs
 from edgelora.examples import load_examples
 from edgelora.generate import Model
 from edgelora.arrow import ArrowRoute
-from edgelora.adaption_prompt import AdaptionPrompt
-from edgelora.lora import LoraStack, zero_slots
+from edgelora.lora import LoraStack
 from edgelora.scorer import Scorer
-from edgelora.search import AdaptConfig, adapt, choose_loras, load_adapters, stacked
-from edgelora.outputs import DEFAULT_QUANT
+from edgelora.search import AdaptConfig, adapt, choose_loras, load_adapters, rank_by_loss, stacked
+from edgelora.outputs import DEFAULT_QUANT, model_slots
 from edgelora.writeback import write_model
 
 
@@ -83,15 +82,11 @@ def oracle_lora(bundle: Bundle, adapters, test, cfg: AdaptConfig) -> str:
     fmt, tok = bundle.prompt_format, bundle.tokenizer()
     scorer = Scorer(bundle)
     pairs = fmt.pairs(test)
-    batches = [encode_pairs(tok, pairs[i: i + 16], bundle.arch["max_len"])[0] for i in range(0, len(pairs), 16)]
-    totals = {}
-    for adapter in adapters:
-        A, B, prompt = stacked([adapter], bundle, cfg).slots(np.ones(1))
-        totals[adapter.name] = 0.0
-        for batch in batches:
-            scorer.bind(batch)
-            totals[adapter.name] += float(scorer.run(A, B, prompt=prompt)[1].sum())
-    return max(totals, key=totals.get)
+    nll = np.zeros(len(adapters))
+    for i in range(0, len(pairs), 16):
+        scorer.bind(encode_pairs(tok, pairs[i: i + 16], bundle.arch["max_len"])[0])
+        nll += rank_by_loss(scorer, 1.0, adapters, bundle, cfg)  # each adapter's summed -log-prob on this batch
+    return adapters[int(np.argmin(nll))].name
 
 
 def library_config(args) -> dict:
@@ -100,12 +95,10 @@ def library_config(args) -> dict:
 
 
 def write_adapted(bundle: Bundle, composed, out: Path, args) -> None:
-    """An adapt result's composed adapter written back as adapt writes it (outputs.py): a LoRA
-    merged (or beside, --writeback unmerged), an adaption prompt in the decoder beside a zero LoRA."""
-    if isinstance(composed, AdaptionPrompt):
-        write_model(bundle, *zero_slots(bundle.targets, bundle.arch["layers"]), out, args.quant, prompt=composed)
-    else:
-        write_model(bundle, *composed, out, args.quant, merged=args.writeback == "merged")
+    """An adapt result's composed adapter written back as adapt writes it (outputs.model_slots): a
+    LoRA merged (or beside, --writeback unmerged), an adaption prompt in the decoder."""
+    A, B, prompt = model_slots(bundle, composed)
+    write_model(bundle, A, B, out, args.quant, merged=args.writeback == "merged", prompt=prompt)
 
 
 def inputs(suite: str, task: str, args):

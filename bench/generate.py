@@ -40,7 +40,8 @@ def edgelora_model(kind: str) -> Path:
     from edgelora.arrow import ArrowRoute, routed_decoder
     from edgelora.bundle import Bundle, home
     from edgelora.io import sha256_file
-    from edgelora.lora import LoraStack, load_lora, zero_slots
+    from edgelora.lora import LoraStack, load_lora
+    from edgelora.outputs import model_slots
     from edgelora.writeback import quantize, write_model
     bundle = Bundle.open()
     if kind == "base":  # the bundle's own fp32 decoder: what `edgelora generate BUNDLE` runs
@@ -66,7 +67,8 @@ def edgelora_model(kind: str) -> Path:
             rng, a = np.random.default_rng(0), bundle.arch
             prompt = adaption_prompt.AdaptionPrompt("random", rng.normal(0, 1, (8, 10, a["hidden"])).astype(np.float32),
                                                     np.full(8, 0.1, np.float32))
-            write_model(bundle, *zero_slots(bundle.targets, a["layers"]), out, "int4", prompt=prompt)
+            A, B, prompt = model_slots(bundle, prompt)  # as adapt writes it: a zero LoRA beside the prompt
+            write_model(bundle, A, B, out, "int4", prompt=prompt)
         else:
             write_model(bundle, None, None, out, kind)
     return out / "model.onnx"

@@ -132,17 +132,14 @@ class PromptStack:
     is adapter i exactly (the library ranking's points); between them it is not their outputs'
     sum (the gate scales a softmax over the prompt), as LoraHub's A and B sums are not ΔW's."""
 
-    mode = "sum"
-
-    def __init__(self, prompts: list[AdaptionPrompt], where: list[str] | None = None):
+    def __init__(self, prompts: list[AdaptionPrompt]):
         if not prompts:
             raise UserError("no adaption prompts to compose: the bundle's prompt library is empty; train one with "
                             "edgelora-export library TASKS_DIR --kind adaption-prompt --bundle BUNDLE")
-        where = where or [p.name for p in prompts]
         ref = prompts[0]
-        for p, w in zip(prompts, where):
+        for p in prompts:
             if p.prompt.shape != ref.prompt.shape:
-                raise UserError(f"{w}: {p.length} prompt tokens in {p.layers} layers, but {where[0]} has "
+                raise UserError(f"{p.name}: {p.length} prompt tokens in {p.layers} layers, but {ref.name} has "
                                 f"{ref.length} in {ref.layers}: composed prompts must share adapter_len and adapter_layers")
         self.names = [p.name for p in prompts]
         self.P = np.stack([p.prompt for p in prompts]).reshape(len(prompts), -1)

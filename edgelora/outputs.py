@@ -118,6 +118,15 @@ def write_result(result: AdaptResult, bundle: Bundle, out: Path) -> tuple[dict, 
     return composed
 
 
+def model_slots(bundle: Bundle, composed: tuple[dict, dict] | adaption_prompt.AdaptionPrompt, adapted: bool = True):
+    """What a written model carries, as (A, B, prompt) for write_model: the composed LoRA; or a zero
+    LoRA, so that its targets are at 8 bits as in every adapt model, with the composed adaption
+    prompt, or (`adapted` False: a recipe on the base) with nothing."""
+    if adapted and not isinstance(composed, adaption_prompt.AdaptionPrompt):
+        return (*composed, None)
+    return (*zero_slots(bundle.targets, bundle.arch["layers"]), composed if adapted else None)
+
+
 def write_adapted_model(bundle: Bundle, composed: tuple[dict, dict] | adaption_prompt.AdaptionPrompt, out: Path,
                         quant: str, recipe: dict | None = None) -> None:
     """The recipe's model beside the result `write_result` put in `out`: the result's files copied
@@ -138,11 +147,10 @@ def write_adapted_model(bundle: Bundle, composed: tuple[dict, dict] | adaption_p
                 shutil.copy2(src, tmp / name)
         # the base as the adapted models are written (q/v at 8 bits): at 4 bits it lost most of its
         # ICL accuracy (linguistic_mappings_plural_regular_json, 20 examples: fp32 70%, int4 10%, this 50%)
-        prompt = composed if adapted and isinstance(composed, adaption_prompt.AdaptionPrompt) else None
-        slots = composed if adapted and prompt is None else zero_slots(bundle.targets, bundle.arch["layers"])
+        A, B, prompt = model_slots(bundle, composed, adapted)
         lora = {} if adapted and prompt is None else {"lora": None}
         meta = {**({} if recipe is None else {"recipe": recipe["choice"], "shots": shots}), **lora} or None
-        write_model(bundle, *slots, tmp, quant, weights_sha256=sha256_file(tmp / WEIGHTS), meta=meta, prompt=prompt)
+        write_model(bundle, A, B, tmp, quant, weights_sha256=sha256_file(tmp / WEIGHTS), meta=meta, prompt=prompt)
 
 
 def write_outputs(result: AdaptResult, bundle: Bundle, out: Path, quant: str | None = None) -> None:

@@ -274,15 +274,14 @@ def stacked(adapters: list, bundle: Bundle, cfg: AdaptConfig) -> LoraStack | Pro
     return LoraStack(adapters, list(bundle.targets), cfg.compose)
 
 
-def rank_by_loss(scorer: Scorer, n_tokens: float, adapters: list, stack: Callable[[list], LoraStack | PromptStack],
+def rank_by_loss(scorer: Scorer, n_tokens: float, adapters: list, bundle: Bundle, cfg: AdaptConfig,
                  on_rank: Callable[[int, int], None] | None = None, outputs: list | None = None) -> np.ndarray:
-    """Each adapter's loss alone at weight 1 on the bound examples (one forward each, `stack([it])`
-    composing it); with `outputs`, each forward's (loss, logprob, hidden) is appended there (the
-    surrogate's first points). `on_rank(done, total)` after each: the whole library takes a minute
-    on a laptop."""
+    """Each adapter's loss alone at weight 1 on the bound examples (one forward each); with `outputs`,
+    each forward's (loss, logprob, hidden) is appended there (the surrogate's first points).
+    `on_rank(done, total)` after each: the whole library takes a minute on a laptop."""
     losses = []
     for adapter in adapters:
-        A, B, prompt = stack([adapter]).slots(np.ones(1))
+        A, B, prompt = stacked([adapter], bundle, cfg).slots(np.ones(1))
         out = scorer.run(A, B, hidden=outputs is not None, prompt=prompt)
         losses.append(pooled_loss(out[1], n_tokens))
         if outputs is not None:
@@ -420,16 +419,15 @@ def select_for_surrogate(cfg: AdaptConfig, scorer: Scorer, bundle: Bundle, paths
     a point of its model: the whole library ranked on the whole examples; or, where a cut ranking
     pays (`cut_pays` with SHORTLIST finalists), the SHORTLIST best by the cut, then scored whole."""
     loras, whole = load_checked(paths, bundle), scorer.batch
-    stack = lambda some: stacked(some, bundle, cfg)
     cut = keep_ends(whole, cfg.select_len) if cfg.select_len else whole
     short, forwards, ranked_on = list(range(len(loras))), 0, whole
     if cut_pays(len(loras), cut.n_tokens, whole.n_tokens, SHORTLIST):
         scorer.bind(cut)
-        cut_losses = rank_by_loss(scorer, float(cut.target_mask.sum()), loras, stack, on_rank)
+        cut_losses = rank_by_loss(scorer, float(cut.target_mask.sum()), loras, bundle, cfg, on_rank)
         scorer.bind(whole)
         short, forwards, ranked_on = list(np.argsort(cut_losses, kind="stable")[:SHORTLIST]), len(loras), cut
     outs: list = []
-    losses = rank_by_loss(scorer, n_tokens, [loras[i] for i in short], stack, None if forwards else on_rank, outs)
+    losses = rank_by_loss(scorer, n_tokens, [loras[i] for i in short], bundle, cfg, None if forwards else on_rank, outs)
     order = list(np.argsort(losses, kind="stable"))
     keep, eye = [short[i] for i in order], np.eye(len(order))
     return Selection([paths[i] for i in keep], [loras[i] for i in keep], [(eye[0], float(losses[order[0]]), 0.0)],
@@ -450,19 +448,18 @@ def select_loras(cfg: AdaptConfig, scorer: Scorer, bundle: Bundle, paths: list[P
         paths = [paths[i] for i in np.argsort(-mass, kind="stable")[:n]]
         return Selection(paths, load_checked(paths, bundle), [(np.zeros(n), pooled_loss(logprob, n_tokens), secs)], 1)
     loras, whole = load_adapters(paths, bundle, cfg.kind), scorer.batch
-    stack = lambda some: stacked(some, bundle, cfg)
     cut = keep_ends(whole, cfg.select_len) if cfg.select_len else whole
     if not cut_pays(len(loras), cut.n_tokens, whole.n_tokens):
-        losses = rank_by_loss(scorer, n_tokens, loras, stack, on_rank)
+        losses = rank_by_loss(scorer, n_tokens, loras, bundle, cfg, on_rank)
         order = list(np.argsort(losses, kind="stable"))
         finalists, forwards, ranked_on = {order[0]: float(losses[order[0]])}, len(loras), whole
     else:
         scorer.bind(cut)
-        cut_losses = rank_by_loss(scorer, float(cut.target_mask.sum()), loras, stack, on_rank)
+        cut_losses = rank_by_loss(scorer, float(cut.target_mask.sum()), loras, bundle, cfg, on_rank)
         scorer.bind(whole)
         order = list(np.argsort(cut_losses, kind="stable"))
         top = order[:FINALISTS]
-        finalists = dict(zip(top, rank_by_loss(scorer, n_tokens, [loras[i] for i in top], stack).tolist()))
+        finalists = dict(zip(top, rank_by_loss(scorer, n_tokens, [loras[i] for i in top], bundle, cfg).tolist()))
         forwards, ranked_on = len(loras) + len(top), cut
         best = min(finalists, key=finalists.get)
         order = [best] + [i for i in order if i != best]
