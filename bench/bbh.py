@@ -23,7 +23,7 @@ tasks already in bench/results/bbh.json and runs the rest, so the run can go on 
 background, across sessions and machines.
 
     python bench/bbh.py [--suites bbh,near] [--tasks a,b] [--limit N] [--seeds 5] [--quant int8] [--name bbh]
-                        [--library per-task|mbc]   # mbc: every LoraHub column over the cluster LoRAs
+                        [--library per-task|mbc|prompts]   # mbc: every LoraHub column over the cluster LoRAs
                         [--ray [ADDRESS] [--cpus-per-task 1]]
 
 `--ray`: each task not yet done is a Ray task (edgelora.distributed; `pip install '.[ray]'`), on a
@@ -33,7 +33,8 @@ in the same JSON and markdown, in task order.
 With `--library mbc` the zero-shot and ICL columns (the base alone) are taken from bbh.json's
 rows, and LoraHub's seeds, which all sample the whole 10-LoRA library, are one COBYLA run.
 With `--library prompts` (the bundle's adaption-prompt library: `adapt --kind adaption-prompt`)
-only the default adapt and the oracle (the best single prompt) run beside them.
+only the default adapt and the oracle (the best single prompt) run beside them, and the mixed
+search (`--columns mixed`): the default adapt over the LoRAs and the prompts together.
 """
 from __future__ import annotations
 
@@ -50,13 +51,15 @@ from common import DATA, RESULTS, save
 from edgelora.bundle import Bundle, home
 from edgelora.io import atomic_write, atomic_write_json
 from edgelora.evaluate import evaluate
-from edgelora.batch import encode_pairs
+from edgelora.batch import encode_pairs, keep_ends
 from edgelora.examples import load_examples
 from edgelora.generate import Model
 from edgelora.arrow import ArrowRoute
-from edgelora.lora import LoraStack
+from edgelora.adaption_prompt import PromptStack
+from edgelora.lora import Lora, LoraStack, zero_slots
 from edgelora.scorer import Scorer
-from edgelora.search import AdaptConfig, adapt, choose_loras, load_adapters, rank_by_loss, stacked
+from edgelora.search import (FINALISTS, AdaptConfig, Objective, _Stop, adapt, choose_loras, cut_pays, load_adapters,
+                             rank_by_loss, run_optimizer, stacked)
 from edgelora.outputs import DEFAULT_QUANT, model_slots
 from edgelora.writeback import write_model
 
@@ -146,6 +149,79 @@ def timed_adapt(bundle: Bundle, suite: str, task: str, args, key: str, label: st
     return row
 
 
+class MixedStack:
+    """#28's mixed search, prototyped here before it is built: LoRAs and adaption prompts composed
+    together, w over both in the order given; the LoRAs by LoraHub's composition (adapt's default),
+    the prompts by PromptStack's sums, both in the one forward (the scoring graph has both slots)."""
+
+    def __init__(self, adapters: list, bundle: Bundle):
+        self.names = [a.name for a in adapters]
+        self.li = [i for i, a in enumerate(adapters) if isinstance(a, Lora)]
+        self.pi = [i for i, a in enumerate(adapters) if not isinstance(a, Lora)]
+        self.lora = LoraStack([adapters[i] for i in self.li], list(bundle.targets)) if self.li else None
+        self.prompt = PromptStack([adapters[i] for i in self.pi]) if self.pi else None
+        self.zero = zero_slots(bundle.targets, bundle.arch["layers"])
+
+    def slots(self, w):
+        w = np.asarray(w)
+        A, B, _ = self.lora.slots(w[self.li]) if self.lora else (None, None, None)
+        return A, B, self.prompt.compose(w[self.pi]) if self.prompt else None
+
+    def merged(self, w):
+        """(A, B, prompt) for write_model: a zero LoRA where none is composed (its targets at 8 bits)."""
+        w = np.asarray(w)
+        A, B = self.lora.merged(w[self.li]) if self.lora else self.zero
+        return A, B, self.prompt.compose(w[self.pi]) if self.prompt else None
+
+
+def mixed_adapt(bundle: Bundle, suite: str, task: str, args) -> dict:
+    """The default adapt over both libraries at once (39 LoRAs + 39 adaption prompts): both ranked
+    by loss alone on the cut examples as adapt ranks one library (its FINALISTS scored whole, the
+    best the start), the best n_loras of the two together composed, COBYLA at the default budget.
+    Written back as adapt writes a model: the LoRA merged, the prompt in the decoder."""
+    adapt_file, test, work = inputs(suite, task, args)
+    t0 = time.perf_counter()
+    cfg, cfg_p = AdaptConfig(), AdaptConfig(kind="adaption-prompt")
+    examples = load_examples(adapt_file)
+    whole, _ = encode_pairs(bundle.tokenizer(), bundle.prompt_format.pairs(examples), bundle.arch["max_len"])
+    scorer = Scorer(bundle)
+    n_tokens = float(whole.target_mask.sum())
+    loras = load_adapters(list(bundle.library("per-task").values()), bundle, "lora")
+    prompts = load_adapters(list(bundle.library("prompts").values()), bundle, "adaption-prompt")
+    adapters = loras + prompts
+    cut = keep_ends(whole, cfg.select_len)
+    ranked_on = cut if cut_pays(len(adapters), cut.n_tokens, whole.n_tokens) else whole
+    scorer.bind(ranked_on)
+    t = float(ranked_on.target_mask.sum())
+    losses = np.concatenate([rank_by_loss(scorer, t, loras, bundle, cfg), rank_by_loss(scorer, t, prompts, bundle, cfg_p)])
+    scorer.bind(whole)
+    order = list(np.argsort(losses, kind="stable"))
+    top = order[:FINALISTS] if ranked_on is cut else order[:1]
+    finalists = {i: float(losses[i]) for i in top} if ranked_on is whole else {
+        i: float(rank_by_loss(scorer, n_tokens, [adapters[i]], bundle, cfg_p if i >= len(loras) else cfg)[0]) for i in top}
+    best = min(finalists, key=finalists.get)
+    keep = ([best] + [i for i in order if i != best])[: cfg.n_loras]
+    stack = MixedStack([adapters[i] for i in keep], bundle)
+    f = Objective(scorer, stack, n_tokens, cfg)
+    eye = np.eye(len(keep))
+    try:
+        f(np.zeros(len(keep)))
+        for i, loss in sorted(finalists.items(), key=lambda kv: -kv[1]):
+            f.record(eye[keep.index(i)], loss, 0.0)
+        stop = run_optimizer(cfg.optimizer, f, eye[0], cfg.seed)
+    except _Stop as e:
+        stop = e.reason
+    adapt_s = time.perf_counter() - t0
+    w = np.array(f.best.weights)
+    A, B, prompt = stack.merged(w)
+    write_model(bundle, A, B, work / "mixed", args.quant, prompt=prompt)
+    row = {**score(work / "mixed", test), "loss": [f.seen(np.zeros(len(keep))).loss, f.best.loss], "adapt_s": adapt_s,
+           "writeback_s": time.perf_counter() - t0 - adapt_s, "forwards": len(adapters) + len(top) * (ranked_on is cut) + f.forwards,
+           "stop": stop, "prompts_kept": len(stack.pi), "weights": dict(zip(stack.names, w.round(4).tolist()))}
+    log(task, f"mixed ({adapt_s:.0f}s, {len(stack.pi)} of {len(keep)} prompts)", row, t0)
+    return row
+
+
 def run_config(**overrides) -> dict:
     return asdict(replace(AdaptConfig(), **overrides))
 
@@ -153,7 +229,7 @@ def run_config(**overrides) -> dict:
 # Timed adapt columns: key, header, AdaptConfig overrides. "default" is re-run whenever
 # AdaptConfig's defaults change, so it is always today's default.
 TIMED = (("default", "default adapt", {}), ("arrow", "LoraHub, Arrow-picked", {"select": "arrow"}))
-COLUMNS = ("arrow-zs", "lorahub", "lorahub-loss", "default", "arrow", "oracle", "uniform")
+COLUMNS = ("arrow-zs", "lorahub", "lorahub-loss", "default", "arrow", "oracle", "uniform", "mixed")
 
 
 def wanted(args, key: str) -> bool:
@@ -162,10 +238,11 @@ def wanted(args, key: str) -> bool:
     Arrow-picked is LoraHub's w = 0 start, so those two columns are left to the per-task library,
     as are the oracle and uniform references (half a long task's time; the issue compares the
     libraries on Arrow zero-shot, LoraHub and the default adapt). The adaption prompts: the
-    default adapt and the oracle, beside the LoRA rows (Arrow routes LoRAs only)."""
+    default adapt and the oracle, beside the LoRA rows (Arrow routes LoRAs only), and the mixed search
+    over both libraries (`mixed_adapt`)."""
     if args.library == "prompts":
-        return key in args.columns and key in ("default", "oracle")
-    return key in args.columns and (args.library == "per-task" or key not in ("lorahub-loss", "arrow", "oracle", "uniform"))
+        return key in args.columns and key in ("default", "oracle", "mixed")
+    return key in args.columns and key != "mixed" and (args.library == "per-task" or key not in ("lorahub-loss", "arrow", "oracle", "uniform"))
 
 
 def lorahub_seeds(bundle: Bundle, adapt_file: Path, test, work: Path, task: str, args) -> dict:
@@ -213,6 +290,8 @@ def run_task(bundle: Bundle, suite: str, task: str, args) -> dict:
     for key, label, overrides in TIMED:
         if wanted(args, key):
             row[key] = timed_adapt(bundle, suite, task, args, key, label, **overrides, **library_config(args))
+    if wanted(args, "mixed"):
+        row["mixed"] = mixed_adapt(bundle, suite, task, args)
     if not wanted(args, "oracle"):
         return row
     cfg = AdaptConfig(**library_config(args))
@@ -269,8 +348,8 @@ def table(rows: list[dict]) -> str:
         if not rs:
             continue
         out += [f"**{title}**", "",
-                "| suite | task | n | zero-shot | ICL | Arrow zero-shot (top-3) | LoraHub (mean ± std) | LoraHub, loss-picked | default adapt (adapt s) | LoraHub, Arrow-picked (adapt s) | oracle LoRA | uniform | prompt tokens (0-shot / ICL) |",
-                "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                "| suite | task | n | zero-shot | ICL | Arrow zero-shot (top-3) | LoraHub (mean ± std) | LoraHub, loss-picked | default adapt (adapt s) | LoraHub, Arrow-picked (adapt s) | oracle LoRA | uniform | mixed LoRAs + prompts (adapt s) | prompt tokens (0-shot / ICL) |",
+                "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in rs:
             lh = r.get("lorahub")
             lh = f"{pct(lh[k + '_mean'])} ± {pct(lh[k + '_std'])}" if lh else "–"
@@ -278,7 +357,7 @@ def table(rows: list[dict]) -> str:
                        f"{pct(r.get('arrow-zs', {}).get(k))} | {lh} | {pct(r.get('lorahub-loss', {}).get(k))} | "
                        f"{timed_cell(r, 'default', k)} | {timed_cell(r, 'arrow', k)} | "
                        f"{oracle_cell(r, k)} | "
-                       f"{pct(r.get('uniform', {}).get(k))} | {r['zero-shot']['prompt_tokens']:.0f} / {r['icl']['prompt_tokens']:.0f}{shot_note(r)} |")
+                       f"{pct(r.get('uniform', {}).get(k))} | {timed_cell(r, 'mixed', k)} | {r['zero-shot']['prompt_tokens']:.0f} / {r['icl']['prompt_tokens']:.0f}{shot_note(r)} |")
         for suite in sorted({r["suite"] for r in rs}):
             ss = [r for r in rs if r["suite"] == suite]
             m = lambda f: pct(statistics.mean(f(r) for r in ss))
@@ -286,7 +365,7 @@ def table(rows: list[dict]) -> str:
             col = lambda key: pct(statistics.mean(r[key][k] for r in ss)) if all(key in r for r in ss) else "–"
             out.append(f"| {suite} | **mean of {len(ss)}** | | {m(lambda r: r['zero-shot'][k])} | {m(lambda r: r['icl'][k])} | {col('arrow-zs')} | "
                        f"{m(lambda r: r['lorahub'][k + '_mean']) if all('lorahub' in r for r in ss) else '–'} | {sel} | {col('default')} | {col('arrow')} | {col('oracle')} | "
-                       f"{col('uniform')} | |")
+                       f"{col('uniform')} | {col('mixed')} | |")
         out.append("")
     return "\n".join(out)
 
