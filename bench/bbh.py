@@ -107,7 +107,7 @@ def write_adapted(bundle: Bundle, composed, out: Path, args) -> None:
 def inputs(suite: str, task: str, args):
     adapt_file = DATA / suite / f"{task}.adapt.jsonl"
     test = load_examples(DATA / suite / f"{task}.test.jsonl")[: args.limit]
-    return adapt_file, test, home() / "bench" / "bbh" / task
+    return adapt_file, test, home() / "bench" / args.name / task  # each run's models and answers apart
 
 
 def lorahub_selected(bundle: Bundle, suite: str, task: str, args) -> dict:
