@@ -261,16 +261,16 @@ def write_model(bundle: Bundle, A: dict | None, B: dict | None, out: Path, quant
     src_dir = bundle.decoder_dir
     model = onnx.load(str(src_dir / bundle.manifest["decoder"]["file"]))
     weights = bundle.manifest["decoder"]["weights"]
-    exclude: list[str] = []
     eight_bit: list[str] = []
+    # the prompt first: its keys and values are the base's k_proj and v_proj of it (as the scoring
+    # graph takes them), not the projections a LoRA merged or added beside would give
+    exclude = add_adaption_prompt(model, prompt) if prompt is not None else []
     if A is not None and merged:
         merge(model, weights, A, B)
         consumers = matmuls_by_weight(model)
         eight_bit = [consumers[i["name"]].name for layers in weights.values() for i in layers if i["name"] in consumers]
     elif A is not None:
-        exclude = add_lora_path(model, weights, A, B)
-    if prompt is not None:
-        exclude += add_adaption_prompt(model, prompt)
+        exclude += add_lora_path(model, weights, A, B)
     if A is None or merged:
         renamed = fuse_qkv(model)
         eight_bit = sorted({renamed.get(n, n) for n in eight_bit})

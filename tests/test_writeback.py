@@ -334,3 +334,19 @@ def test_generate_and_eval_say_when_the_limit_stopped_them(written, tmp_path):
                         "--out", str(tmp_path / "r.json")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["stopped_at_limit"] == 1 and "256" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("lora", ["merged", "unmerged"])
+def test_a_lora_and_an_adaption_prompt_written_together_equal_the_scoring_graph(merged, tmp_path, lora):
+    """Both adapter kinds in one decoder (the mixed search's model): the LoRA merged or beside, the
+    prompt's keys and values from the base's k_proj and v_proj, as the scoring graph takes them,
+    not from the projections the LoRA changed."""
+    from test_adaption_prompt import random_prompt
+    bundle, A, B = merged
+    prompt = random_prompt("p", bundle.arch, seed=5)
+    batch = encode(bundle, EXAMPLES)
+    s = Scorer(bundle)
+    s.bind(batch)
+    _, ref = s.run(A, B, prompt=prompt)
+    path = write_model(bundle, A, B, tmp_path / lora, "none", merged=lora == "merged", prompt=prompt)
+    np.testing.assert_allclose(decoder_logprob(path, bundle, batch), ref, rtol=1e-4)
