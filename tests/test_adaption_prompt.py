@@ -286,3 +286,19 @@ def test_library_bundle_installs_the_prompts_library(capsys, colors, tmp_path, t
     assert ap_mod.load_prompt(bundle.lora_paths("prompts")["colors"]).prompt.shape == (2, 4, bundle.arch["hidden"])
     r = cli_here(capsys, "edgelora.cli", "info", "--bundle", str(tiny_bundle), "--json")
     assert [p["name"] for p in json.loads(r.stdout)["adaption_prompts"]] == ["colors"]
+
+
+def test_export_base_prompts_installs_the_shipped_prompt_library(tiny_bundle, capsys, monkeypatch, tmp_path):
+    """`edgelora-export base --prompts`, on a bundle that exists, installs the shipped adaption-prompt
+    library as its prompts library (here stand-ins shaped for the tiny model: the shipped ones are
+    SmolLM2's), so `adapt --kind adaption-prompt` needs no training."""
+    from edgelora.bundle import Bundle
+    from edgelora_export import lora as export_lora
+    arch_ = Bundle.open(tiny_bundle).arch
+    for i in range(2):
+        ap_mod.save_prompt(tmp_path / f"task{i}.safetensors", random_prompt(f"task{i}", arch_, seed=i))
+    monkeypatch.setitem(export_lora.SHIPPED, "prompts", tmp_path)
+    r = cli_here(capsys, "edgelora_export.cli", "base", "-o", str(tiny_bundle), "--prompts")
+    assert r.returncode == 0, r.stderr
+    bundle = Bundle.open(tiny_bundle)
+    assert sorted(bundle.lora_paths("prompts")) == ["task0", "task1"] and bundle.verify() == []

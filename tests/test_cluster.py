@@ -261,13 +261,13 @@ EXPORT = Path(__file__).resolve().parent.parent / "export"
 
 
 def test_every_shipped_library_file_is_package_data():
-    """`pip install ./export` (not editable) installs only what package-data names: both shipped
-    libraries, each LoRA and its report, must be in it, or the documented commands find nothing."""
+    """`pip install ./export` (not editable) installs only what package-data names: the shipped
+    libraries, each adapter and its report, must be in it, or the documented commands find nothing."""
     import fnmatch
     import tomllib
     data = tomllib.loads((EXPORT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["edgelora_export"]
     pkg = EXPORT / "edgelora_export"
-    for library in ("library", "library-mbc"):
+    for library in ("library", "library-mbc", "library-prompts"):
         shipped = sorted(p.relative_to(pkg).as_posix() for p in (pkg / library).glob("*")
                          if p.is_file() and (p.suffix == ".safetensors" or p.stem == "report"))
         assert shipped, library

@@ -33,6 +33,9 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--mbc", action="store_true",
                    help="also install the shipped MBC library (10 cluster LoRAs trained on the default base) as the "
                         "bundle's mbc library; on an existing bundle, only that")
+    b.add_argument("--prompts", action="store_true",
+                   help="also install the shipped adaption-prompt library (one LLaMA-Adapter prompt per upstream task, "
+                        "trained on the default base) for adapt --kind adaption-prompt; on an existing bundle, only that")
     l = sub.add_parser("lora", parents=[common], help="add a PEFT LoRA folder to a bundle")
     l.add_argument("peft_dir", type=Path)
     l.add_argument("--bundle", type=Path)
@@ -131,10 +134,11 @@ def run_quietly(args) -> None:
             for p in tidy_temp_folders(out, EXPORT_TEMP_CONTENTS):
                 say(f"removed {p}: the temporary folder of an export that was killed")
             export_base(args.source, out, targets, force=args.force)
-            if args.mbc:
-                from .lora import SHIPPED, install_library
-                dst = install_library(sorted(SHIPPED["mbc"].glob("*.safetensors")), out, "mbc")
-                say(f"the shipped MBC library installed as the bundle's mbc library: {dst}")
+            from .lora import SHIPPED, install_library
+            for library, wanted in (("mbc", args.mbc), ("prompts", args.prompts)):
+                if wanted:
+                    dst = install_library(sorted(SHIPPED[library].glob("*.safetensors")), out, library)
+                    say(f"the shipped {library} library installed as the bundle's {library} library: {dst}")
     elif args.cmd == "lora":
         from .lora import add_lora
         say(add_lora(args.peft_dir, args.bundle, args.name, args.dtype, args.force, args.library))

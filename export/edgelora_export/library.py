@@ -79,7 +79,8 @@ def write_report(out: Path, rows: list[dict], cfg: TrainConfig, clusters: dict |
         lines.append(f"| {r['task']} | {r['examples']} | {r['steps']} | {r['best_step']} | {r['train_loss']:.3f} | "
                      f"{r['heldout_loss_start']:.3f} → {r['heldout_loss']:.3f} | {r['minutes']:.1f} | {r['peak_rss_mb']} |")
     total = sum(r["minutes"] for r in rows)
-    lines.append(f"\n{len(rows)} LoRAs, {total:.0f} minutes of training in all.")
+    what = "adaption prompts" if cfg.kind == "adaption-prompt" else "LoRAs"
+    lines.append(f"\n{len(rows)} {what}, {total:.0f} minutes of training in all.")
     if clusters:
         lines.append("\nMBC clusters (each LoRA trained on the union of its tasks):\n")
         lines += [f"- {name}: {', '.join(members)}" for name, members in clusters.items()]

@@ -14,8 +14,10 @@ from edgelora.io import building
 from edgelora.lora import check_name, from_peft, load_checked, save_lora
 
 # The libraries shipped in this package (package data), trained on the default base, SmolLM2-135M-Instruct:
-# one LoRA per upstream task (what `base` installs) and one per MBC cluster of them (`base --mbc`).
-SHIPPED = {"per-task": Path(__file__).parent / "library", "mbc": Path(__file__).parent / "library-mbc"}
+# one LoRA per upstream task (what `base` installs), one per MBC cluster of them (`base --mbc`), and
+# one adaption prompt per upstream task (`base --prompts`).
+SHIPPED = {"per-task": Path(__file__).parent / "library", "mbc": Path(__file__).parent / "library-mbc",
+           "prompts": Path(__file__).parent / "library-prompts"}
 
 
 def install_library(files: list[Path], bundle_path: Path | None, library: str) -> Path:
