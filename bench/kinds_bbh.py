@@ -1,0 +1,93 @@
+"""The adapter kinds side by side on the 18 dev tasks: the default adapt over the LoRA library,
+over the adaption-prompt library, and over both at once (the mixed search), with the base's
+zero-shot and ICL, on the same first N test examples of each task, every model written back as
+adapt writes it.
+
+The prompt and mixed columns are `bench/bbh.py --library prompts --columns default,mixed --limit N`'s
+(bench/results/bbh-prompts.json, or several such runs of the same settings, say one per suite run
+side by side: `--runs bbh-prompts,bbh-prompts-near`). The LoRA column is the `bench/bbh.py` run of
+bench/results/bbh-shipped.json (every test example): its answers, one per example in
+EDGELORA_HOME/bench/bbh-shipped/TASK/default/eval.json, are read back and cut to the first N, and
+only if they are that run's (their count and accuracy equal the committed row's). No model is
+re-run here.
+
+    python bench/kinds_bbh.py [--runs bbh-prompts]   # writes bench/results/kinds_bbh.md and kinds_bbh.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+from common import RESULTS, atomic_write, save
+
+from edgelora.bundle import home
+
+COLUMNS = (("zero-shot", "zero-shot"), ("icl", "ICL"), ("lora", "LoRA default"), ("prompts", "prompt default"),
+           ("mixed", "mixed"))
+
+
+def lora_answers(task: str, row: dict) -> list[dict]:
+    """The LoRA default's answers of bbh-shipped.json's run for `task`, checked to be that run's."""
+    path = home() / "bench" / "bbh-shipped" / task / "default" / "eval.json"
+    r = json.loads(path.read_text())
+    if r["n"] != row["n_test"] or abs(r["exact_match"] - row["default"]["exact"]) > 1e-9:
+        raise SystemExit(f"{path}: {r['n']} answers at exact {r['exact_match']}, not bbh-shipped.json's "
+                         f"{row['n_test']} at {row['default']['exact']}: another run's")
+    return r["examples"]
+
+
+def cut(answers: list[dict], n: int) -> dict:
+    first = answers[:n]
+    options = [a["option_correct"] for a in first if a.get("option_correct") is not None]
+    return {"exact": statistics.mean(a["exact"] for a in first), "options": statistics.mean(options) if options else None}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", default="bbh-prompts", help="bench/bbh.py results (names, comma-separated) to read rows from")
+    runs = [json.loads((RESULTS / f"{name}.json").read_text()) for name in ap.parse_args().runs.split(",")]
+    if len({r["limit"] for r in runs}) > 1 or len({json.dumps(r.get("columns")) for r in runs}) > 1:
+        raise SystemExit("--runs: the runs differ in their test examples or columns")
+    shipped = {r["task"]: r for r in json.loads((RESULTS / "bbh-shipped.json").read_text())["tasks"]}
+    n = runs[0]["limit"]
+    rows = []
+    for r in [row for run in runs for row in run["tasks"]]:
+        if "mixed" not in r or "default" not in r:
+            continue
+        rows.append({"suite": r["suite"], "task": r["task"], "n": min(n, r["n_test"]),
+                     "zero-shot": r["zero-shot"], "icl": r["icl"], "lora": cut(lora_answers(r["task"], shipped[r["task"]]), n),
+                     "prompts": r["default"], "mixed": r["mixed"],
+                     "forwards": {"lora": shipped[r["task"]]["default"]["forwards"], "prompts": r["default"]["forwards"],
+                                  "mixed": r["mixed"]["forwards"]},
+                     "prompts_in_mixed": r["mixed"]["prompts_kept"]})
+    lines = [f"Exact / option accuracy (%), first {n} test examples of each task, models written back as adapt writes "
+             f"them (int4, targets at 8 bits; a prompt in the decoder); forwards per adapt in the last columns.", "",
+             "| suite | task | " + " | ".join(h for _, h in COLUMNS) + " | forwards: LoRA / prompt / mixed | prompts among mixed's 20 |",
+             "|---|---|" + "---:|" * (len(COLUMNS) + 2)]
+    pct = lambda v: "–" if v is None else f"{100 * v:.0f}"
+    for r in rows:
+        f = r["forwards"]
+        lines.append(f"| {r['suite']} | {r['task']} | " + " | ".join(f"{pct(r[k]['exact'])} / {pct(r[k]['options'])}"
+                                                                   for k, _ in COLUMNS)
+                     + f" | {f['lora']} / {f['prompts']} / {f['mixed']} | {r['prompts_in_mixed']} |")
+    lines.append("")
+    means = {}
+    for suite in ("bbh", "near", "all"):
+        ss = [r for r in rows if suite in (r["suite"], "all")]
+        if not ss:
+            continue
+        means[suite] = {k: {"exact": statistics.mean(r[k]["exact"] for r in ss),
+                            "metric": statistics.mean(r[k]["options"] if r[k]["options"] is not None else r[k]["exact"]
+                                                      for r in ss)} for k, _ in COLUMNS}
+        lines.append(f"- {suite} ({len(ss)} tasks), exact: " + ", ".join(f"{h} {100 * means[suite][k]['exact']:.1f}"
+                                                                         for k, h in COLUMNS)
+                     + "; option accuracy where a task has options, else exact: "
+                     + ", ".join(f"{h} {100 * means[suite][k]['metric']:.1f}" for k, h in COLUMNS))
+    atomic_write(RESULTS / "kinds_bbh.md", "\n".join(lines) + "\n")
+    save("kinds_bbh", {"limit": n, "tasks": rows, "means": means})
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
