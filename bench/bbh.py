@@ -421,6 +421,8 @@ def main():
     ap.add_argument("--columns", default=",".join(COLUMNS),
                     help="the columns to run (default all); zero-shot and ICL are always there, taken from bbh.json's "
                          "rows where it has them (the base alone: no library, no write-back)")
+    ap.add_argument("--base-from", help="other runs (names, comma-separated) whose zero-shot and ICL rows to reuse where "
+                                        "they scored the same test examples (the base alone: no library, no write-back)")
     ap.add_argument("--ray", nargs="?", const="auto", metavar="ADDRESS",
                     help="the tasks not yet done as Ray tasks ('auto': the running cluster; 'local': one started here)")
     ap.add_argument("--cpus-per-task", type=int, default=1, help="--ray: CPUs (onnxruntime threads) per task")
@@ -443,6 +445,9 @@ def main():
     args.base_rows = {} if args.name == "bbh" else resume("bbh", {**{k: v for k, v in settings.items()
                                                                     if k not in ("writeback", "columns")},
                                                                  "loras": sorted(bundle.library("per-task"))})
+    for name in args.base_from.split(",") if args.base_from else []:  # the base alone, on the same test examples
+        for key, r in resume(name, {"limit": args.limit, "base": settings["base"]}).items():
+            args.base_rows.setdefault(key, {}).update({k: r[k] for k in ("zero-shot", "icl") if k not in args.base_rows.get(key, {})})
     fresh = [(s, t) for s, t in todo if (s, t) not in done]
     if args.ray and fresh:
         from edgelora.distributed import on_ray
