@@ -1,7 +1,8 @@
 """The adapter kinds side by side on the 18 dev tasks: the default adapt over the LoRA library,
 over the adaption-prompt library, and over both at once (the mixed search), with the base's
-zero-shot and ICL, on the same first N test examples of each task, every model written back as
-adapt writes it.
+zero-shot and ICL and the best single prompt (the oracle, picked on the test set: an upper
+reference), on the same first N test examples of each task, every model written back as adapt
+writes it. The oracle's suite means are over the tasks it has run on, and say how many.
 
 The prompt and mixed columns are `bench/bbh.py --library prompts --columns default,mixed --limit N`'s
 (bench/results/bbh-prompts.json, or several such runs of the same settings, say one per suite run
@@ -24,7 +25,7 @@ from common import RESULTS, atomic_write, save
 from edgelora.bundle import home
 
 COLUMNS = (("zero-shot", "zero-shot"), ("icl", "ICL"), ("lora", "LoRA default"), ("prompts", "prompt default"),
-           ("mixed", "mixed"))
+           ("mixed", "mixed"), ("oracle", "prompt oracle"))
 
 
 def lora_answers(task: str, row: dict) -> list[dict]:
@@ -46,7 +47,13 @@ def cut(answers: list[dict], n: int) -> dict:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", default="bbh-prompts", help="bench/bbh.py results (names, comma-separated) to read rows from")
-    runs = [json.loads((RESULTS / f"{name}.json").read_text()) for name in ap.parse_args().runs.split(",")]
+    ap.add_argument("--oracle", default="bbh-prompts-oracle",
+                    help="bench/bbh.py --library prompts --columns oracle runs at the same --limit (the best single prompt)")
+    args = ap.parse_args()
+    runs = [json.loads((RESULTS / f"{name}.json").read_text()) for name in args.runs.split(",")]
+    oracle = {(r["suite"], r["task"]): r["oracle"] for name in args.oracle.split(",") if (RESULTS / f"{name}.json").exists()
+              for run in [json.loads((RESULTS / f"{name}.json").read_text())] if run["limit"] == runs[0]["limit"]
+              for r in run["tasks"] if "oracle" in r}
     if len({r["limit"] for r in runs}) > 1 or len({json.dumps(r.get("columns")) for r in runs}) > 1:
         raise SystemExit("--runs: the runs differ in their test examples or columns")
     shipped = {r["task"]: r for r in json.loads((RESULTS / "bbh-shipped.json").read_text())["tasks"]}
@@ -57,7 +64,7 @@ def main():
             continue
         rows.append({"suite": r["suite"], "task": r["task"], "n": min(n, r["n_test"]),
                      "zero-shot": r["zero-shot"], "icl": r["icl"], "lora": cut(lora_answers(r["task"], shipped[r["task"]]), n),
-                     "prompts": r["default"], "mixed": r["mixed"],
+                     "prompts": r["default"], "mixed": r["mixed"], "oracle": oracle.get((r["suite"], r["task"])),
                      "forwards": {"lora": shipped[r["task"]]["default"]["forwards"], "prompts": r["default"]["forwards"],
                                   "mixed": r["mixed"]["forwards"]},
                      "prompts_in_mixed": r["mixed"]["prompts_kept"]})
@@ -66,24 +73,26 @@ def main():
              "| suite | task | " + " | ".join(h for _, h in COLUMNS) + " | forwards: LoRA / prompt / mixed | prompts among mixed's 20 |",
              "|---|---|" + "---:|" * (len(COLUMNS) + 2)]
     pct = lambda v: "–" if v is None else f"{100 * v:.0f}"
+    cell = lambda d: "–" if d is None else f"{pct(d['exact'])} / {pct(d['options'])}"
     for r in rows:
         f = r["forwards"]
-        lines.append(f"| {r['suite']} | {r['task']} | " + " | ".join(f"{pct(r[k]['exact'])} / {pct(r[k]['options'])}"
-                                                                   for k, _ in COLUMNS)
+        lines.append(f"| {r['suite']} | {r['task']} | " + " | ".join(cell(r[k]) for k, _ in COLUMNS)
                      + f" | {f['lora']} / {f['prompts']} / {f['mixed']} | {r['prompts_in_mixed']} |")
     lines.append("")
+    metric = lambda d: d["options"] if d["options"] is not None else d["exact"]
     means = {}
     for suite in ("bbh", "near", "all"):
         ss = [r for r in rows if suite in (r["suite"], "all")]
         if not ss:
             continue
-        means[suite] = {k: {"exact": statistics.mean(r[k]["exact"] for r in ss),
-                            "metric": statistics.mean(r[k]["options"] if r[k]["options"] is not None else r[k]["exact"]
-                                                      for r in ss)} for k, _ in COLUMNS}
-        lines.append(f"- {suite} ({len(ss)} tasks), exact: " + ", ".join(f"{h} {100 * means[suite][k]['exact']:.1f}"
-                                                                         for k, h in COLUMNS)
+        means[suite] = {k: {"tasks": len(have), "exact": statistics.mean(r[k]["exact"] for r in have),
+                            "metric": statistics.mean(metric(r[k]) for r in have)}
+                        for k, _ in COLUMNS if (have := [r for r in ss if r[k] is not None])}
+        label = lambda k, h: h + ("" if means[suite][k]["tasks"] == len(ss) else f" (of {means[suite][k]['tasks']})")
+        lines.append(f"- {suite} ({len(ss)} tasks), exact: " + ", ".join(f"{label(k, h)} {100 * means[suite][k]['exact']:.1f}"
+                                                                         for k, h in COLUMNS if k in means[suite])
                      + "; option accuracy where a task has options, else exact: "
-                     + ", ".join(f"{h} {100 * means[suite][k]['metric']:.1f}" for k, h in COLUMNS))
+                     + ", ".join(f"{label(k, h)} {100 * means[suite][k]['metric']:.1f}" for k, h in COLUMNS if k in means[suite]))
     atomic_write(RESULTS / "kinds_bbh.md", "\n".join(lines) + "\n")
     save("kinds_bbh", {"limit": n, "tasks": rows, "means": means})
     print("\n".join(lines))
