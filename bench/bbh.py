@@ -160,7 +160,7 @@ class MixedStack:
         self.pi = [i for i, a in enumerate(adapters) if not isinstance(a, Lora)]
         self.lora = LoraStack([adapters[i] for i in self.li], list(bundle.targets)) if self.li else None
         self.prompt = PromptStack([adapters[i] for i in self.pi]) if self.pi else None
-        self.zero = zero_slots(bundle.targets, bundle.arch["layers"])
+        self.bundle = bundle
 
     def slots(self, w):
         w = np.asarray(w)
@@ -170,7 +170,7 @@ class MixedStack:
     def merged(self, w):
         """(A, B, prompt) for write_model: a zero LoRA where none is composed (its targets at 8 bits)."""
         w = np.asarray(w)
-        A, B = self.lora.merged(w[self.li]) if self.lora else self.zero
+        A, B = self.lora.merged(w[self.li]) if self.lora else zero_slots(self.bundle.targets, self.bundle.arch["layers"])
         return A, B, self.prompt.compose(w[self.pi]) if self.prompt else None
 
 

@@ -44,18 +44,21 @@ def cut(answers: list[dict], n: int) -> dict:
     return {"exact": statistics.mean(a["exact"] for a in first), "options": statistics.mean(options) if options else None}
 
 
+def read(names: str) -> list[dict]:
+    """bench/bbh.py's results, one per name (comma-separated)."""
+    return [json.loads((RESULTS / f"{name}.json").read_text()) for name in names.split(",")]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", default="bbh-prompts", help="bench/bbh.py results (names, comma-separated) to read rows from")
     ap.add_argument("--oracle", default="bbh-prompts-oracle",
                     help="bench/bbh.py --library prompts --columns oracle runs at the same --limit (the best single prompt)")
     args = ap.parse_args()
-    runs = [json.loads((RESULTS / f"{name}.json").read_text()) for name in args.runs.split(",")]
-    oracle = {(r["suite"], r["task"]): r["oracle"] for name in args.oracle.split(",") if (RESULTS / f"{name}.json").exists()
-              for run in [json.loads((RESULTS / f"{name}.json").read_text())] if run["limit"] == runs[0]["limit"]
-              for r in run["tasks"] if "oracle" in r}
-    if len({r["limit"] for r in runs}) > 1 or len({json.dumps(r.get("columns")) for r in runs}) > 1:
-        raise SystemExit("--runs: the runs differ in their test examples or columns")
+    runs, oracle_runs = read(args.runs), read(args.oracle)
+    if len({r["limit"] for r in runs + oracle_runs}) > 1 or len({json.dumps(r.get("columns")) for r in runs}) > 1:
+        raise SystemExit("--runs, --oracle: the runs differ in their test examples or columns")
+    oracle = {(r["suite"], r["task"]): r["oracle"] for run in oracle_runs for r in run["tasks"] if "oracle" in r}
     shipped = {r["task"]: r for r in json.loads((RESULTS / "bbh-shipped.json").read_text())["tasks"]}
     n = runs[0]["limit"]
     rows = []
