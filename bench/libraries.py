@@ -1,21 +1,24 @@
-"""The per-task library (39 LoRAs, one per upstream task) against the MBC library (10, one per
-cluster) in one table, from bench/bbh.py's two result files: bbh.json and bbh-mbc.json (the
-same tasks, test examples and seeds). Per task and per suite mean: Arrow zero-shot, LoraHub
-(random sample; over MBC all 10, one run) and the default adapt over each library, beside the
-base's zero-shot and ICL and the per-task library's oracle LoRA and uniform average (bbh.py
-leaves those two to the per-task library). Only tasks both files hold.
+"""Two LoRA libraries in one table, from two bench/bbh.py runs over the same tasks, test examples
+and seeds. By default the per-task library (39 LoRAs, one per upstream task; bbh.json) against
+the MBC library (10, one per cluster; bbh-mbc.json); `--runs` names any two, e.g. the shipped
+30-step library against one retrained to convergence, each run at the same --limit. Per task and
+per suite mean: each library column a run holds on every task (Arrow zero-shot, LoraHub, the
+default adapt, the oracle LoRA, the uniform average), beside its counterpart, and the base's
+zero-shot and ICL from the first run. Only tasks both runs hold.
 
     python bench/libraries.py   # writes bench/results/libraries.md and libraries.json
+    python bench/libraries.py --runs bbh-oracle-100,bbh-converged --labels 30 steps,converged --name libraries-converged
 """
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 
 from common import RESULTS, atomic_write, save
 
-COLUMNS = (("arrow-zs", "Arrow zero-shot"), ("lorahub", "LoraHub"), ("default", "default adapt"))
-REFERENCES = (("oracle", "oracle LoRA (per-task)"), ("uniform", "uniform (per-task)"))
+COLUMNS = (("arrow-zs", "Arrow zero-shot"), ("lorahub", "LoraHub"), ("default", "default adapt"),
+           ("oracle", "oracle LoRA"), ("uniform", "uniform"))
 
 
 def value(row: dict, key: str, k: str):
@@ -25,16 +28,15 @@ def value(row: dict, key: str, k: str):
     return d.get(f"{k}_mean") if key == "lorahub" else d.get(k)
 
 
-def rows(per_task: dict, mbc: dict, k: str) -> list[dict]:
+def rows(runs: list[dict], labels: list[str], k: str) -> list[dict]:
     out = []
-    for (suite, task), r in per_task.items():
-        m = mbc.get((suite, task))
-        if m is None or r["zero-shot"][k] is None:
+    for (suite, task), r in runs[0].items():
+        other = runs[1].get((suite, task))
+        if other is None or r["zero-shot"][k] is None:
             continue
         out.append({"suite": suite, "task": task, "zero-shot": r["zero-shot"][k], "icl": r["icl"][k],
                     **{f"{key}/{lib}": value(src, key, k) for key, _ in COLUMNS
-                       for lib, src in (("per-task", r), ("mbc", m))},
-                    **{key: value(r, key, k) for key, _ in REFERENCES}})
+                       for lib, src in zip(labels, (r, other))}})
     return out
 
 
@@ -42,12 +44,11 @@ def pct(v) -> str:
     return "–" if v is None else f"{100 * v:.1f}"
 
 
-def table(rs: list[dict], title: str) -> tuple[str, dict]:
-    keys = (["zero-shot", "icl"] + [f"{key}/{lib}" for key, _ in COLUMNS for lib in ("per-task", "mbc")]
-            + [key for key, _ in REFERENCES])
-    head = (["zero-shot", "ICL"] + [f"{label} ({lib})" for _, label in COLUMNS for lib in ("per-task", "MBC")]
-            + [label for _, label in REFERENCES])
-    lines = [f"**{title}**", "", "| suite | task | " + " | ".join(head) + " |", "|---|---|" + "---:|" * len(keys)]
+def table(rs: list[dict], labels: list[str], title: str) -> tuple[str, dict]:
+    cols = [(f"{key}/{lib}", f"{label} ({lib})") for key, label in COLUMNS for lib in labels]
+    cols = [("zero-shot", "zero-shot"), ("icl", "ICL")] + [(c, h) for c, h in cols if all(r[c] is not None for r in rs)]
+    keys = [c for c, _ in cols]
+    lines = [f"**{title}**", "", "| suite | task | " + " | ".join(h for _, h in cols) + " |", "|---|---|" + "---:|" * len(keys)]
     for r in rs:
         lines.append(f"| {r['suite']} | {r['task']} | " + " | ".join(pct(r[c]) for c in keys) + " |")
     means = {}
@@ -63,18 +64,26 @@ def load(name: str) -> dict:
 
 
 def main():
-    per_task, mbc = load("bbh"), load("bbh-mbc")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--runs", default="bbh,bbh-mbc", help="two bench/bbh.py result names (default bbh,bbh-mbc)")
+    ap.add_argument("--labels", default="per-task,MBC", help="what each run's library is called in the table")
+    ap.add_argument("--name", default="libraries", help="results file name (default libraries)")
+    args = ap.parse_args()
+    names, labels = args.runs.split(","), args.labels.split(",")
+    if len(names) != 2 or len(labels) != 2:
+        ap.error("--runs and --labels: two each")
+    runs = [load(n) for n in names]
     md, summary = [], {}
     for k, title in (("exact", "Exact match on the generated answer (%)"), ("options", "Option-ranking accuracy (%)")):
-        rs = rows(per_task, mbc, k)
+        rs = rows(runs, labels, k)
         if rs:
-            text, summary[k] = table(rs, title)
+            text, summary[k] = table(rs, labels, title)
             md.append(text)
-    n = len([t for t in per_task if t in mbc])
-    note = (f"Per-task library (39 LoRAs) against the MBC library (10 cluster LoRAs) on the {n} tasks both "
-            "bench/bbh.py runs have finished (bbh.json, bbh-mbc.json); zero-shot and ICL are the base alone.\n\n")
-    atomic_write(RESULTS / "libraries.md", note + "\n".join(md))
-    save("libraries", {"tasks": n, "means": summary})
+    n = len([t for t in runs[0] if t in runs[1]])
+    note = (f"The {labels[0]} library ({names[0]}.json) against the {labels[1]} library ({names[1]}.json) on the {n} "
+            "tasks both bench/bbh.py runs have finished; zero-shot and ICL are the base alone.\n\n")
+    atomic_write(RESULTS / f"{args.name}.md", note + "\n".join(md))
+    save(args.name, {"runs": names, "labels": labels, "tasks": n, "means": summary})
     print(note + "\n".join(md))
 
 
