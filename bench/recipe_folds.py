@@ -25,16 +25,14 @@ default adapt (COBYLA, LoraHub's composition) instead, at no search's cost:
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import time
-from pathlib import Path
 
 import numpy as np
 from common import DATA, RESULTS, by_suite, dev_args, dev_tasks, report_md, save
 
 from edgelora.batch import encode_pairs, keep_ends
-from edgelora.bundle import Bundle
+from edgelora.bundle import Bundle, home
 from edgelora.evaluate import evaluate
 from edgelora.examples import load_examples
 from edgelora.generate import Model
@@ -45,8 +43,7 @@ from edgelora.scorer import Scorer
 from edgelora.search import AdaptConfig, cut_pays, rank_by_loss, stacked
 from edgelora.surrogate import Head
 
-HOME = Path(os.environ.get("EDGELORA_HOME", Path.home() / ".cache" / "edgelora"))
-SHIPPED = HOME / "bench" / "bbh-shipped"  # bench/bbh.py --name bbh-shipped: today's default models
+SHIPPED = home() / "bench" / "bbh-shipped"  # bench/bbh.py --name bbh-shipped: today's default models
 COLUMNS = ("zero-shot", "icl", "adapted", "adapted+icl")
 MARGIN = 2  # `wary`: leave the adapted model only for a recipe right on this many more held-out examples
 
