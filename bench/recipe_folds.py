@@ -30,10 +30,10 @@ import time
 
 import numpy as np
 from common import DATA, RESULTS, by_suite, dev_args, dev_tasks, report_md, save
+from recipe import scored
 
 from edgelora.batch import encode_pairs, keep_ends
 from edgelora.bundle import Bundle, home
-from edgelora.evaluate import evaluate
 from edgelora.examples import load_examples
 from edgelora.generate import Model
 from edgelora.io import atomic_write
@@ -83,17 +83,19 @@ def run_task(bundle: Bundle, suite: str, task: str, prior: dict, limit: int) -> 
     cfg = AdaptConfig()
     examples = load_examples(DATA / suite / f"{task}.adapt.jsonl")
     test = load_examples(DATA / suite / f"{task}.test.jsonl")[:limit]
-    batch, _ = encode_pairs(bundle.tokenizer(), bundle.prompt_format.pairs(examples), bundle.arch["max_len"])
+    tok = bundle.tokenizer()
+    batch, _ = encode_pairs(tok, bundle.prompt_format.pairs(examples), bundle.arch["max_len"])
     scorer = Scorer(bundle)
     scorer.bind(batch)
-    paths = [bundle.lora_paths(cfg.adapters)[k] for k in sorted(bundle.lora_paths(cfg.adapters))]
+    library = bundle.lora_paths(cfg.adapters)
+    paths = [library[k] for k in sorted(library)]
     loras = load_checked(paths, bundle)
     t0 = time.perf_counter()
     logprob, tokens = ranking(scorer, bundle, loras, cfg)
     rank_s = time.perf_counter() - t0
     picks = folds(logprob, tokens)
     norm, weight, eps = bundle.head()
-    head, tok = Head(norm, weight, eps, np.zeros(0, np.int64)), bundle.tokenizer()
+    head = Head(norm, weight, eps, np.zeros(0, np.int64))
     t0 = time.perf_counter()
     table: dict[str, list[Held]] = {"adapted": [], "adapted+icl": []}
     others = [examples[:j] + examples[j + 1:] for j in range(len(examples))]
@@ -108,9 +110,7 @@ def run_task(bundle: Bundle, suite: str, task: str, prior: dict, limit: int) -> 
            "rank_s": round(rank_s, 1), "loo_s": round(loo_s, 1), "table": loo, "choice": best(loo),
            "surrogate_choice": prior["choice"],
            "zero-shot": prior["zero-shot"], "icl": prior["icl"], "adapted": prior["today"]}
-    model = Model.load(SHIPPED / task / "default")
-    r = evaluate(model, test, examples)
-    row["adapted+icl"] = {"exact": r["exact_match"], "options": r["option_accuracy"]}
+    row["adapted+icl"] = scored(Model.load(SHIPPED / task / "default"), test, examples)
     print(f"[{task}] folds {row['folds']}; held-out right " +
           " / ".join(f"{k} {v['correct']}" for k, v in loo.items()) +
           f"; chose {row['choice']} (surrogate folds: {prior['choice']}); adapted+icl {row['adapted+icl']}; "
