@@ -57,6 +57,22 @@ def median(xs):
     return statistics.median(xs)
 
 
+def shipped_default(row: dict, n: int) -> dict:
+    """The shipped library's default adapt on the first `n` test examples of `row`'s task, read from
+    the answers of bench/results/bbh-shipped.json's run (every test example; `row` is its row) in
+    EDGELORA_HOME/bench/bbh-shipped/TASK/default/eval.json, and only if they are that run's (their
+    count and accuracy equal the row's): nothing is re-run."""
+    from edgelora.bundle import home
+    path = home() / "bench" / "bbh-shipped" / row["task"] / "default" / "eval.json"
+    r = json.loads(path.read_text())
+    if r["n"] != row["n_test"] or abs(r["exact_match"] - row["default"]["exact"]) > 1e-9:
+        raise SystemExit(f"{path}: {r['n']} answers at exact {r['exact_match']}, not bbh-shipped.json's "
+                         f"{row['n_test']} at {row['default']['exact']}: another run's")
+    first = r["examples"][:n]
+    options = [a["option_correct"] for a in first if a.get("option_correct") is not None]
+    return {"exact": statistics.mean(a["exact"] for a in first), "options": statistics.mean(options) if options else None}
+
+
 def dev_tasks(only: str | None = None) -> list[tuple[str, str]]:
     """(suite, task) of every bbh/ and near/ task, or those named in `only` (comma-separated), the
     two suites alternated so that a partial run covers both."""

@@ -20,28 +20,10 @@ import argparse
 import json
 import statistics
 
-from common import RESULTS, atomic_write, save
-
-from edgelora.bundle import home
+from common import RESULTS, atomic_write, save, shipped_default
 
 COLUMNS = (("zero-shot", "zero-shot"), ("icl", "ICL"), ("lora", "LoRA default"), ("prompts", "prompt default"),
            ("mixed", "mixed"), ("oracle", "prompt oracle"))
-
-
-def lora_answers(task: str, row: dict) -> list[dict]:
-    """The LoRA default's answers of bbh-shipped.json's run for `task`, checked to be that run's."""
-    path = home() / "bench" / "bbh-shipped" / task / "default" / "eval.json"
-    r = json.loads(path.read_text())
-    if r["n"] != row["n_test"] or abs(r["exact_match"] - row["default"]["exact"]) > 1e-9:
-        raise SystemExit(f"{path}: {r['n']} answers at exact {r['exact_match']}, not bbh-shipped.json's "
-                         f"{row['n_test']} at {row['default']['exact']}: another run's")
-    return r["examples"]
-
-
-def cut(answers: list[dict], n: int) -> dict:
-    first = answers[:n]
-    options = [a["option_correct"] for a in first if a.get("option_correct") is not None]
-    return {"exact": statistics.mean(a["exact"] for a in first), "options": statistics.mean(options) if options else None}
 
 
 def read(names: str) -> list[dict]:
@@ -66,7 +48,7 @@ def main():
         if "mixed" not in r or "default" not in r:
             continue
         rows.append({"suite": r["suite"], "task": r["task"], "n": min(n, r["n_test"]),
-                     "zero-shot": r["zero-shot"], "icl": r["icl"], "lora": cut(lora_answers(r["task"], shipped[r["task"]]), n),
+                     "zero-shot": r["zero-shot"], "icl": r["icl"], "lora": shipped_default(shipped[r["task"]], n),
                      "prompts": r["default"], "mixed": r["mixed"], "oracle": oracle.get((r["suite"], r["task"])),
                      "forwards": {"lora": shipped[r["task"]]["default"]["forwards"], "prompts": r["default"]["forwards"],
                                   "mixed": r["mixed"]["forwards"]},

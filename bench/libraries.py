@@ -4,10 +4,12 @@ the MBC library (10, one per cluster; bbh-mbc.json); `--runs` names any two, e.g
 30-step library against one retrained to convergence, each run at the same --limit. Per task and
 per suite mean: each library column a run holds on every task (Arrow zero-shot, LoraHub, the
 default adapt, the oracle LoRA, the uniform average), beside its counterpart, and the base's
-zero-shot and ICL from the first run. Only tasks both runs hold.
+zero-shot and ICL from the first run. Only tasks both runs hold. With --shipped-default, a first
+run without the default column takes it from bench/results/bbh-shipped.json's answers cut to the
+run's --limit (the shipped library's default adapt, as bench/kinds_bbh.py reads it; nothing re-run).
 
     python bench/libraries.py   # writes bench/results/libraries.md and libraries.json
-    python bench/libraries.py --runs bbh-oracle-100,bbh-converged --labels 30 steps,converged --name libraries-converged
+    python bench/libraries.py --runs bbh-oracle-100,bbh-converged --labels "30 steps,converged" --shipped-default --name libraries-converged
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import argparse
 import json
 import statistics
 
-from common import RESULTS, atomic_write, save
+from common import RESULTS, atomic_write, save, shipped_default
 
 COLUMNS = (("arrow-zs", "Arrow zero-shot"), ("lorahub", "LoraHub"), ("default", "default adapt"),
            ("oracle", "oracle LoRA"), ("uniform", "uniform"))
@@ -63,16 +65,29 @@ def load(name: str) -> dict:
     return {(r["suite"], r["task"]): r for r in json.loads((RESULTS / f"{name}.json").read_text())["tasks"]}
 
 
+def with_shipped_default(name: str, run: dict) -> dict:
+    """`run`'s rows, each given the shipped library's default adapt on its first --limit test examples."""
+    limit = json.loads((RESULTS / f"{name}.json").read_text())["limit"]
+    shipped = {r["task"]: r for r in json.loads((RESULTS / "bbh-shipped.json").read_text())["tasks"]}
+    if limit is None:
+        raise SystemExit(f"--shipped-default: {name}.json ran on every test example; bbh-shipped.json is that run")
+    return {key: {**r, "default": r.get("default") or shipped_default(shipped[r["task"]], limit)} for key, r in run.items()}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--runs", default="bbh,bbh-mbc", help="two bench/bbh.py result names (default bbh,bbh-mbc)")
     ap.add_argument("--labels", default="per-task,MBC", help="what each run's library is called in the table")
+    ap.add_argument("--shipped-default", action="store_true",
+                    help="the first run's default column from bbh-shipped.json's answers, cut to its --limit")
     ap.add_argument("--name", default="libraries", help="results file name (default libraries)")
     args = ap.parse_args()
     names, labels = args.runs.split(","), args.labels.split(",")
     if len(names) != 2 or len(labels) != 2:
         ap.error("--runs and --labels: two each")
     runs = [load(n) for n in names]
+    if args.shipped_default:
+        runs[0] = with_shipped_default(names[0], runs[0])
     md, summary = [], {}
     for k, title in (("exact", "Exact match on the generated answer (%)"), ("options", "Option-ranking accuracy (%)")):
         rs = rows(runs, labels, k)
