@@ -270,9 +270,41 @@ def test_library_refuses_a_report_made_with_other_settings(tmp_path, colors):
     out = tmp_path / "lib"
     out.mkdir()
     (out / "report.json").write_text(json.dumps({"config": {**json.loads(json.dumps(dataclasses.asdict(TrainConfig()))),
-                                                            "patience": 3}, "tasks": []}))
-    with pytest.raises(UserError, match=r"report.json: made with other settings \(patience 3 → 2\)"):
+                                                            "rank": 4, "patience": 3}, "tasks": []}))
+    with pytest.raises(UserError, match=r"report.json: made with other settings \(rank 4 → 8\)"):  # patience: below
         train_library(colors.parent, out, TrainConfig(), source="unused")
+
+
+def test_a_library_resumed_under_another_stopping_rule_keeps_the_loras_it_would_train_alike(tmp_path):
+    """The LoRA whose held-out curve stops at the same step with the same best under the new rule is
+    kept; the one that gained 1e-4 an evaluation to the step limit is trained again."""
+    from edgelora_export.library import check_resumable
+    from edgelora_export.train import TrainConfig
+    old = TrainConfig(steps=50, eval_every=10, patience=2)
+    clear = {"task": "clear", "steps": 40, "best_step": 20, "heldout_curve": [[0, 2.0], [10, 0.5], [20, 0.3], [30, 0.4], [40, 0.35]]}
+    creeping = {"task": "creeping", "steps": 50, "best_step": 50,
+                "heldout_curve": [[0, 2.0], [10, 0.01], [20, 0.0099], [30, 0.0098], [40, 0.0097], [50, 0.0096]]}
+    (tmp_path / "report.json").write_text(json.dumps({"config": dataclasses.asdict(old), "tasks": [clear, creeping]}))
+    assert set(check_resumable(tmp_path, old, None)) == {"clear", "creeping"}
+    logs = []
+    kept = check_resumable(tmp_path, dataclasses.replace(old, min_delta=1e-3), None, logs.append)
+    assert set(kept) == {"clear"} and "trained again under this stopping rule: creeping" in logs[0]
+
+
+def test_min_delta_stops_a_run_that_gains_too_little(train_base, colors, tmp_path, monkeypatch):
+    from edgelora_export import train as train_mod
+    from edgelora_export.train import TrainConfig, stopping, train_adapter
+    cfg = TrainConfig(rank=4, alpha=8, batch=4, heldout=8, steps=12, eval_every=2, patience=2)
+    curve = [[0, 1.0], [2, 0.5], [4, 0.4995], [6, 0.499], [8, 0.4985], [10, 0.498], [12, 0.4975]]
+    assert stopping(curve, cfg) == (12, None) and stopping(curve, dataclasses.replace(cfg, min_delta=1e-3)) == (2, 6)
+    for min_delta, steps, best in ((0.0, 12, 12), (1e-3, 6, 2)):  # a real run, fed the curve as its held-out losses
+        losses = iter(loss for _, loss in curve)
+        monkeypatch.setattr(train_mod, "evaluate", lambda *a: next(losses))
+        row = train_adapter(*train_base[:3], colors, tmp_path / str(min_delta), dataclasses.replace(cfg, min_delta=min_delta),
+                            log=lambda *a: None)
+        assert (row["steps"], row["best_step"]) == (steps, best)
+    with pytest.raises(UserError, match="--min-delta -1.0: must be at least 0"):
+        TrainConfig(min_delta=-1.0)
 
 
 # -- files as people save them ----------------------------------------------------------------

@@ -69,6 +69,9 @@ def parser() -> argparse.ArgumentParser:
         t.add_argument("--eval-every", type=int, default=TrainConfig.eval_every, help="steps between held-out losses")
         t.add_argument("--patience", type=int, default=TrainConfig.patience,
                        help="held-out evaluations without a new best before training stops")
+        t.add_argument("--min-delta", type=float, default=TrainConfig.min_delta,
+                       help="a new best beats the last held-out loss by more than this (default 0); "
+                            "a library resumed with another keeps each LoRA whose curve stops alike")
         t.add_argument("--threads", type=int, help="torch threads (default: every core); the same threads give the "
                        "same LoRA byte for byte, others differ by float rounding (a Ray task uses --cpus-per-task)")
         if name == "train":
@@ -111,7 +114,8 @@ def train_config(args):
     return TrainConfig(kind=args.kind, adapter_len=args.adapter_len, adapter_layers=args.adapter_layers,
                        rank=args.rank, alpha=args.alpha, targets=tuple(args.targets.split(",")), lr=args.lr,
                        loraplus_ratio=args.loraplus_ratio, steps=args.steps, batch=args.batch,
-                       max_len=args.max_len, seed=args.seed, eval_every=args.eval_every, patience=args.patience)
+                       max_len=args.max_len, seed=args.seed, eval_every=args.eval_every, patience=args.patience,
+                       min_delta=args.min_delta)
 
 
 def check_threads(threads: int | None) -> int | None:

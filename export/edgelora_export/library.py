@@ -21,7 +21,7 @@ from edgelora import adaption_prompt
 from edgelora.lora import from_peft, save_lora
 from .base_model import target_shapes
 from .console import say
-from .train import TrainConfig, check_same_config, load_for_training, train_adapter
+from .train import STOPPING, TrainConfig, check_same_config, load_for_training, stopping, train_adapter
 
 HELD_OUT_SUITES = ("bbh", "near")
 
@@ -87,18 +87,34 @@ def write_report(out: Path, rows: list[dict], cfg: TrainConfig, clusters: dict |
     atomic_write(out / "report.md", "\n".join(lines) + "\n")
 
 
-def check_resumable(out: Path, cfg: TrainConfig, clusters: dict | None) -> dict[str, dict]:
+def check_resumable(out: Path, cfg: TrainConfig, clusters: dict | None, log=say) -> dict[str, dict]:
     """The report rows of the LoRAs already trained in `out`, refused if made with other settings
-    or other clusters (their LoRAs would not be this run's)."""
+    or other clusters (their LoRAs would not be this run's). Under another stopping rule (patience,
+    min_delta) a LoRA is kept when its held-out curve stops at the same step with the same best
+    under this one: the weights up to a step do not depend on the rule. The others train again."""
     report = out / "report.json"
     if not report.exists():
         return {}
     saved = read_json(report)
     hint = "pass the same settings to resume this library, or use another -o"
-    check_same_config(saved.get("config", {}), cfg, report, hint)
+    check_same_config(saved.get("config", {}), cfg, report, hint, ignore=STOPPING)
     if saved.get("clusters") != clusters:
         raise UserError(f"{report}: made with {'other clusters' if saved.get('clusters') else 'one LoRA per task'}; {hint}")
-    return {r["task"]: r for r in saved.get("tasks", []) if isinstance(r, dict) and "task" in r}
+    rows = {r["task"]: r for r in saved.get("tasks", []) if isinstance(r, dict) and "task" in r}
+    old = {**asdict(TrainConfig()), **saved.get("config", {})}
+    if all(old[k] == getattr(cfg, k) for k in STOPPING):
+        return rows
+    kept = {name: r for name, r in rows.items() if stops_alike(r, cfg)}
+    if len(kept) < len(rows):
+        log(f"{report}: trained again under this stopping rule: {', '.join(sorted(set(rows) - set(kept)))}")
+    return kept
+
+
+def stops_alike(row: dict, cfg: TrainConfig) -> bool:
+    if not row.get("heldout_curve"):
+        return False
+    best, stop = stopping(row["heldout_curve"], cfg)
+    return best == row["best_step"] and (stop or cfg.steps) == row["steps"]
 
 
 def train_one(task: Path, name: str, out: Path, cfg: TrainConfig, source=None, member_of: list[str] | None = None,
@@ -135,7 +151,7 @@ def train_library(tasks_dir: Path, out: Path, cfg: TrainConfig, source=None, log
     if clusters:
         check_members(clusters, clusters_file, tasks, tasks_dir)
     out.mkdir(parents=True, exist_ok=True)
-    done = check_resumable(out, cfg, clusters)
+    done = check_resumable(out, cfg, clusters, log)
     if clusters:
         tasks = cluster_files(clusters, tasks, out)
     rows = {name: done[name] for name in tasks if name in done and (out / f"{name}.safetensors").exists()}

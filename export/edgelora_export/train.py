@@ -46,6 +46,7 @@ class TrainConfig:
     heldout: int = 32             # examples kept apart for early stopping
     eval_every: int = 5           # held-out loss every 5 steps; stop after `patience` evaluations
     patience: int = 2             # without a new best (10 steps: it can fire within the 30)
+    min_delta: float = 0.0        # a new best beats the last by more than this (held-out nats a token)
     seed: int = 0
 
     def __post_init__(self):
@@ -53,6 +54,8 @@ class TrainConfig:
             raise UserError(f"--kind {self.kind}: choose one of {', '.join(KINDS)}")
         if self.lr is None:
             self.lr = DEFAULT_LR[self.kind]
+        if self.min_delta < 0:
+            raise UserError(f"--min-delta {self.min_delta}: must be at least 0")
         if self.kind == "adaption-prompt" and min(self.adapter_len, self.adapter_layers) < 1:
             raise UserError(f"--adapter-len {self.adapter_len} and --adapter-layers {self.adapter_layers}: "
                             "each must be at least 1")
@@ -110,6 +113,20 @@ def evaluate(model, rows, pad_id: int, batch: int) -> float:
     return total / max(n, 1)
 
 
+def stopping(held: list[list[float]], cfg: TrainConfig) -> tuple[int, int | None]:
+    """(best step, the step training stops at or None) of a held-out curve [[step, loss], ...]:
+    a new best beats the last by more than `min_delta`, and training stops `patience` evaluations
+    after the last one. Without a margin a task learnt to a loss near 0 gains 1e-5 an evaluation
+    and runs to --steps. One rule for training and for a library resumed under another rule."""
+    best_step, best = held[0]
+    for step, loss in held[1:]:
+        if loss < best - cfg.min_delta:
+            best_step, best = step, loss
+        if (step - best_step) // cfg.eval_every >= cfg.patience:
+            return best_step, step
+    return best_step, None
+
+
 def lora_state(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -130,12 +147,17 @@ def save_checkpoint(path: Path, model, opt, meta: dict, best_state: dict[str, to
     atomic_write_json(path.with_suffix(".json"), meta)
 
 
-def check_same_config(saved: dict, cfg: TrainConfig, where: Path, hint: str) -> None:
+# The settings that only decide when training stops: a library resumed with others keeps each
+# adapter whose curve stops alike under them (library.check_resumable).
+STOPPING = ("patience", "min_delta")
+
+
+def check_same_config(saved: dict, cfg: TrainConfig, where: Path, hint: str, ignore: tuple[str, ...] = ()) -> None:
     """Refuse to continue work made with other settings: its weights would not be this run's. A
     setting added since is taken at its default (a LoRA library from before `kind` resumes)."""
     now = json.loads(json.dumps(asdict(cfg)))  # tuples as JSON lists, as saved
     old = {**json.loads(json.dumps(asdict(TrainConfig()))), **saved}
-    changed = [f"{k} {old.get(k)!r} → {now[k]!r}" for k in now if old.get(k) != now[k]]
+    changed = [f"{k} {old.get(k)!r} → {now[k]!r}" for k in now if old.get(k) != now[k] and k not in ignore]
     if changed:
         raise UserError(f"{where}: made with other settings ({', '.join(changed)}); {hint}")
 
@@ -206,14 +228,13 @@ def train_adapter(base, tok, fmt: PromptFormat, task: Path, out: Path, cfg: Trai
             bar.set_postfix(loss=f"{loss.item():.3f}", held=f"{meta['best']['loss']:.3f}")
             if meta["step"] % cfg.eval_every == 0 or meta["step"] == cfg.steps:
                 model.eval()
-                h = evaluate(model, held, pad_id, cfg.batch)
-                meta["held"].append([meta["step"], round(h, 5)])
-                if h < meta["best"]["loss"]:
-                    meta["best"] = {"step": meta["step"], "loss": h}
+                meta["held"].append([meta["step"], round(evaluate(model, held, pad_id, cfg.batch), 5)])
+                best_step, stop = stopping(meta["held"], cfg)
+                if best_step == meta["step"]:
+                    meta["best"] = {"step": best_step, "loss": meta["held"][-1][1]}
                     best_state = lora_state(model)
                 save_checkpoint(ckpt, model, opt, meta, best_state)
-                evals_since_best = (meta["step"] - meta["best"]["step"]) // cfg.eval_every
-                if evals_since_best >= cfg.patience:
+                if stop is not None:
                     break
         bar.close()
         with torch.no_grad():
