@@ -291,6 +291,46 @@ def test_a_library_resumed_under_another_stopping_rule_keeps_the_loras_it_would_
     assert set(kept) == {"clear"} and "trained again under this stopping rule: creeping" in logs[0]
 
 
+def test_a_run_resumed_under_another_stopping_rule(train_base, colors, tmp_path, monkeypatch):
+    """It goes on where its best step is the same under the new rule, ends at once where the new
+    rule has already stopped it, and is refused where its best would be a step whose weights it
+    does not hold."""
+    import shutil
+    from edgelora_export import train as train_mod
+    from edgelora_export.train import TrainConfig, train_adapter
+    cfg = TrainConfig(rank=4, alpha=8, batch=4, heldout=8, steps=12, eval_every=2, patience=100)
+    real_save = train_mod.save_checkpoint
+
+    def save_then_die_at_step_4(*a, **kw):
+        real_save(*a, **kw)
+        if a[3]["step"] == 4:
+            raise KeyboardInterrupt
+
+    def interrupted(out, losses):
+        held = iter(losses)
+        monkeypatch.setattr(train_mod, "evaluate", lambda *a: next(held))
+        monkeypatch.setattr(train_mod, "save_checkpoint", save_then_die_at_step_4)
+        with pytest.raises(KeyboardInterrupt):
+            train_adapter(*train_base[:3], colors, out, cfg, log=lambda *a: None)
+        monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
+
+    def resumed(out, rule, losses=()):
+        held = iter(losses)
+        monkeypatch.setattr(train_mod, "evaluate", lambda *a: next(held))
+        return train_adapter(*train_base[:3], colors, out, dataclasses.replace(cfg, **rule), log=lambda *a: None)
+
+    interrupted(tmp_path / "a" / "o", [1.0, 0.6, 0.5])
+    shutil.copytree(tmp_path / "a", tmp_path / "copy")
+    row = resumed(tmp_path / "a" / "o", {"patience": 1}, [0.7])  # best step 4 either way: goes on to step 6, stops
+    assert (row["steps"], row["best_step"]) == (6, 4)
+    with pytest.raises(UserError, match=r"under this stopping rule its best held-out step is 2, whose weights it does "
+                                         r"not hold \(it holds step 4's\)"):
+        resumed(tmp_path / "copy" / "o", {"min_delta": 0.2})
+    interrupted(tmp_path / "b", [1.0, 0.5, 0.6])
+    row = resumed(tmp_path / "b", {"patience": 1})  # already stopped under it: ends at once, no evaluation
+    assert (row["steps"], row["best_step"]) == (4, 2)
+
+
 def test_min_delta_stops_a_run_that_gains_too_little(train_base, colors, tmp_path, monkeypatch):
     from edgelora_export import train as train_mod
     from edgelora_export.train import TrainConfig, stopping, train_adapter

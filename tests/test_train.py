@@ -1,7 +1,9 @@
 """LoRA+ training on the tiny model: B learns λ times faster, the loss covers answer tokens
-only, an interrupted run resumes to the same weights, and held-out tasks are refused."""
+only, an interrupted run resumes to the same weights (its minutes counting the first run's), and
+held-out tasks are refused."""
 from __future__ import annotations
 
+import json
 import stat
 from pathlib import Path
 
@@ -85,9 +87,13 @@ def test_interrupted_training_resumes_to_same_weights(train_base, colors, tmp_pa
     ckpt = part.with_name("part.ckpt.safetensors")
     assert stat.S_IMODE(ckpt.stat().st_mode) == user_mode()  # the user's mode, not a temp file's 0600
     monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
+    meta = json.loads(ckpt.with_suffix(".json").read_text())
+    assert meta["seconds"] > 0
+    ckpt.with_suffix(".json").write_text(json.dumps({**meta, "seconds": 600.0}))  # as if the first run took 10 min
     logs = []
-    train_adapter(*train_base[:3], colors, part, cfg, log=logs.append)
+    row = train_adapter(*train_base[:3], colors, part, cfg, log=logs.append)
     assert any("resuming" in l and "step 4" in l for l in logs)
+    assert 10 <= row["minutes"] < 15  # the report's minutes count the runs it resumed
     wf, wp = lora_weights(full), lora_weights(part)
     for k in wf:
         np.testing.assert_allclose(wp[k], wf[k], rtol=1e-5, atol=1e-7)

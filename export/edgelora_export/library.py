@@ -21,7 +21,7 @@ from edgelora import adaption_prompt
 from edgelora.lora import from_peft, save_lora
 from .base_model import target_shapes
 from .console import say
-from .train import STOPPING, TrainConfig, check_same_config, load_for_training, stopping, train_adapter
+from .train import STOPPING, TrainConfig, check_same_config, load_for_training, rule_changed, stopping, train_adapter
 
 HELD_OUT_SUITES = ("bbh", "near")
 
@@ -101,8 +101,7 @@ def check_resumable(out: Path, cfg: TrainConfig, clusters: dict | None, log=say)
     if saved.get("clusters") != clusters:
         raise UserError(f"{report}: made with {'other clusters' if saved.get('clusters') else 'one LoRA per task'}; {hint}")
     rows = {r["task"]: r for r in saved.get("tasks", []) if isinstance(r, dict) and "task" in r}
-    old = {**asdict(TrainConfig()), **saved.get("config", {})}
-    if all(old[k] == getattr(cfg, k) for k in STOPPING):
+    if not rule_changed(saved.get("config", {}), cfg):
         return rows
     kept = {name: r for name, r in rows.items() if stops_alike(r, cfg)}
     if len(kept) < len(rows):

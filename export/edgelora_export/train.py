@@ -152,6 +152,11 @@ def save_checkpoint(path: Path, model, opt, meta: dict, best_state: dict[str, to
 STOPPING = ("patience", "min_delta")
 
 
+def rule_changed(saved: dict, cfg: TrainConfig) -> bool:
+    old = {**asdict(TrainConfig()), **saved}
+    return any(old[k] != getattr(cfg, k) for k in STOPPING)
+
+
 def check_same_config(saved: dict, cfg: TrainConfig, where: Path, hint: str, ignore: tuple[str, ...] = ()) -> None:
     """Refuse to continue work made with other settings: its weights would not be this run's. A
     setting added since is taken at its default (a LoRA library from before `kind` resumes)."""
@@ -163,11 +168,15 @@ def check_same_config(saved: dict, cfg: TrainConfig, where: Path, hint: str, ign
 
 
 def load_checkpoint(path: Path, model, opt, cfg: TrainConfig) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(progress, best weights) of an interrupted run with the same configuration."""
+    """(progress, best weights) of an interrupted run with the same configuration, or another
+    stopping rule under which its best step is the same (it holds only that step's best weights)."""
     from safetensors.torch import load_file
     meta = read_json(path.with_suffix(".json"))
-    check_same_config(meta.get("config", {}), cfg, path.with_suffix(".json"),
-                      "delete it to start over, or pass the same settings to resume")
+    hint = "delete it to start over, or pass the same settings to resume"
+    check_same_config(meta.get("config", {}), cfg, path.with_suffix(".json"), hint, ignore=STOPPING)
+    if rule_changed(meta.get("config", {}), cfg) and (best := stopping(meta["held"], cfg)[0]) != meta["best"]["step"]:
+        raise UserError(f"{path.with_suffix('.json')}: under this stopping rule its best held-out step is {best}, "
+                        f"whose weights it does not hold (it holds step {meta['best']['step']}'s); {hint}")
     tensors = load_file(str(path))
     params = dict(model.named_parameters())
     with torch.no_grad():
@@ -206,13 +215,14 @@ def train_adapter(base, tok, fmt: PromptFormat, task: Path, out: Path, cfg: Trai
         if ckpt.exists():
             meta, best_state = load_checkpoint(ckpt, model, opt, cfg)
             log(f"resuming {task.stem} at step {meta['step']}")
+        earlier = meta.get("seconds", 0.0)  # the training seconds of the runs this one resumes
         if meta["best"] is None:
             meta["best"] = {"step": 0, "loss": evaluate(model, held, pad_id, cfg.batch)}
             meta["held"].append([0, meta["best"]["loss"]])
         per_epoch = max(1, len(train) // cfg.batch)
         bar = tqdm(total=cfg.steps, initial=meta["step"], desc=task.stem[:32], unit="step", leave=False,
                    file=stderr())  # the terminal, also while the libraries' output goes to the log
-        while meta["step"] < cfg.steps:
+        while meta["step"] < cfg.steps and stopping(meta["held"], cfg)[1] is None:
             step = meta["step"]
             epoch, k = divmod(step, per_epoch)
             perm = np.random.default_rng([cfg.seed, epoch]).permutation(len(train))
@@ -229,13 +239,12 @@ def train_adapter(base, tok, fmt: PromptFormat, task: Path, out: Path, cfg: Trai
             if meta["step"] % cfg.eval_every == 0 or meta["step"] == cfg.steps:
                 model.eval()
                 meta["held"].append([meta["step"], round(evaluate(model, held, pad_id, cfg.batch), 5)])
-                best_step, stop = stopping(meta["held"], cfg)
+                best_step, _ = stopping(meta["held"], cfg)
                 if best_step == meta["step"]:
                     meta["best"] = {"step": best_step, "loss": meta["held"][-1][1]}
                     best_state = lora_state(model)
+                meta["seconds"] = earlier + time.time() - t0
                 save_checkpoint(ckpt, model, opt, meta, best_state)
-                if stop is not None:
-                    break
         bar.close()
         with torch.no_grad():
             for n, p in model.named_parameters():
@@ -245,7 +254,7 @@ def train_adapter(base, tok, fmt: PromptFormat, task: Path, out: Path, cfg: Trai
         row = {"task": task.stem, "examples": len(examples), "steps": meta["step"], "best_step": meta["best"]["step"],
                "train_loss": meta["curve"][-1][1] if meta["curve"] else None,
                "heldout_loss_start": meta["held"][0][1], "heldout_loss": round(meta["best"]["loss"], 5),
-               "minutes": round((time.time() - t0) / 60, 2),
+               "minutes": round((earlier + time.time() - t0) / 60, 2),
                "peak_rss_mb": round(peak_rss_mb()),
                "curve": meta["curve"], "heldout_curve": meta["held"]}
         atomic_write_json(out / "train_report.json", {**row, "config": asdict(cfg)})
