@@ -281,7 +281,8 @@ def test_a_library_resumed_under_another_stopping_rule_keeps_the_loras_it_would_
     from edgelora_export.library import check_resumable
     from edgelora_export.train import TrainConfig
     old = TrainConfig(steps=50, eval_every=10, patience=2)
-    clear = {"task": "clear", "steps": 40, "best_step": 20, "heldout_curve": [[0, 2.0], [10, 0.5], [20, 0.3], [30, 0.4], [40, 0.35]]}
+    clear = {"task": "clear", "steps": 40, "best_step": 20,
+             "heldout_curve": [[0, 2.0], [10, 0.5], [20, 0.3], [30, 0.4], [40, 0.35]]}
     creeping = {"task": "creeping", "steps": 50, "best_step": 50,
                 "heldout_curve": [[0, 2.0], [10, 0.01], [20, 0.0099], [30, 0.0098], [40, 0.0097], [50, 0.0096]]}
     (tmp_path / "report.json").write_text(json.dumps({"config": dataclasses.asdict(old), "tasks": [clear, creeping]}))
@@ -340,8 +341,8 @@ def test_min_delta_stops_a_run_that_gains_too_little(train_base, colors, tmp_pat
     for min_delta, steps, best in ((0.0, 12, 12), (1e-3, 6, 2)):  # a real run, fed the curve as its held-out losses
         losses = iter(loss for _, loss in curve)
         monkeypatch.setattr(train_mod, "evaluate", lambda *a: next(losses))
-        row = train_adapter(*train_base[:3], colors, tmp_path / str(min_delta), dataclasses.replace(cfg, min_delta=min_delta),
-                            log=lambda *a: None)
+        row = train_adapter(*train_base[:3], colors, tmp_path / str(min_delta),
+                            dataclasses.replace(cfg, min_delta=min_delta), log=lambda *a: None)
         assert (row["steps"], row["best_step"]) == (steps, best)
     with pytest.raises(UserError, match="--min-delta -1.0: must be at least 0"):
         TrainConfig(min_delta=-1.0)
