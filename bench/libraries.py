@@ -61,17 +61,18 @@ def table(rs: list[dict], labels: list[str], title: str) -> tuple[str, dict]:
     return "\n".join(lines) + "\n", means
 
 
-def load(name: str) -> dict:
-    return {(r["suite"], r["task"]): r for r in json.loads((RESULTS / f"{name}.json").read_text())["tasks"]}
-
-
-def with_shipped_default(name: str, run: dict) -> dict:
-    """`run`'s rows, each given the shipped library's default adapt on its first --limit test examples."""
-    limit = json.loads((RESULTS / f"{name}.json").read_text())["limit"]
-    shipped = {r["task"]: r for r in json.loads((RESULTS / "bbh-shipped.json").read_text())["tasks"]}
-    if limit is None:
+def load(name: str, with_shipped_default: bool = False) -> dict:
+    """The run's rows by (suite, task); `with_shipped_default`: each given the shipped library's
+    default adapt on the run's first --limit test examples where it has none."""
+    run = json.loads((RESULTS / f"{name}.json").read_text())
+    rows = {(r["suite"], r["task"]): r for r in run["tasks"]}
+    if not with_shipped_default:
+        return rows
+    if run["limit"] is None:
         raise SystemExit(f"--shipped-default: {name}.json ran on every test example; bbh-shipped.json is that run")
-    return {key: {**r, "default": r.get("default") or shipped_default(shipped[r["task"]], limit)} for key, r in run.items()}
+    shipped = {r["task"]: r for r in json.loads((RESULTS / "bbh-shipped.json").read_text())["tasks"]}
+    return {key: {**r, "default": r.get("default") or shipped_default(shipped[r["task"]], run["limit"])}
+            for key, r in rows.items()}
 
 
 def main():
@@ -85,9 +86,7 @@ def main():
     names, labels = args.runs.split(","), args.labels.split(",")
     if len(names) != 2 or len(labels) != 2:
         ap.error("--runs and --labels: two each")
-    runs = [load(n) for n in names]
-    if args.shipped_default:
-        runs[0] = with_shipped_default(names[0], runs[0])
+    runs = [load(names[0], args.shipped_default), load(names[1])]
     md, summary = [], {}
     for k, title in (("exact", "Exact match on the generated answer (%)"), ("options", "Option-ranking accuracy (%)")):
         rs = rows(runs, labels, k)

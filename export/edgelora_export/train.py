@@ -152,16 +152,24 @@ def save_checkpoint(path: Path, model, opt, meta: dict, best_state: dict[str, to
 STOPPING = ("patience", "min_delta")
 
 
+def as_saved(cfg: TrainConfig) -> dict:
+    return json.loads(json.dumps(asdict(cfg)))  # tuples as JSON lists, as saved
+
+
+def saved_settings(saved: dict) -> dict:
+    """The settings of saved work, a setting added since taken at its default (a LoRA library
+    from before `kind` resumes)."""
+    return {**as_saved(TrainConfig()), **saved}
+
+
 def rule_changed(saved: dict, cfg: TrainConfig) -> bool:
-    old = {**asdict(TrainConfig()), **saved}
-    return any(old[k] != getattr(cfg, k) for k in STOPPING)
+    old, now = saved_settings(saved), as_saved(cfg)
+    return any(old[k] != now[k] for k in STOPPING)
 
 
 def check_same_config(saved: dict, cfg: TrainConfig, where: Path, hint: str, ignore: tuple[str, ...] = ()) -> None:
-    """Refuse to continue work made with other settings: its weights would not be this run's. A
-    setting added since is taken at its default (a LoRA library from before `kind` resumes)."""
-    now = json.loads(json.dumps(asdict(cfg)))  # tuples as JSON lists, as saved
-    old = {**json.loads(json.dumps(asdict(TrainConfig()))), **saved}
+    """Refuse to continue work made with other settings: its weights would not be this run's."""
+    old, now = saved_settings(saved), as_saved(cfg)
     changed = [f"{k} {old.get(k)!r} → {now[k]!r}" for k in now if old.get(k) != now[k] and k not in ignore]
     if changed:
         raise UserError(f"{where}: made with other settings ({', '.join(changed)}); {hint}")
