@@ -9,7 +9,11 @@ run without the default column takes it from bench/results/bbh-shipped.json's an
 run's --limit (the shipped library's default adapt, as bench/kinds_bbh.py reads it; nothing re-run).
 
     python bench/libraries.py   # writes bench/results/libraries.md and libraries.json
-    python bench/libraries.py --runs bbh-oracle-100,bbh-converged --labels "30 steps,converged" --shipped-default --name libraries-converged
+    python bench/libraries.py --runs bbh-oracle-100,bbh-converged --labels "30 steps,converged" --shipped-default \
+        --reports export/edgelora_export/library/report.json,bench/results/library-converged-report.json --name libraries-converged
+
+`--reports` adds each library's training cost from its `edgelora-export library` report: LoRAs,
+minutes, steps (rows finished before the report counted resumed runs undercount their minutes).
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ import argparse
 import json
 import statistics
 
-from common import RESULTS, atomic_write, save, shipped_default
+from common import RESULTS, ROOT, atomic_write, save, shipped_default
 
 COLUMNS = (("arrow-zs", "Arrow zero-shot"), ("lorahub", "LoraHub"), ("default", "default adapt"),
            ("oracle", "oracle LoRA"), ("uniform", "uniform"))
@@ -75,12 +79,32 @@ def load(name: str, with_shipped_default: bool = False) -> dict:
             for key, r in rows.items()}
 
 
+def training(path: str) -> dict:
+    """A library's training cost, from its `edgelora-export library` report."""
+    r = json.loads((ROOT / path).read_text())
+    steps = [t["steps"] for t in r["tasks"]]
+    return {"report": path, "loras": len(steps), "minutes": round(sum(t["minutes"] for t in r["tasks"]), 1),
+            "step_limit": r["config"]["steps"], "steps_median": statistics.median(steps), "steps_max": max(steps),
+            "at_limit": sum(s >= r["config"]["steps"] for s in steps)}
+
+
+def training_table(costs: list[dict], labels: list[str]) -> str:
+    lines = ["**Training** (`edgelora-export library` reports)", "",
+             "| library | LoRAs | minutes | step limit | steps (median / max) | stopped by the limit |",
+             "|---|---:|---:|---:|---:|---:|"]
+    lines += [f"| {lib} | {c['loras']} | {c['minutes']} | {c['step_limit']} | {c['steps_median']:g} / {c['steps_max']} | "
+              f"{c['at_limit']} |" for lib, c in zip(labels, costs)]
+    return "\n".join(lines) + "\n"
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--runs", default="bbh,bbh-mbc", help="two bench/bbh.py result names (default bbh,bbh-mbc)")
     ap.add_argument("--labels", default="per-task,MBC", help="what each run's library is called in the table")
     ap.add_argument("--shipped-default", action="store_true",
                     help="the first run's default column from bbh-shipped.json's answers, cut to its --limit")
+    ap.add_argument("--reports", help="two library reports (paths from the repository root, comma-separated): "
+                    "adds each library's training minutes and steps")
     ap.add_argument("--name", default="libraries", help="results file name (default libraries)")
     args = ap.parse_args()
     names, labels = args.runs.split(","), args.labels.split(",")
@@ -93,11 +117,15 @@ def main():
         if rs:
             text, summary[k] = table(rs, labels, title)
             md.append(text)
+    costs = [training(p) for p in args.reports.split(",")] if args.reports else []
+    if costs:
+        md.append(training_table(costs, labels))
     n = len([t for t in runs[0] if t in runs[1]])
     note = (f"The {labels[0]} library ({names[0]}.json) against the {labels[1]} library ({names[1]}.json) on the {n} "
             "tasks both bench/bbh.py runs have finished; zero-shot and ICL are the base alone.\n\n")
     atomic_write(RESULTS / f"{args.name}.md", note + "\n".join(md))
-    save(args.name, {"runs": names, "labels": labels, "tasks": n, "means": summary})
+    save(args.name, {"runs": names, "labels": labels, "tasks": n, "means": summary,
+                        **({"training": dict(zip(labels, costs))} if costs else {})})
     print(note + "\n".join(md))
 
 
