@@ -108,8 +108,9 @@ def main():
     ap.add_argument("--name", default="libraries", help="results file name (default libraries)")
     args = ap.parse_args()
     names, labels = args.runs.split(","), args.labels.split(",")
-    if len(names) != 2 or len(labels) != 2:
-        ap.error("--runs and --labels: two each")
+    reports = args.reports.split(",") if args.reports else []
+    if len(names) != 2 or len(labels) != 2 or len(reports) not in (0, 2):
+        ap.error("--runs, --labels and --reports: two each")
     runs = [load(names[0], args.shipped_default), load(names[1])]
     md, summary = [], {}
     for k, title in (("exact", "Exact match on the generated answer (%)"), ("options", "Option-ranking accuracy (%)")):
@@ -117,7 +118,7 @@ def main():
         if rs:
             text, summary[k] = table(rs, labels, title)
             md.append(text)
-    costs = [training(p) for p in args.reports.split(",")] if args.reports else []
+    costs = [training(p) for p in reports]
     if costs:
         md.append(training_table(costs, labels))
     n = len([t for t in runs[0] if t in runs[1]])
@@ -125,7 +126,7 @@ def main():
             "tasks both bench/bbh.py runs have finished; zero-shot and ICL are the base alone.\n\n")
     atomic_write(RESULTS / f"{args.name}.md", note + "\n".join(md))
     save(args.name, {"runs": names, "labels": labels, "tasks": n, "means": summary,
-                        **({"training": dict(zip(labels, costs))} if costs else {})})
+                     **({"training": dict(zip(labels, costs))} if costs else {})})
     print(note + "\n".join(md))
 
 
