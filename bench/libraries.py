@@ -13,7 +13,8 @@ run's --limit (the shipped library's default adapt, as bench/kinds_bbh.py reads 
         --reports export/edgelora_export/library/report.json,bench/results/library-converged-report.json --name libraries-converged
 
 `--reports` adds each library's training cost from its `edgelora-export library` report: LoRAs,
-minutes, steps (rows finished before the report counted resumed runs undercount their minutes).
+minutes, steps (a row written before 2026-12-05 counts only the last run of a resumed LoRA, so
+undercounts).
 """
 from __future__ import annotations
 
